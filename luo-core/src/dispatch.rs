@@ -1,0 +1,157 @@
+//! The ioctl layer: decode (spec §2.4), execute, respond, with upstream's fd handling.
+//!
+//! New fds are made in two phases as upstream does: an fd number is reserved first (so a full
+//! fd table gives `EMFILE` before anything else is looked at), the operation runs, the reply is
+//! written, and only then is the file installed. If the reply cannot be written, everything is
+//! undone without side effects where upstream has them (B6), or kept where the spec keeps them
+//! (a PRESERVE_FD reply fault leaves the file preserved).
+
+use crate::errno::{Error, Result};
+use crate::luo::{Luo, SessionRef};
+use crate::platform::Platform;
+use crate::uapi::{decode_device, decode_session, respond, DeviceRequest, SessionRequest, UserArg};
+
+/// The caller's fd table, as the backend sees it.
+pub trait FdTable<P: Platform> {
+    /// A reserved fd number (`get_unused_fd_flags(O_CLOEXEC)`).
+    type Slot;
+    /// A session file not yet installed.
+    type SessionFile;
+    /// Reserves an fd: `Error::TooManyFds` when the table is full.
+    fn reserve(&mut self) -> Result<Self::Slot>;
+    /// The number of a reserved fd.
+    fn slot_fd(&self, slot: &Self::Slot) -> i32;
+    /// Gives a reservation back (`put_unused_fd`).
+    fn unreserve(&mut self, slot: Self::Slot);
+    /// Creates the file for a session (`anon_inode_getfile("[luo_session] <name>")`).
+    fn session_file(&mut self, session: &SessionRef<P>) -> Result<Self::SessionFile>;
+    /// Drops a session file that was never installed, *without* running its release: the
+    /// caller undoes the session operation itself.
+    fn discard_session_file(&mut self, file: Self::SessionFile);
+    /// Installs a session file in a reserved slot (`fd_install`).
+    fn install_session(&mut self, slot: Self::Slot, file: Self::SessionFile);
+    /// Installs a retrieved file in a reserved slot.
+    fn install_file(&mut self, slot: Self::Slot, file: P::File);
+    /// Resolves a caller's fd (`fget`): `Error::BadFd` for closed, negative or `O_PATH` fds.
+    fn fget(&mut self, fd: i32) -> Result<P::File>;
+}
+
+impl<P: Platform> Luo<P> {
+    /// An ioctl on `/dev/liveupdate`.
+    pub fn device_ioctl<F: FdTable<P>>(
+        &self,
+        cmd: u32,
+        arg: &mut impl UserArg,
+        fds: &mut F,
+    ) -> Result {
+        match decode_device(cmd, arg)? {
+            DeviceRequest::Create(mut req) => {
+                let slot = fds.reserve()?;
+                let session = match self.create_session(&req.name) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        fds.unreserve(slot);
+                        return Err(e);
+                    }
+                };
+                let file = match fds.session_file(&session) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        // Nothing was preserved yet: closing it is the exact undo.
+                        let _ = self.release_session(&session);
+                        fds.unreserve(slot);
+                        return Err(e);
+                    }
+                };
+                req.fd = fds.slot_fd(&slot);
+                if let Err(e) = respond(arg, req.size, &req) {
+                    fds.discard_session_file(file);
+                    let _ = self.release_session(&session);
+                    fds.unreserve(slot);
+                    return Err(e);
+                }
+                fds.install_session(slot, file);
+                Ok(())
+            }
+            DeviceRequest::Retrieve(mut req) => {
+                let slot = fds.reserve()?;
+                let session = match self.retrieve_session(&req.name) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        fds.unreserve(slot);
+                        return Err(e);
+                    }
+                };
+                let file = match fds.session_file(&session) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        self.unretrieve_session(&session);
+                        fds.unreserve(slot);
+                        return Err(e);
+                    }
+                };
+                req.fd = fds.slot_fd(&slot);
+                if let Err(e) = respond(arg, req.size, &req) {
+                    fds.discard_session_file(file);
+                    self.unretrieve_session(&session);
+                    fds.unreserve(slot);
+                    return Err(e);
+                }
+                fds.install_session(slot, file);
+                Ok(())
+            }
+        }
+    }
+
+    /// An ioctl on a session fd.
+    pub fn session_ioctl<F: FdTable<P>>(
+        &self,
+        session: &SessionRef<P>,
+        cmd: u32,
+        arg: &mut impl UserArg,
+        fds: &mut F,
+    ) -> Result {
+        match decode_session(cmd, session.direction(), arg)? {
+            SessionRequest::PreserveFd(req) => {
+                self.preserve_fd(session, req.token, || fds.fget(req.fd))?;
+                // A fault here leaves the file preserved, as upstream does (spec §2.5).
+                respond(arg, req.size, &req)
+            }
+            SessionRequest::RetrieveFd(mut req) => {
+                let slot = fds.reserve()?;
+                let file = match self.retrieve_fd(session, req.token) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        fds.unreserve(slot);
+                        return Err(e);
+                    }
+                };
+                req.fd = fds.slot_fd(&slot);
+                if let Err(e) = respond(arg, req.size, &req) {
+                    // The file stays retrieved in LUO; only the user's reference goes.
+                    drop(file);
+                    fds.unreserve(slot);
+                    return Err(e);
+                }
+                fds.install_file(slot, file);
+                Ok(())
+            }
+            SessionRequest::Finish(req) => {
+                if req.reserved != 0 {
+                    return Err(Error::ReservedNotZero);
+                }
+                self.finish(session)?;
+                respond(arg, req.size, &req)
+            }
+            SessionRequest::GetName(mut req) => {
+                if req.reserved != 0 {
+                    return Err(Error::ReservedNotZero);
+                }
+                // strscpy: the name and its NUL. Upstream leaves the caller's bytes after the
+                // NUL in place (B18); they are zeroed here so no stale bytes look like a name.
+                req.name = session.name().field();
+                respond(arg, req.size, &req)
+            }
+        }
+    }
+}

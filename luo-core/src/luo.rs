@@ -1,0 +1,1087 @@
+//! The orchestrator: sessions, files, reboot and boot (spec §2.5, §3, §4, §6).
+//!
+//! Lock order, outermost first (the same hierarchy as upstream, spec §8.1):
+//! `device` → `phase` (the serialize rwsem) → `outgoing`/`incoming` session tables →
+//! a session's `files` mutex → `registry` → `refs` → `ids`.
+//! `phase` is taken shared by every operation and exclusively by [`Luo::reboot`]; once a reboot
+//! has serialized the state, every later operation fails with [`Error::Serialized`] (the kernel
+//! backend turns that into "block until the kexec", as upstream does).
+
+use crate::abi::{
+    Compat, LuoFileSer, LuoFlbHeaderSer, LuoFlbSer, LuoSer, LuoSessionSer, SessionName,
+    LUO_ABI_COMPATIBLE, LUO_ABI_COMPAT_LEN, LUO_FLB_PGCNT,
+};
+use crate::block::BlockSet;
+use crate::errno::{Error, HandoverError, Result};
+use crate::image::{self, Image};
+use crate::platform::{
+    new_arc, FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved,
+    RetrieveStatus, SharedPtr,
+};
+use crate::registry::{Refs, Registry};
+use crate::uapi::Direction;
+use zerocopy::IntoBytes;
+
+/// A session shared between the LUO tables and the fds that refer to it.
+pub type SessionRef<P> = <P as Platform>::Arc<Session<P>>;
+
+/// One preserved (outgoing) or handed-over (incoming) file.
+struct FileEntry<P: Platform> {
+    hkey: usize,
+    handler: P::Handler,
+    /// LUO's own reference: the preserved file, or the retrieved one.
+    file: Option<P::File>,
+    state: Preserved,
+    token: u64,
+    status: RetrieveStatus,
+    /// Identity inserted into the global "preserved" set while it is held.
+    id: Option<u64>,
+}
+
+/// The files of one session.
+struct FileSet<P: Platform> {
+    next_seq: u64,
+    /// Preservation (FIFO) order.
+    files: P::Map<u64, FileEntry<P>>,
+    by_token: P::Map<u64, u64>,
+    /// Pages reserved for this session's file chain (outgoing only).
+    blocks: BlockSet<P>,
+}
+
+impl<P: Platform> FileSet<P> {
+    fn new() -> Self {
+        FileSet {
+            next_seq: 0,
+            files: Default::default(),
+            by_token: Default::default(),
+            blocks: BlockSet::new(core::mem::size_of::<LuoFileSer>()),
+        }
+    }
+
+    fn insert(&mut self, entry: FileEntry<P>) -> Result {
+        let seq = self.next_seq;
+        let token = entry.token;
+        self.by_token.try_insert(token, seq)?;
+        if self.files.try_insert(seq, entry).is_err() {
+            self.by_token.remove(&token);
+            return Err(Error::NoMemory);
+        }
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    fn pop_last(&mut self) -> Option<FileEntry<P>> {
+        let seq = self.files.prev_key(None)?;
+        let entry = self.files.remove(&seq)?;
+        self.by_token.remove(&entry.token);
+        Some(entry)
+    }
+}
+
+/// A session: a name and a set of files, in one direction.
+pub struct Session<P: Platform> {
+    name: SessionName,
+    dir: Direction,
+    seq: u64,
+    files: P::Mutex<FileSet<P>>,
+}
+
+impl<P: Platform> Session<P> {
+    /// The session's name.
+    pub fn name(&self) -> SessionName {
+        self.name
+    }
+
+    /// Outgoing (created here) or incoming (retrieved from the previous kernel).
+    pub fn direction(&self) -> Direction {
+        self.dir
+    }
+
+    /// Number of files currently in the session.
+    pub fn file_count(&self) -> usize {
+        self.files.lock().files.len()
+    }
+
+    /// Tokens of the files in preservation order.
+    pub fn tokens(&self, mut f: impl FnMut(u64)) {
+        let set = self.files.lock();
+        let mut seq = None;
+        while let Some(s) = set.files.next_key(seq.as_ref()) {
+            seq = Some(s);
+            if let Some(e) = set.files.get(&s) {
+                f(e.token);
+            }
+        }
+    }
+}
+
+/// Outgoing sessions: unique names, creation order, and their serialization blocks.
+struct Outgoing<P: Platform> {
+    next_seq: u64,
+    by_seq: P::Map<u64, SessionRef<P>>,
+    by_name: P::Map<SessionName, u64>,
+    blocks: BlockSet<P>,
+}
+
+/// An incoming session and whether an fd for it exists.
+struct IncomingSlot<P: Platform> {
+    session: SessionRef<P>,
+    retrieved: bool,
+}
+
+/// Where the serialize lock stands.
+struct Phase {
+    /// The outgoing root page, its FLB page and the outgoing `liveupdate_num`.
+    root: Option<Root>,
+    serialized: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Root {
+    root: u64,
+    flbs: u64,
+    num: u64,
+}
+
+/// What the first open does with the incoming image.
+enum Incoming<P: Platform> {
+    /// Cold boot or already consumed.
+    None,
+    /// Validated at boot; sessions are built at the first open (handlers register in between).
+    Pending(Image<P>),
+    /// Refused at boot; the first open reports it with `EIO`, later opens proceed without it.
+    Refused(HandoverError),
+}
+
+/// The exclusive-open token and the one-time incoming work.
+struct Device<P: Platform> {
+    in_use: bool,
+    incoming: Incoming<P>,
+}
+
+/// The Live Update Orchestrator over a platform.
+pub struct Luo<P: Platform> {
+    platform: P,
+    enabled: bool,
+    incoming_num: u64,
+    device: P::Mutex<Device<P>>,
+    phase: P::RwLock<Phase>,
+    outgoing: P::RwLock<Outgoing<P>>,
+    incoming: P::RwLock<P::Map<SessionName, IncomingSlot<P>>>,
+    registry: P::RwLock<Registry<P>>,
+    refs: P::Mutex<Refs<P>>,
+    /// Identities of every file preserved or retrieved-and-not-finished (upstream's xarray).
+    ids: P::Mutex<P::Map<u64, ()>>,
+}
+
+macro_rules! log {
+    ($p:expr, $lvl:ident, $($arg:tt)*) => {
+        $p.log(Level::$lvl, format_args!($($arg)*))
+    };
+}
+
+impl<P: Platform> Luo<P> {
+    /// Early boot (`luo_early_startup`): reads and validates the incoming state.
+    ///
+    /// Never fails on bad incoming state: it is refused, logged once, and reported by the first
+    /// open with `EIO` (upstream panics, spec §13 B2). `enabled` is the `liveupdate=` switch
+    /// combined with KHO being on; the incoming state is read either way, like upstream.
+    pub fn new(platform: P, enabled: bool) -> Result<Self> {
+        let (incoming, incoming_num, flbs) = match image::parse(&platform) {
+            Ok(None) => (Incoming::None, 0, None),
+            Ok(Some(mut img)) => {
+                log!(
+                    platform,
+                    Info,
+                    "Retrieved live update data, liveupdate number: {}",
+                    img.liveupdate_num
+                );
+                let num = img.liveupdate_num;
+                let flbs = img.flbs.take();
+                (Incoming::Pending(img), num, flbs)
+            }
+            Err(e) => {
+                log!(platform, Error, "refusing incoming live update state: {e}");
+                (Incoming::Refused(e), 0, None)
+            }
+        };
+        let mut refs = Refs::new();
+        refs.load_incoming(flbs.as_ref())?;
+        Ok(Luo {
+            enabled,
+            incoming_num,
+            device: P::Mutex::try_new(Device {
+                in_use: false,
+                incoming,
+            })?,
+            phase: P::RwLock::try_new(Phase {
+                root: None,
+                serialized: false,
+            })?,
+            outgoing: P::RwLock::try_new(Outgoing {
+                next_seq: 0,
+                by_seq: Default::default(),
+                by_name: Default::default(),
+                blocks: BlockSet::new(core::mem::size_of::<LuoSessionSer>()),
+            })?,
+            incoming: P::RwLock::try_new(Default::default())?,
+            registry: P::RwLock::try_new(Registry::default())?,
+            refs: P::Mutex::try_new(refs)?,
+            ids: P::Mutex::try_new(Default::default())?,
+            platform,
+        })
+    }
+
+    /// Late boot (`luo_state_setup`): allocates and publishes the outgoing root and FLB page.
+    /// On failure LUO stays disabled, as upstream.
+    pub fn start(&self) -> Result {
+        if !self.enabled {
+            return Err(Error::Disabled);
+        }
+        let mut phase = self.phase.write();
+        if phase.root.is_some() {
+            return Ok(());
+        }
+        let p = &self.platform;
+        let root = p.alloc_page()?;
+        let flbs = match p.alloc_page() {
+            Ok(f) => f,
+            Err(e) => {
+                p.free_page(root);
+                return Err(e);
+            }
+        };
+        let num = self.incoming_num.wrapping_add(1);
+        let mut compat = [0u8; LUO_ABI_COMPAT_LEN];
+        compat[..LUO_ABI_COMPATIBLE.len()].copy_from_slice(LUO_ABI_COMPATIBLE);
+        let ser = LuoSer {
+            compatible: compat,
+            liveupdate_num: num,
+            sessions_pa: 0,
+            flbs_pa: flbs,
+        };
+        let header = LuoFlbHeaderSer {
+            pgcnt: LUO_FLB_PGCNT,
+            count: 0,
+        };
+        let r = p
+            .write(root, ser.as_bytes())
+            .and_then(|_| p.write(flbs, header.as_bytes()))
+            .and_then(|_| p.publish_root(root, core::mem::size_of::<LuoSer>() as u64));
+        if let Err(e) = r {
+            p.free_page(flbs);
+            p.free_page(root);
+            return Err(e);
+        }
+        phase.root = Some(Root { root, flbs, num });
+        Ok(())
+    }
+
+    /// The platform.
+    pub fn platform(&self) -> &P {
+        &self.platform
+    }
+
+    /// `liveupdate_enabled()`: switched on and the outgoing state exists.
+    pub fn enabled(&self) -> bool {
+        self.enabled && self.phase.read().root.is_some()
+    }
+
+    /// `liveupdate_num` this kernel will hand over (previous + 1).
+    pub fn liveupdate_num(&self) -> u64 {
+        self.incoming_num.wrapping_add(1)
+    }
+
+    /// Reads the shared phase and fails if LUO is off or the state was serialized.
+    fn live(&self) -> Result<<P::RwLock<Phase> as PRwLock<Phase>>::Read<'_>> {
+        let phase = self.phase.read();
+        if phase.serialized {
+            return Err(Error::Serialized);
+        }
+        if !self.enabled || phase.root.is_none() {
+            return Err(Error::Disabled);
+        }
+        Ok(phase)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // /dev/liveupdate
+    // ---------------------------------------------------------------------------------------
+
+    /// Opens the device: exclusive (`EBUSY`), and the first open builds the incoming sessions.
+    ///
+    /// If the incoming state was refused at boot, this open fails with `EIO` once and later
+    /// opens proceed with no incoming sessions, so the next update can still be prepared
+    /// (upstream fails every open forever, spec §13 B5). If a preserved file's handler is not
+    /// registered yet, the open fails with `EIO` and nothing is consumed: a later open, after
+    /// the handler registers, builds the sessions.
+    pub fn open(&self) -> Result {
+        let mut dev = self.device.lock();
+        if dev.in_use {
+            return Err(Error::DeviceBusy);
+        }
+        match core::mem::replace(&mut dev.incoming, Incoming::None) {
+            Incoming::None => {}
+            Incoming::Refused(e) => {
+                log!(self.platform, Error, "incoming state was refused at boot: {e}");
+                return Err(Error::IncomingRefused);
+            }
+            Incoming::Pending(img) => {
+                if let Err(e) = self.deserialize(&img) {
+                    log!(self.platform, Error, "cannot restore incoming sessions: {e}");
+                    let keep = matches!(
+                        e,
+                        Error::Handover(HandoverError::UnknownHandler { .. }) | Error::NoMemory
+                    );
+                    if keep {
+                        dev.incoming = Incoming::Pending(img);
+                    }
+                    return Err(Error::IncomingRefused);
+                }
+            }
+        }
+        dev.in_use = true;
+        Ok(())
+    }
+
+    /// Releases the device (the last reference to its file closed). Sessions are unaffected.
+    pub fn close(&self) {
+        self.device.lock().in_use = false;
+    }
+
+    /// Builds incoming sessions from the image; all or nothing.
+    fn deserialize(&self, img: &Image<P>) -> Result {
+        let mut built = P::Map::<SessionName, IncomingSlot<P>>::default();
+        let result = self.build_incoming(img, &mut built);
+        if result.is_err() {
+            // Undo owner pins and live counts taken for the partial result.
+            let mut name = None;
+            while let Some(n) = built.next_key(name.as_ref()) {
+                name = Some(n);
+                if let Some(slot) = built.get(&n) {
+                    self.drop_incoming_files(&slot.session);
+                }
+            }
+            return result;
+        }
+        let mut table = self.incoming.write();
+        core::mem::swap(&mut *table, &mut built);
+        Ok(())
+    }
+
+    fn build_incoming(
+        &self,
+        img: &Image<P>,
+        built: &mut P::Map<SessionName, IncomingSlot<P>>,
+    ) -> Result {
+        let reg = self.registry.read();
+        for (i, s) in img.sessions.as_slice().iter().enumerate() {
+            let session = new_arc::<P, _>(Session {
+                name: s.name,
+                dir: Direction::Incoming,
+                seq: i as u64,
+                files: P::Mutex::try_new(FileSet::new())?,
+            })?;
+            built.try_insert(
+                s.name,
+                IncomingSlot {
+                    session: session.clone(),
+                    retrieved: false,
+                },
+            )?;
+            let mut set = session.files.lock();
+            for f in s.files.as_slice() {
+                let (hkey, handler) = reg
+                    .handler_by_compat(&f.compat)
+                    .ok_or(HandoverError::UnknownHandler { at: f.at })?;
+                if !handler.get_owner() {
+                    return Err(HandoverError::UnknownHandler { at: f.at }.into());
+                }
+                let entry = FileEntry::<P> {
+                    hkey,
+                    handler,
+                    file: None,
+                    state: Preserved {
+                        data: f.data,
+                        private: 0,
+                    },
+                    token: f.token,
+                    status: RetrieveStatus::NotAttempted,
+                    id: None,
+                };
+                let handler: P::Handler = entry.handler.clone();
+                if let Err(e) = set.insert(entry) {
+                    handler.put_owner();
+                    return Err(e);
+                }
+                if let Err(e) = self.refs.lock().live_inc(hkey) {
+                    if let Some(entry) = set.pop_last() {
+                        entry.handler.put_owner();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the files of a session that never reached userspace (failed deserialization).
+    fn drop_incoming_files(&self, s: &SessionRef<P>) {
+        let mut set = s.files.lock();
+        let mut refs = self.refs.lock();
+        while let Some(e) = set.pop_last() {
+            refs.live_dec(e.hkey);
+            e.handler.put_owner();
+        }
+    }
+
+    /// CREATE_SESSION after the fd is reserved (spec §2.5): name rules, then unique insert.
+    pub fn create_session(&self, name: &[u8; 64]) -> Result<SessionRef<P>> {
+        let name = SessionName::from_field(name).map_err(|e| match e {
+            crate::abi::NameError::Empty => Error::NameEmpty,
+            crate::abi::NameError::Unterminated => Error::NameUnterminated,
+        })?;
+        let _phase = self.live()?;
+        let mut out = self.outgoing.write();
+        // Check the name before growing the block set (upstream grows first and leaks an empty
+        // block on EEXIST, which panics the next kernel: bug B1).
+        if out.by_name.contains(&name) {
+            return Err(Error::NameExists);
+        }
+        let seq = out.next_seq;
+        let session = new_arc::<P, _>(Session {
+            name,
+            dir: Direction::Outgoing,
+            seq,
+            files: P::Mutex::try_new(FileSet::new())?,
+        })?;
+        let count = out.by_seq.len();
+        out.blocks.grow(&self.platform, count + 1)?;
+        if out.by_seq.try_insert(seq, session.clone()).is_err() {
+            out.blocks.shrink(&self.platform, count);
+            return Err(Error::NoMemory);
+        }
+        if out.by_name.try_insert(name, seq).is_err() {
+            out.by_seq.remove(&seq);
+            out.blocks.shrink(&self.platform, count);
+            return Err(Error::NoMemory);
+        }
+        out.next_seq += 1;
+        Ok(session)
+    }
+
+    /// RETRIEVE_SESSION after the fd is reserved: exact name match among incoming sessions.
+    pub fn retrieve_session(&self, name: &[u8; 64]) -> Result<SessionRef<P>> {
+        // An empty or unterminated name matches nothing (upstream does not validate it).
+        let name = SessionName::from_field(name).map_err(|_| Error::NoSuchSession)?;
+        let _phase = self.live_or_incoming()?;
+        let mut table = self.incoming.write();
+        let slot = table.get_mut(&name).ok_or(Error::NoSuchSession)?;
+        if slot.retrieved {
+            return Err(Error::AlreadyRetrieved);
+        }
+        slot.retrieved = true;
+        Ok(slot.session.clone())
+    }
+
+    /// Incoming work needs only "not serialized": it is allowed even if outgoing setup failed.
+    fn live_or_incoming(&self) -> Result<<P::RwLock<Phase> as PRwLock<Phase>>::Read<'_>> {
+        let phase = self.phase.read();
+        if phase.serialized {
+            return Err(Error::Serialized);
+        }
+        Ok(phase)
+    }
+
+    /// Undoes a RETRIEVE_SESSION whose reply could not be written: the session goes back to
+    /// the unretrieved state with nothing finished (upstream finishes and frees it: bug B6).
+    pub fn unretrieve_session(&self, s: &SessionRef<P>) {
+        if let Some(slot) = self.incoming.write().get_mut(&s.name) {
+            if <SessionRef<P> as SharedPtr<Session<P>>>::ptr_eq(&slot.session, s) {
+                slot.retrieved = false;
+            }
+        }
+    }
+
+    /// The last fd of a session closed.
+    ///
+    /// Outgoing: every file is unpreserved, newest first, and the session is gone. Incoming:
+    /// an implicit FINISH; if a `can_finish` refuses, the session goes back to the unretrieved
+    /// state so it can be retrieved and finished later (upstream leaks it forever: bug B7).
+    pub fn release_session(&self, s: &SessionRef<P>) -> Result {
+        let _phase = self.live_or_incoming()?;
+        match s.dir {
+            Direction::Outgoing => {
+                // Nobody else holds this session (its last fd closed, and reboot excludes us
+                // through the phase lock), so callbacks run without the table lock.
+                {
+                    let mut set = s.files.lock();
+                    self.unpreserve_all(&mut set);
+                }
+                let mut out = self.outgoing.write();
+                if out.by_seq.remove(&s.seq).is_some() {
+                    out.by_name.remove(&s.name);
+                    let count = out.by_seq.len();
+                    out.blocks.shrink(&self.platform, count);
+                }
+                Ok(())
+            }
+            Direction::Incoming => {
+                let r = {
+                    let mut set = s.files.lock();
+                    self.finish_files(&mut set)
+                };
+                let mut table = self.incoming.write();
+                match r {
+                    Ok(()) => {
+                        table.remove(&s.name);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        log!(
+                            self.platform,
+                            Warn,
+                            "Unable to finish session [{}] on release",
+                            s.name
+                        );
+                        if let Some(slot) = table.get_mut(&s.name) {
+                            slot.retrieved = false;
+                        }
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    fn unpreserve_all(&self, set: &mut FileSet<P>) {
+        while let Some(e) = set.pop_last() {
+            if let Some(file) = e.file.as_ref() {
+                e.handler.unpreserve(file, e.state);
+            }
+            {
+                let reg = self.registry.read();
+                let mut refs = self.refs.lock();
+                refs.file_unpreserve(&reg, e.hkey);
+                refs.live_dec(e.hkey);
+            }
+            if let Some(id) = e.id {
+                self.ids.lock().remove(&id);
+            }
+            e.handler.put_owner();
+            let n = set.files.len();
+            set.blocks.shrink(&self.platform, n);
+            // `e.file` (LUO's reference) drops here.
+        }
+        set.blocks.destroy(&self.platform);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Session operations
+    // ---------------------------------------------------------------------------------------
+
+    /// PRESERVE_FD (spec §4.2), with upstream's check order. `fget` resolves the fd; it runs
+    /// after the token check and the block reservation, as upstream's `fget` does.
+    pub fn preserve_fd(
+        &self,
+        s: &SessionRef<P>,
+        token: u64,
+        fget: impl FnOnce() -> Result<P::File>,
+    ) -> Result {
+        if s.dir != Direction::Outgoing {
+            return Err(Error::WrongDirection);
+        }
+        let _phase = self.live()?;
+        let mut set = s.files.lock();
+        if set.by_token.contains(&token) {
+            return Err(Error::TokenInUse);
+        }
+        let count = set.files.len();
+        set.blocks.grow(&self.platform, count + 1)?;
+        let r = self.preserve_locked(&mut set, token, fget);
+        if r.is_err() {
+            set.blocks.shrink(&self.platform, count);
+        }
+        r
+    }
+
+    fn preserve_locked(
+        &self,
+        set: &mut FileSet<P>,
+        token: u64,
+        fget: impl FnOnce() -> Result<P::File>,
+    ) -> Result {
+        let file = fget()?;
+        let reg = self.registry.read();
+        let (hkey, handler) = reg.find_handler(&file).ok_or(Error::NoHandler)?;
+        if !handler.get_owner() {
+            return Err(Error::NoHandler);
+        }
+        let id = handler.get_id(&file);
+        let undo_owner = |e: Error| {
+            handler.put_owner();
+            Err(e)
+        };
+        match self.ids.lock().try_insert(id, ()) {
+            Ok(None) => {}
+            Ok(Some(())) => return undo_owner(Error::AlreadyPreserved),
+            Err(_) => return undo_owner(Error::NoMemory),
+        }
+        let undo_id = |e: Error| {
+            self.ids.lock().remove(&id);
+            undo_owner(e)
+        };
+        {
+            let mut refs = self.refs.lock();
+            if let Err(e) = refs.file_preserve(&reg, hkey) {
+                drop(refs);
+                return undo_id(e);
+            }
+            if let Err(e) = refs.live_inc(hkey) {
+                refs.file_unpreserve(&reg, hkey);
+                drop(refs);
+                return undo_id(e);
+            }
+        }
+        let undo_flb = |e: Error| {
+            let mut refs = self.refs.lock();
+            refs.live_dec(hkey);
+            refs.file_unpreserve(&reg, hkey);
+            drop(refs);
+            undo_id(e)
+        };
+        // Reserve the map slots first: once `preserve` ran, recording the file cannot fail.
+        if set.by_token.try_reserve().is_err() || set.files.try_reserve().is_err() {
+            return undo_flb(Error::NoMemory);
+        }
+        let state = match handler.preserve(&file) {
+            Ok(state) => state,
+            Err(e) => return undo_flb(Error::Handler(e)),
+        };
+        let entry = FileEntry::<P> {
+            hkey,
+            handler: handler.clone(),
+            file: Some(file),
+            state,
+            token,
+            status: RetrieveStatus::NotAttempted,
+            id: Some(id),
+        };
+        set.insert(entry)
+    }
+
+    /// RETRIEVE_FD (spec §4.4): returns a new reference to the file for a new fd.
+    pub fn retrieve_fd(&self, s: &SessionRef<P>, token: u64) -> Result<P::File> {
+        if s.dir != Direction::Incoming {
+            return Err(Error::WrongDirection);
+        }
+        let _phase = self.live_or_incoming()?;
+        let mut set = s.files.lock();
+        let seq = *set.by_token.get(&token).ok_or(Error::NoSuchToken)?;
+        let entry = set.files.get_mut(&seq).ok_or(Error::NoSuchToken)?;
+        match entry.status {
+            RetrieveStatus::Failed(e) => return Err(Error::Handler(e)),
+            RetrieveStatus::Retrieved => {
+                let file = entry.file.as_ref().ok_or(Error::NoSuchToken)?;
+                return P::dup_file(file);
+            }
+            RetrieveStatus::NotAttempted => {}
+        }
+        let file = match entry.handler.retrieve(entry.state.data) {
+            Ok(file) => file,
+            Err(e) => {
+                entry.status = RetrieveStatus::Failed(e);
+                return Err(Error::Handler(e));
+            }
+        };
+        let id = entry.handler.get_id(&file);
+        let user = P::dup_file(&file)?;
+        match self.ids.lock().try_insert(id, ()) {
+            Ok(None) => entry.id = Some(id),
+            Ok(Some(())) => log!(
+                self.platform,
+                Warn,
+                "retrieved file identity {id:#x} is already in use"
+            ),
+            Err(_) => log!(self.platform, Warn, "cannot track retrieved file {id:#x}"),
+        }
+        entry.file = Some(file);
+        entry.status = RetrieveStatus::Retrieved;
+        Ok(user)
+    }
+
+    /// FINISH (spec §4.5): `can_finish` on every file (FIFO), then `finish` (LIFO).
+    pub fn finish(&self, s: &SessionRef<P>) -> Result {
+        if s.dir != Direction::Incoming {
+            return Err(Error::WrongDirection);
+        }
+        let _phase = self.live_or_incoming()?;
+        let mut set = s.files.lock();
+        self.finish_files(&mut set)
+    }
+
+    fn finish_files(&self, set: &mut FileSet<P>) -> Result {
+        let mut seq = None;
+        while let Some(k) = set.files.next_key(seq.as_ref()) {
+            seq = Some(k);
+            if let Some(e) = set.files.get(&k) {
+                let file = if e.status == RetrieveStatus::Retrieved {
+                    e.file.as_ref()
+                } else {
+                    None
+                };
+                if !e.handler.can_finish(file, e.state.data, e.status) {
+                    return Err(Error::FinishRefused);
+                }
+            }
+        }
+        while let Some(e) = set.pop_last() {
+            let file = if e.status == RetrieveStatus::Retrieved {
+                e.file.as_ref()
+            } else {
+                None
+            };
+            e.handler.finish(file, e.state.data, e.status);
+            {
+                let reg = self.registry.read();
+                let mut refs = self.refs.lock();
+                refs.file_finish(&self.platform, &reg, e.hkey);
+                refs.live_dec(e.hkey);
+            }
+            if let Some(id) = e.id {
+                self.ids.lock().remove(&id);
+            }
+            e.handler.put_owner();
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Reboot
+    // ---------------------------------------------------------------------------------------
+
+    /// `liveupdate_reboot()` (spec §6.1): freezes every file (sessions in creation order, files
+    /// in preservation order) and writes the handover. If a freeze fails, everything frozen is
+    /// unfrozen newest first (upstream mixes FIFO and LIFO: bug B13) and its error returned;
+    /// the caller may retry. On success nothing can change any more.
+    pub fn reboot(&self) -> Result {
+        if !self.enabled {
+            return Ok(());
+        }
+        let mut phase = self.phase.write();
+        if phase.serialized {
+            return Ok(());
+        }
+        let Some(root) = phase.root else {
+            return Ok(());
+        };
+        let out = self.outgoing.write();
+        // Freeze.
+        let mut frozen_sessions = 0usize;
+        let mut failure = None;
+        let mut seq = None;
+        while let Some(k) = out.by_seq.next_key(seq.as_ref()) {
+            seq = Some(k);
+            let Some(s) = out.by_seq.get(&k) else {
+                continue;
+            };
+            let mut set = s.files.lock();
+            if let Err(e) = freeze_set(&mut set) {
+                failure = Some(e);
+                break;
+            }
+            frozen_sessions += 1;
+        }
+        let result = match failure {
+            Some(e) => Err(e),
+            None => self.write_handover(&out, root),
+        };
+        if let Err(e) = result {
+            // Unfreeze sessions newest first; the failing one already rolled itself back.
+            let mut seq = None;
+            let mut remaining = frozen_sessions;
+            let mut keys = P::Vec::<u64>::default();
+            while let Some(k) = out.by_seq.next_key(seq.as_ref()) {
+                seq = Some(k);
+                if remaining == 0 {
+                    break;
+                }
+                remaining -= 1;
+                if keys.try_push(k).is_err() {
+                    break;
+                }
+            }
+            for k in keys.as_slice().iter().rev() {
+                if let Some(s) = out.by_seq.get(k) {
+                    let mut set = s.files.lock();
+                    let n = set.files.len();
+                    unfreeze_set(&mut set, n);
+                }
+            }
+            log!(self.platform, Error, "live update reboot aborted: {e}");
+            return Err(e);
+        }
+        phase.serialized = true;
+        Ok(())
+    }
+
+    fn write_handover(&self, out: &Outgoing<P>, root: Root) -> Result {
+        let p = &self.platform;
+        // Sessions and their files.
+        let mut sessions = P::Vec::<SessionRef<P>>::default();
+        let mut seq = None;
+        while let Some(k) = out.by_seq.next_key(seq.as_ref()) {
+            seq = Some(k);
+            if let Some(s) = out.by_seq.get(&k) {
+                sessions.try_push(s.clone())?;
+            }
+        }
+        let list = sessions.as_slice();
+        let head = out.blocks.write(p, list.len(), |i, buf| {
+            let s = &list[i];
+            let set = s.files.lock();
+            let files_head = write_files(p, &set)?;
+            let ser = LuoSessionSer {
+                name: s.name.field(),
+                file_set_ser: crate::abi::LuoFileSetSer {
+                    files: files_head,
+                    count: set.files.len() as u64,
+                },
+            };
+            buf.copy_from_slice(ser.as_bytes());
+            Ok(())
+        })?;
+        // FLBs with file references, in registration order (only file references are
+        // handed over: references leaked by get_outgoing callers would keep the next kernel
+        // from ever finishing the FLB, bug B4).
+        {
+            let reg = self.registry.read();
+            let refs = self.refs.lock();
+            let mut n = 0u64;
+            let mut seq = None;
+            let header_size = core::mem::size_of::<LuoFlbHeaderSer>() as u64;
+            let entry_size = core::mem::size_of::<LuoFlbSer>() as u64;
+            while let Some(k) = reg.flb_order.next_key(seq.as_ref()) {
+                seq = Some(k);
+                let Some(&fk) = reg.flb_order.get(&k) else {
+                    continue;
+                };
+                let (Some(f), Some(o)) = (reg.flbs.get(&fk), refs.outgoing.get(&fk)) else {
+                    continue;
+                };
+                if o.files == 0 {
+                    continue;
+                }
+                let e = LuoFlbSer {
+                    name: f.compat.field(),
+                    data: o.data,
+                    count: o.files,
+                };
+                p.write(root.flbs + header_size + n * entry_size, e.as_bytes())?;
+                n += 1;
+            }
+            let header = LuoFlbHeaderSer {
+                pgcnt: LUO_FLB_PGCNT,
+                count: n,
+            };
+            p.write(root.flbs, header.as_bytes())?;
+        }
+        // Last, the root: the next kernel sees sessions only once everything else is written.
+        let mut compat = [0u8; LUO_ABI_COMPAT_LEN];
+        compat[..LUO_ABI_COMPATIBLE.len()].copy_from_slice(LUO_ABI_COMPATIBLE);
+        let ser = LuoSer {
+            compatible: compat,
+            liveupdate_num: root.num,
+            sessions_pa: head,
+            flbs_pa: root.flbs,
+        };
+        p.write(root.root, ser.as_bytes())
+    }
+
+    /// Number of outgoing sessions.
+    pub fn outgoing_count(&self) -> usize {
+        self.outgoing.read().by_seq.len()
+    }
+
+    /// Number of incoming sessions not yet closed (retrieved or not).
+    pub fn incoming_count(&self) -> usize {
+        self.incoming.read().len()
+    }
+
+    /// True while the state is serialized for the next kernel.
+    pub fn is_serialized(&self) -> bool {
+        self.phase.read().serialized
+    }
+
+    /// Address of the outgoing root (`luo_ser`), once [`Luo::start`] succeeded.
+    pub fn root_addr(&self) -> Option<u64> {
+        self.phase.read().root.map(|r| r.root)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // In-kernel API: handlers and FLBs (include/linux/liveupdate.h)
+    // ---------------------------------------------------------------------------------------
+
+    /// `liveupdate_register_file_handler`.
+    pub fn register_handler(&self, h: &P::Handler) -> Result {
+        if !self.enabled() {
+            return Err(Error::Disabled);
+        }
+        self.registry.write().register_handler(h)
+    }
+
+    /// `liveupdate_unregister_file_handler`. Refused (and logged) while files of the handler
+    /// are preserved or not yet finished: they would point at a handler that is gone (B10).
+    pub fn unregister_handler(&self, h: &P::Handler) -> Result {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let mut reg = self.registry.write();
+        let refs = self.refs.lock();
+        if refs.handler_live(h.key()) > 0 {
+            log!(
+                self.platform,
+                Warn,
+                "not unregistering handler with live files: {:?}",
+                Compat::new(h.compatible())
+            );
+            return Err(Error::AlreadyPreserved);
+        }
+        reg.unregister_handler(h.key(), &refs)
+    }
+
+    /// `liveupdate_register_flb`.
+    pub fn register_flb(&self, h: &P::Handler, flb: &P::Flb) -> Result {
+        if !self.enabled() {
+            return Err(Error::Disabled);
+        }
+        let mut reg = self.registry.write();
+        let refs = self.refs.lock();
+        reg.register_flb(h.key(), flb, &refs)
+    }
+
+    /// `liveupdate_unregister_flb`.
+    pub fn unregister_flb(&self, h: &P::Handler, flb: &P::Flb) -> Result {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let mut reg = self.registry.write();
+        let refs = self.refs.lock();
+        let r = reg.unregister_flb(h.key(), flb.key(), &refs);
+        if let Err(e) = r {
+            log!(self.platform, Warn, "FLB unregister refused: {e}");
+        }
+        r
+    }
+
+    /// `liveupdate_flb_get_incoming`.
+    pub fn flb_get_incoming(&self, flb: &P::Flb) -> Result<usize> {
+        if !self.enabled {
+            return Err(Error::Disabled);
+        }
+        let reg = self.registry.read();
+        let mut refs = self.refs.lock();
+        refs.get_incoming(&reg, flb.key())
+    }
+
+    /// `liveupdate_flb_put_incoming`.
+    pub fn flb_put_incoming(&self, flb: &P::Flb) {
+        let reg = self.registry.read();
+        let mut refs = self.refs.lock();
+        refs.put_incoming(&self.platform, &reg, flb.key());
+    }
+
+    /// `liveupdate_flb_get_outgoing`.
+    pub fn flb_get_outgoing(&self, flb: &P::Flb) -> Result<usize> {
+        if !self.enabled() {
+            return Err(Error::Disabled);
+        }
+        self.refs.lock().get_outgoing(flb.key())
+    }
+
+    /// `liveupdate_flb_put_outgoing`.
+    pub fn flb_put_outgoing(&self, flb: &P::Flb) {
+        let reg = self.registry.read();
+        let mut refs = self.refs.lock();
+        if !refs.put_outgoing(&reg, flb.key()) {
+            log!(
+                self.platform,
+                Warn,
+                "FLB {:?}: outgoing reference count underflow",
+                Compat::new(flb.compatible())
+            );
+        }
+    }
+}
+
+/// Freezes a session's files in preservation order; on failure at file k, unfreezes the files
+/// before it newest first and returns the error.
+fn freeze_set<P: Platform>(set: &mut FileSet<P>) -> Result {
+    let mut seq = None;
+    let mut done = 0usize;
+    while let Some(k) = set.files.next_key(seq.as_ref()) {
+        seq = Some(k);
+        let Some(e) = set.files.get_mut(&k) else {
+            continue;
+        };
+        let Some(file) = e.file.as_ref() else {
+            continue;
+        };
+        let mut state = e.state;
+        match e.handler.freeze(file, &mut state) {
+            Ok(()) => e.state = state,
+            Err(err) => {
+                unfreeze_set(set, done);
+                return Err(Error::Handler(err));
+            }
+        }
+        done += 1;
+    }
+    Ok(())
+}
+
+/// Unfreezes the first `n` files of a session, newest first.
+fn unfreeze_set<P: Platform>(set: &mut FileSet<P>, n: usize) {
+    let mut seq = None;
+    let mut i = 0;
+    // Find the key of file n-1, then walk backwards.
+    let mut last = None;
+    while i < n {
+        match set.files.next_key(seq.as_ref()) {
+            Some(k) => {
+                seq = Some(k);
+                last = Some(k);
+                i += 1;
+            }
+            None => break,
+        }
+    }
+    let mut cur = last;
+    while let Some(k) = cur {
+        if let Some(e) = set.files.get(&k) {
+            if let Some(file) = e.file.as_ref() {
+                e.handler.unfreeze(file, e.state);
+            }
+        }
+        cur = set.files.prev_key(Some(&k));
+    }
+}
+
+/// Writes a session's file chain and returns its head (0 for no files).
+fn write_files<P: Platform>(p: &P, set: &FileSet<P>) -> Result<u64> {
+    let n = set.files.len();
+    let mut seq: Option<u64> = None;
+    set.blocks.write(p, n, |_, buf| {
+        let k = set.files.next_key(seq.as_ref()).ok_or(Error::NoSpace)?;
+        seq = Some(k);
+        let e = set.files.get(&k).ok_or(Error::NoSpace)?;
+        let compat = Compat::new(e.handler.compatible()).ok_or(Error::InvalidDefinition)?;
+        let ser = LuoFileSer {
+            compatible: compat.field(),
+            data: e.state.data,
+            token: e.token,
+        };
+        buf.copy_from_slice(ser.as_bytes());
+        Ok(())
+    })
+}

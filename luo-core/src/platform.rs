@@ -1,0 +1,281 @@
+//! The `Platform` trait: the only way the core touches locks, memory, files and callbacks.
+//!
+//! luo-core has no `alloc` (the kernel builds Rust with `core` only), so every container it
+//! needs is an associated type of the platform with a fallible constructor and fallible growth:
+//! `Vec`/`BTreeMap`/`Arc` from std in userspace, `KVec`/`RBTree`/`Arc` with GFP flags in the
+//! kernel. Locks follow the kernel's shapes (mutex, reader/writer semaphore); nothing in the
+//! core spins or uses atomics of its own, so the kernel backend can map everything onto
+//! `kernel::sync` and the userspace backend onto std or loom.
+//!
+//! Handover memory is modelled on KHO: preserved pages named by a `u64` address (a physical
+//! address in the kernel, an offset into the handover memfd in userspace), read and written
+//! only through [`Platform::read`] and [`Platform::write`], which validate the address. The core
+//! never forms a pointer from an address it read out of handover memory.
+
+use core::ops::{Deref, DerefMut};
+
+use crate::errno::{AllocError, Error, Errno, HandoverError, Result};
+
+/// A fallible growable array (`Vec` in userspace, `KVec` in the kernel).
+pub trait PVec<T>: Default {
+    /// Appends, failing instead of aborting when memory is short.
+    fn try_push(&mut self, value: T) -> core::result::Result<(), AllocError>;
+    /// Removes and returns the last element.
+    fn pop(&mut self) -> Option<T>;
+    /// The elements as a slice.
+    fn as_slice(&self) -> &[T];
+    /// The elements as a mutable slice.
+    fn as_mut_slice(&mut self) -> &mut [T];
+    /// Number of elements.
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    /// True when empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A fallible ordered map (`BTreeMap` in userspace, `RBTree` in the kernel).
+///
+/// Keys are small `Copy` values (sequence numbers, tokens, names, identities), so cursors are
+/// expressed as "the next key after this one", which every ordered map can answer in
+/// logarithmic time and which leaves the caller free to mutate between steps.
+pub trait OrdMap<K: Ord + Copy, V>: Default {
+    /// Inserts or replaces, returning the old value.
+    fn try_insert(&mut self, key: K, value: V) -> core::result::Result<Option<V>, AllocError>;
+    /// Makes sure the next `try_insert` of a new key cannot fail for lack of memory (the
+    /// kernel map keeps one node reserved); a no-op where inserts never fail.
+    fn try_reserve(&mut self) -> core::result::Result<(), AllocError>;
+    /// Looks a key up.
+    fn get(&self, key: &K) -> Option<&V>;
+    /// Looks a key up for mutation.
+    fn get_mut(&mut self, key: &K) -> Option<&mut V>;
+    /// Removes a key.
+    fn remove(&mut self, key: &K) -> Option<V>;
+    /// Number of entries.
+    fn len(&self) -> usize;
+    /// True when empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The smallest key strictly greater than `after`, or the smallest key when `after` is None.
+    fn next_key(&self, after: Option<&K>) -> Option<K>;
+    /// The largest key strictly smaller than `before`, or the largest key when `before` is None.
+    fn prev_key(&self, before: Option<&K>) -> Option<K>;
+    /// True when the key is present.
+    fn contains(&self, key: &K) -> bool {
+        self.get(key).is_some()
+    }
+}
+
+/// A shared, reference-counted pointer (`Arc`).
+pub trait SharedPtr<T>: Deref<Target = T> + Clone {
+    /// Allocates.
+    fn try_new(value: T) -> core::result::Result<Self, AllocError>;
+    /// True when both point at the same allocation.
+    fn ptr_eq(a: &Self, b: &Self) -> bool;
+}
+
+/// A mutual-exclusion lock.
+pub trait PMutex<T> {
+    /// The guard.
+    type Guard<'a>: DerefMut<Target = T>
+    where
+        Self: 'a;
+    /// Creates the lock (fallible: the kernel allocates pinned locks).
+    fn try_new(value: T) -> core::result::Result<Self, AllocError>
+    where
+        Self: Sized;
+    /// Locks, sleeping if needed.
+    fn lock(&self) -> Self::Guard<'_>;
+}
+
+/// A reader/writer lock (an rwsem in the kernel).
+pub trait PRwLock<T> {
+    /// Shared guard.
+    type Read<'a>: Deref<Target = T>
+    where
+        Self: 'a;
+    /// Exclusive guard.
+    type Write<'a>: DerefMut<Target = T>
+    where
+        Self: 'a;
+    /// Creates the lock.
+    fn try_new(value: T) -> core::result::Result<Self, AllocError>
+    where
+        Self: Sized;
+    /// Takes the lock shared.
+    fn read(&self) -> Self::Read<'_>;
+    /// Takes the lock exclusively.
+    fn write(&self) -> Self::Write<'_>;
+}
+
+/// Log severity for [`Platform::log`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Something was refused or lost.
+    Error,
+    /// Something unexpected that LUO recovered from.
+    Warn,
+    /// Progress worth a line in the kernel log.
+    Info,
+}
+
+/// The state a file handler sees for one file (upstream `liveupdate_file_op_args`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetrieveStatus {
+    /// No retrieve was attempted (`retrieve_status == 0`).
+    NotAttempted,
+    /// Retrieve succeeded (`retrieve_status == 1`).
+    Retrieved,
+    /// Retrieve failed with this errno; it is never retried (`retrieve_status < 0`).
+    Failed(Errno),
+}
+
+impl RetrieveStatus {
+    /// The value upstream stores in `retrieve_status`.
+    pub const fn as_raw(self) -> i32 {
+        match self {
+            RetrieveStatus::NotAttempted => 0,
+            RetrieveStatus::Retrieved => 1,
+            RetrieveStatus::Failed(e) => -e.get(),
+        }
+    }
+}
+
+/// What `preserve` hands back: the opaque word serialized for the next kernel and a private
+/// word that lives only in this kernel (upstream `serialized_data` and `private_data`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Preserved {
+    /// Stored verbatim as `luo_file_ser.data`.
+    pub data: u64,
+    /// Given back to `unpreserve`, `freeze` and `unfreeze` in this kernel only.
+    pub private: usize,
+}
+
+/// A file handler: the full upstream `liveupdate_file_ops` set.
+///
+/// Values are cheap handles (`Clone`); in the kernel a handler is a pointer to a C
+/// `struct liveupdate_file_handler`, in userspace an `Arc<dyn ...>`.
+pub trait FileHandler<P: Platform>: Clone {
+    /// Identity of the handler (the C struct's address in the kernel).
+    fn key(&self) -> usize;
+    /// The compatible string (1..=47 bytes, no NUL).
+    fn compatible(&self) -> &[u8];
+    /// True when every required op (`can_preserve`, `preserve`, `unpreserve`, `retrieve`,
+    /// `finish`) is present; checked at registration (`EINVAL` otherwise). Always true for
+    /// Rust handlers; the kernel backend checks the C ops table.
+    fn has_required_ops(&self) -> bool {
+        true
+    }
+    /// Pins the handler's owner (`try_module_get`); false if it is going away.
+    fn get_owner(&self) -> bool {
+        true
+    }
+    /// Drops the pin taken by [`FileHandler::get_owner`].
+    fn put_owner(&self) {}
+    /// May this handler preserve `file`?
+    fn can_preserve(&self, file: &P::File) -> bool;
+    /// Preserves `file` for the next kernel.
+    fn preserve(&self, file: &P::File) -> core::result::Result<Preserved, Errno>;
+    /// Undoes `preserve` (outgoing session closed).
+    fn unpreserve(&self, file: &P::File, state: Preserved);
+    /// Last chance before the kexec; may replace `state.data`.
+    fn freeze(&self, _file: &P::File, _state: &mut Preserved) -> core::result::Result<(), Errno> {
+        Ok(())
+    }
+    /// Undoes `freeze` when the reboot is rolled back.
+    fn unfreeze(&self, _file: &P::File, _state: Preserved) {}
+    /// Recreates the file in the new kernel from `data`.
+    fn retrieve(&self, data: u64) -> core::result::Result<P::File, Errno>;
+    /// May the file be finished? `file` is None if it was never retrieved (or retrieve failed).
+    fn can_finish(&self, _file: Option<&P::File>, _data: u64, _status: RetrieveStatus) -> bool {
+        true
+    }
+    /// Releases what the old kernel preserved for this file.
+    fn finish(&self, file: Option<&P::File>, data: u64, status: RetrieveStatus);
+    /// The identity used to refuse preserving one file twice (`get_id`); defaults to the
+    /// platform's notion of the open file's identity.
+    fn get_id(&self, file: &P::File) -> u64 {
+        P::file_identity(file)
+    }
+}
+
+/// A File-Lifecycle-Bound object: global state shared by all files of the handlers it is
+/// linked to (upstream `liveupdate_flb_ops`).
+pub trait FlbOps: Clone {
+    /// Identity (the C struct's address in the kernel).
+    fn key(&self) -> usize;
+    /// The compatible string (1..=47 bytes).
+    fn compatible(&self) -> &[u8];
+    /// Checked at registration: all four callbacks present.
+    fn has_required_ops(&self) -> bool {
+        true
+    }
+    /// Pins the owner module.
+    fn get_owner(&self) -> bool {
+        true
+    }
+    /// Drops the owner pin.
+    fn put_owner(&self) {}
+    /// First dependent file preserved: returns `(data, obj)`; `obj == 0` means "no object".
+    fn preserve(&self) -> core::result::Result<(u64, usize), Errno>;
+    /// Last dependent file unpreserved.
+    fn unpreserve(&self, data: u64, obj: usize);
+    /// New kernel: rebuild the object from `data`.
+    fn retrieve(&self, data: u64) -> core::result::Result<usize, Errno>;
+    /// New kernel: last dependent file finished.
+    fn finish(&self, data: u64, obj: usize);
+}
+
+/// Everything the core needs from its environment.
+pub trait Platform: Sized + 'static {
+    /// `PAGE_SIZE`, which is part of the handover ABI (`KHO_BLOCK_SIZE`).
+    const PAGE_SIZE: usize;
+
+    /// A counted reference to an open file (`struct file *` with a reference, `OwnedFd`).
+    type File;
+    /// A file handler.
+    type Handler: FileHandler<Self>;
+    /// An FLB.
+    type Flb: FlbOps;
+    /// Growable array.
+    type Vec<T>: PVec<T>;
+    /// Ordered map.
+    type Map<K: Ord + Copy, V>: OrdMap<K, V>;
+    /// Shared pointer.
+    type Arc<T: 'static>: SharedPtr<T>;
+    /// Mutex.
+    type Mutex<T>: PMutex<T>;
+    /// Reader/writer lock.
+    type RwLock<T>: PRwLock<T>;
+
+    /// Identity of an open file when the handler has no `get_id` (upstream: the file pointer).
+    fn file_identity(file: &Self::File) -> u64;
+    /// Takes another reference to an open file (`get_file`; `dup` in userspace).
+    fn dup_file(file: &Self::File) -> Result<Self::File>;
+
+    /// Allocates one zeroed, preserved page of handover memory; returns its address (never 0).
+    fn alloc_page(&self) -> Result<u64>;
+    /// Frees a page from [`Platform::alloc_page`] in this kernel (`kho_unpreserve_free`).
+    fn free_page(&self, addr: u64);
+    /// Releases a page the previous kernel preserved (`kho_restore_free`).
+    fn release_incoming_page(&self, addr: u64);
+    /// Reads `buf.len()` bytes at `addr`; the range must lie in one page the platform knows.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> core::result::Result<(), HandoverError>;
+    /// Writes `data` at `addr` in a page allocated by [`Platform::alloc_page`].
+    fn write(&self, addr: u64, data: &[u8]) -> Result;
+    /// The incoming `"LUO"` subtree: address and size of `luo_ser`, or None on a cold boot.
+    fn incoming_root(&self) -> core::result::Result<Option<(u64, u64)>, HandoverError>;
+    /// Publishes the outgoing root (`kho_add_subtree("LUO", ...)`).
+    fn publish_root(&self, addr: u64, size: u64) -> Result;
+
+    /// Writes one line to the log (`pr_err`/`pr_warn`/`pr_info` with the `luo: ` prefix).
+    fn log(&self, level: Level, args: core::fmt::Arguments<'_>);
+}
+
+/// Allocates a shared pointer, mapping allocation failure to `ENOMEM`.
+pub(crate) fn new_arc<P: Platform, T: 'static>(value: T) -> Result<P::Arc<T>> {
+    P::Arc::<T>::try_new(value).map_err(Error::from)
+}
