@@ -156,9 +156,10 @@ pub struct Preserved {
 
 /// A file handler: the full upstream `liveupdate_file_ops` set.
 ///
-/// Values are cheap handles (`Clone`); in the kernel a handler is a pointer to a C
-/// `struct liveupdate_file_handler`, in userspace an `Arc<dyn ...>`.
-pub trait FileHandler<P: Platform>: Clone {
+/// The trait is object-safe: the platform's handler type is a cheap `Clone` handle, a pointer
+/// to a C `struct liveupdate_file_handler` in the kernel, an `Arc<dyn FileHandler<_>>` in
+/// userspace.
+pub trait FileHandler<P: Platform> {
     /// Identity of the handler (the C struct's address in the kernel).
     fn key(&self) -> usize;
     /// The compatible string (1..=47 bytes, no NUL).
@@ -204,7 +205,7 @@ pub trait FileHandler<P: Platform>: Clone {
 
 /// A File-Lifecycle-Bound object: global state shared by all files of the handlers it is
 /// linked to (upstream `liveupdate_flb_ops`).
-pub trait FlbOps: Clone {
+pub trait FlbOps {
     /// Identity (the C struct's address in the kernel).
     fn key(&self) -> usize;
     /// The compatible string (1..=47 bytes).
@@ -237,9 +238,9 @@ pub trait Platform: Sized + 'static {
     /// A counted reference to an open file (`struct file *` with a reference, `OwnedFd`).
     type File;
     /// A file handler.
-    type Handler: FileHandler<Self>;
+    type Handler: FileHandler<Self> + Clone;
     /// An FLB.
-    type Flb: FlbOps;
+    type Flb: FlbOps + Clone;
     /// Growable array.
     type Vec<T>: PVec<T>;
     /// Ordered map.

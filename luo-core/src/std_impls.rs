@@ -8,7 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::vec::Vec;
 
 use crate::errno::AllocError;
-use crate::platform::{OrdMap, PMutex, PRwLock, PVec, SharedPtr};
+use crate::errno::Errno;
+use crate::platform::{
+    FileHandler, FlbOps, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
+    SharedPtr,
+};
 
 impl<T> PVec<T> for Vec<T> {
     fn try_push(&mut self, value: T) -> Result<(), AllocError> {
@@ -100,5 +104,83 @@ impl<T> PRwLock<T> for RwLock<T> {
     }
     fn write(&self) -> RwLockWriteGuard<'_, T> {
         RwLock::write(self).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Shared handlers: the handler's identity is the allocation, so one `Arc` registered twice is
+/// recognized and two distinct handlers never collide.
+impl<P: Platform, T: FileHandler<P> + ?Sized> FileHandler<P> for Arc<T> {
+    fn key(&self) -> usize {
+        Arc::as_ptr(self).cast::<()>() as usize
+    }
+    fn compatible(&self) -> &[u8] {
+        (**self).compatible()
+    }
+    fn has_required_ops(&self) -> bool {
+        (**self).has_required_ops()
+    }
+    fn get_owner(&self) -> bool {
+        (**self).get_owner()
+    }
+    fn put_owner(&self) {
+        (**self).put_owner()
+    }
+    fn can_preserve(&self, file: &P::File) -> bool {
+        (**self).can_preserve(file)
+    }
+    fn preserve(&self, file: &P::File) -> Result<Preserved, Errno> {
+        (**self).preserve(file)
+    }
+    fn unpreserve(&self, file: &P::File, state: Preserved) {
+        (**self).unpreserve(file, state)
+    }
+    fn freeze(&self, file: &P::File, state: &mut Preserved) -> Result<(), Errno> {
+        (**self).freeze(file, state)
+    }
+    fn unfreeze(&self, file: &P::File, state: Preserved) {
+        (**self).unfreeze(file, state)
+    }
+    fn retrieve(&self, data: u64) -> Result<P::File, Errno> {
+        (**self).retrieve(data)
+    }
+    fn can_finish(&self, file: Option<&P::File>, data: u64, status: RetrieveStatus) -> bool {
+        (**self).can_finish(file, data, status)
+    }
+    fn finish(&self, file: Option<&P::File>, data: u64, status: RetrieveStatus) {
+        (**self).finish(file, data, status)
+    }
+    fn get_id(&self, file: &P::File) -> u64 {
+        (**self).get_id(file)
+    }
+}
+
+/// Shared FLBs, identified by their allocation like handlers.
+impl<T: FlbOps + ?Sized> FlbOps for Arc<T> {
+    fn key(&self) -> usize {
+        Arc::as_ptr(self).cast::<()>() as usize
+    }
+    fn compatible(&self) -> &[u8] {
+        (**self).compatible()
+    }
+    fn has_required_ops(&self) -> bool {
+        (**self).has_required_ops()
+    }
+    fn get_owner(&self) -> bool {
+        (**self).get_owner()
+    }
+    fn put_owner(&self) {
+        (**self).put_owner()
+    }
+    fn preserve(&self) -> Result<(u64, usize), Errno> {
+        (**self).preserve()
+    }
+    fn unpreserve(&self, data: u64, obj: usize) {
+        (**self).unpreserve(data, obj)
+    }
+    fn retrieve(&self, data: u64) -> Result<usize, Errno> {
+        (**self).retrieve(data)
+    }
+    fn finish(&self, data: u64, obj: usize) {
+        (**self).finish(data, obj)
     }
 }

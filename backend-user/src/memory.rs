@@ -1,0 +1,345 @@
+//! Handover memory for a process: KHO's role, played by a sealed memfd.
+//!
+//! Outgoing pages live in the process until reboot, when they are written into a new memfd at
+//! their addresses (an address is a byte offset into that memfd), and the memfd is sealed and
+//! left open across exec. The next image reads the memfd back and serves [`Memory::read`] from
+//! it. Page 0 of the memfd is a small header of the backend's own (magic, page size, the root),
+//! so no LUO address is ever 0.
+//!
+//! Format `luo-user-v1` (native endian), page 0:
+//! `magic[8] = "LUOUSER1" | page_size u32 | reserved u32 | root u64 | root_size u64 | pages u64`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Mutex;
+
+use luo_core::errno::HandoverError;
+use luo_core::{Error, Level};
+
+use crate::sys;
+
+/// The handover file's magic.
+pub const MAGIC: &[u8; 8] = b"LUOUSER1";
+/// Page size of this backend (the `luo-v5` block size).
+pub const PAGE_SIZE: usize = 4096;
+/// The largest handover file accepted (input larger than this is refused before reading it).
+pub const MAX_HANDOVER_BYTES: u64 = 1 << 32;
+
+/// Why a handover file was refused before LUO even looked at it.
+#[derive(Debug)]
+pub enum HandoverFileError {
+    /// Reading the file failed.
+    Io(io::Error),
+    /// The file is shorter than its header, not page-sized, or too large.
+    BadSize(u64),
+    /// The header's magic is wrong.
+    BadMagic,
+    /// The header's page size is not this backend's.
+    BadPageSize(u32),
+    /// The header's page count disagrees with the file size.
+    BadPageCount {
+        /// What the header claims.
+        claimed: u64,
+        /// What the file holds.
+        actual: u64,
+    },
+}
+
+impl std::fmt::Display for HandoverFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandoverFileError::Io(e) => write!(f, "cannot read handover file: {e}"),
+            HandoverFileError::BadSize(n) => write!(
+                f,
+                "at 0x0: handover file size {n} is not a whole number of {PAGE_SIZE}-byte pages \
+                 between 1 page and {MAX_HANDOVER_BYTES} bytes"
+            ),
+            HandoverFileError::BadMagic => {
+                write!(f, "at 0x0: magic is not \"LUOUSER1\" (not a luo handover file)")
+            }
+            HandoverFileError::BadPageSize(n) => {
+                write!(f, "at 0x8: page size {n} is not {PAGE_SIZE}")
+            }
+            HandoverFileError::BadPageCount { claimed, actual } => write!(
+                f,
+                "at 0x20: header claims {claimed} pages but the file holds {actual}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for HandoverFileError {}
+
+/// Counters and knobs for tests and fuzzing.
+#[derive(Default)]
+struct Faults {
+    /// Fail page allocation after this many more successes.
+    alloc_fail_after: Option<usize>,
+}
+
+#[derive(Default)]
+struct Arena {
+    pages: BTreeMap<u64, Box<[u8]>>,
+    next: u64,
+    root: Option<(u64, u64)>,
+}
+
+struct Incoming {
+    bytes: Vec<u8>,
+    root: Option<(u64, u64)>,
+    released: BTreeSet<u64>,
+}
+
+/// The process's handover memory: outgoing pages, and the incoming image if booted from one.
+pub struct Memory {
+    out: Mutex<Arena>,
+    incoming: Mutex<Option<Incoming>>,
+    faults: Mutex<Faults>,
+    log: Mutex<Vec<(Level, String)>>,
+    echo_log: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Memory {
+    /// Empty memory: a cold boot.
+    pub fn new() -> Self {
+        Memory {
+            out: Mutex::new(Arena {
+                next: PAGE_SIZE as u64,
+                ..Arena::default()
+            }),
+            incoming: Mutex::new(None),
+            faults: Mutex::new(Faults::default()),
+            log: Mutex::new(Vec::new()),
+            echo_log: std::env::var_os("LUO_LOG").is_some(),
+        }
+    }
+
+    /// Memory booted from a handover file's bytes (checked: header, size).
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, HandoverFileError> {
+        let len = bytes.len() as u64;
+        if len < PAGE_SIZE as u64 || len % PAGE_SIZE as u64 != 0 || len > MAX_HANDOVER_BYTES {
+            return Err(HandoverFileError::BadSize(len));
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(HandoverFileError::BadMagic);
+        }
+        let word = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[o..o + 8]);
+            u64::from_ne_bytes(b)
+        };
+        let page_size = u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+        if page_size as usize != PAGE_SIZE {
+            return Err(HandoverFileError::BadPageSize(page_size));
+        }
+        let (root, root_size, pages) = (word(16), word(24), word(32));
+        if pages != len / PAGE_SIZE as u64 {
+            return Err(HandoverFileError::BadPageCount {
+                claimed: pages,
+                actual: len / PAGE_SIZE as u64,
+            });
+        }
+        let mem = Memory::new();
+        *lock(&mem.incoming) = Some(Incoming {
+            bytes,
+            root: if root == 0 {
+                None
+            } else {
+                Some((root, root_size))
+            },
+            released: BTreeSet::new(),
+        });
+        Ok(mem)
+    }
+
+    /// Memory booted from a handover memfd (read whole; the memory is bounded by its size).
+    pub fn from_fd(fd: &OwnedFd) -> Result<Self, HandoverFileError> {
+        let st = sys::fstat(fd.as_fd()).map_err(HandoverFileError::Io)?;
+        let len = st.st_size as u64;
+        if len < PAGE_SIZE as u64 || len % PAGE_SIZE as u64 != 0 || len > MAX_HANDOVER_BYTES {
+            return Err(HandoverFileError::BadSize(len));
+        }
+        let mut bytes = vec![0u8; len as usize];
+        sys::pread_exact(fd.as_fd(), &mut bytes, 0).map_err(HandoverFileError::Io)?;
+        Memory::from_bytes(bytes)
+    }
+
+    /// Makes page allocation fail after `n` more successes (None: never).
+    pub fn fail_alloc_after(&self, n: Option<usize>) {
+        lock(&self.faults).alloc_fail_after = n;
+    }
+
+    /// Allocates a zeroed outgoing page.
+    pub fn alloc_page(&self) -> Result<u64, Error> {
+        {
+            let mut f = lock(&self.faults);
+            match f.alloc_fail_after {
+                Some(0) => return Err(Error::NoMemory),
+                Some(ref mut n) => *n -= 1,
+                None => {}
+            }
+        }
+        let mut a = lock(&self.out);
+        let addr = a.next;
+        a.next += PAGE_SIZE as u64;
+        a.pages.insert(addr, vec![0u8; PAGE_SIZE].into_boxed_slice());
+        Ok(addr)
+    }
+
+    /// Frees an outgoing page.
+    pub fn free_page(&self, addr: u64) {
+        if lock(&self.out).pages.remove(&addr).is_none() {
+            self.log(
+                Level::Warn,
+                format_args!("freeing unknown page {addr:#x}"),
+            );
+        }
+    }
+
+    /// Number of outgoing pages held (for leak checks).
+    pub fn outgoing_pages(&self) -> usize {
+        lock(&self.out).pages.len()
+    }
+
+    /// Writes into an outgoing page.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), Error> {
+        let mut a = lock(&self.out);
+        let base = addr - addr % PAGE_SIZE as u64;
+        let off = (addr - base) as usize;
+        let page = a
+            .pages
+            .get_mut(&base)
+            .ok_or(Error::Platform(luo_core::errno::EFAULT))?;
+        let dst = page
+            .get_mut(off..off + data.len())
+            .ok_or(Error::Platform(luo_core::errno::EFAULT))?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Reads from an outgoing page (tests and `luo inspect` of live state).
+    pub fn read_outgoing(&self, addr: u64, buf: &mut [u8]) -> Result<(), HandoverError> {
+        let a = lock(&self.out);
+        let base = addr - addr % PAGE_SIZE as u64;
+        let off = (addr - base) as usize;
+        let src = a
+            .pages
+            .get(&base)
+            .and_then(|p| p.get(off..off + buf.len()))
+            .ok_or(HandoverError::BadAddress { at: addr })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Reads incoming handover memory; the range must lie inside one page past the header.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), HandoverError> {
+        let bad = HandoverError::BadAddress { at: addr };
+        let guard = lock(&self.incoming);
+        let inc = guard.as_ref().ok_or(bad)?;
+        let end = addr.checked_add(buf.len() as u64).ok_or(bad)?;
+        let page = addr / PAGE_SIZE as u64;
+        if page == 0 || buf.is_empty() || (end - 1) / PAGE_SIZE as u64 != page {
+            return Err(bad);
+        }
+        if inc.released.contains(&(page * PAGE_SIZE as u64)) {
+            return Err(bad);
+        }
+        let src = inc
+            .bytes
+            .get(addr as usize..end as usize)
+            .ok_or(bad)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Releases an incoming page (`kho_restore_free`): later reads of it fail.
+    pub fn release_incoming(&self, addr: u64) {
+        let mut guard = lock(&self.incoming);
+        if let Some(inc) = guard.as_mut() {
+            if !inc.released.insert(addr - addr % PAGE_SIZE as u64) {
+                drop(guard);
+                self.log(
+                    Level::Warn,
+                    format_args!("incoming page {addr:#x} released twice"),
+                );
+            }
+        }
+    }
+
+    /// Number of incoming pages released so far.
+    pub fn released_incoming(&self) -> usize {
+        lock(&self.incoming)
+            .as_ref()
+            .map_or(0, |i| i.released.len())
+    }
+
+    /// The incoming root.
+    pub fn incoming_root(&self) -> Option<(u64, u64)> {
+        lock(&self.incoming).as_ref().and_then(|i| i.root)
+    }
+
+    /// Records the outgoing root.
+    pub fn publish_root(&self, addr: u64, size: u64) {
+        lock(&self.out).root = Some((addr, size));
+    }
+
+    /// The handover image as bytes: header page plus every outgoing page at its address.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let a = lock(&self.out);
+        let end = a
+            .pages
+            .keys()
+            .next_back()
+            .map_or(PAGE_SIZE as u64, |&k| k + PAGE_SIZE as u64);
+        let mut bytes = vec![0u8; end as usize];
+        bytes[..8].copy_from_slice(MAGIC);
+        bytes[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_ne_bytes());
+        let (root, size) = a.root.unwrap_or((0, 0));
+        bytes[16..24].copy_from_slice(&root.to_ne_bytes());
+        bytes[24..32].copy_from_slice(&size.to_ne_bytes());
+        bytes[32..40].copy_from_slice(&(end / PAGE_SIZE as u64).to_ne_bytes());
+        for (&addr, page) in &a.pages {
+            bytes[addr as usize..addr as usize + PAGE_SIZE].copy_from_slice(page);
+        }
+        bytes
+    }
+
+    /// Writes the handover image into a new sealed memfd that stays open across exec.
+    pub fn to_memfd(&self) -> io::Result<OwnedFd> {
+        let bytes = self.to_bytes();
+        let fd = sys::memfd_create(c"luo-handover", libc::MFD_ALLOW_SEALING)?;
+        sys::ftruncate(fd.as_fd(), bytes.len() as u64)?;
+        sys::pwrite_all(fd.as_fd(), &bytes, 0)?;
+        sys::add_seals(
+            fd.as_fd(),
+            (libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE)
+                as u32,
+        )?;
+        Ok(fd)
+    }
+
+    /// Logs a line (kept for tests; echoed to stderr when `LUO_LOG` is set).
+    pub fn log(&self, level: Level, args: std::fmt::Arguments<'_>) {
+        let line = format!("luo: {args}");
+        if self.echo_log {
+            eprintln!("{line}");
+        }
+        lock(&self.log).push((level, line));
+    }
+
+    /// The log lines so far.
+    pub fn log_lines(&self) -> Vec<(Level, String)> {
+        lock(&self.log).clone()
+    }
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory::new()
+    }
+}

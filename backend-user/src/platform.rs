@@ -1,0 +1,96 @@
+//! The `Platform` implementation for a process.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, RwLock};
+
+use luo_core::errno::HandoverError;
+use luo_core::{Error, FileHandler, FlbOps, Level, Platform, Result};
+
+use crate::memory::{Memory, PAGE_SIZE};
+use crate::{errno_of, sys};
+
+/// A registered file handler of the userspace backend.
+pub type HandlerRef = Arc<dyn FileHandler<UserPlatform> + Send + Sync>;
+/// A registered FLB of the userspace backend.
+pub type FlbRef = Arc<dyn FlbOps + Send + Sync>;
+
+/// std containers and locks, `OwnedFd` files, memfd-backed handover memory.
+#[derive(Clone)]
+pub struct UserPlatform {
+    mem: Arc<Memory>,
+}
+
+impl UserPlatform {
+    /// A platform over the given handover memory.
+    pub fn new(mem: Arc<Memory>) -> Self {
+        UserPlatform { mem }
+    }
+
+    /// The handover memory.
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.mem
+    }
+}
+
+impl Platform for UserPlatform {
+    const PAGE_SIZE: usize = PAGE_SIZE;
+
+    type File = OwnedFd;
+    type Handler = HandlerRef;
+    type Flb = FlbRef;
+    type Vec<T> = Vec<T>;
+    type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
+    type Arc<T: 'static> = Arc<T>;
+    type Mutex<T> = Mutex<T>;
+    type RwLock<T> = RwLock<T>;
+
+    /// The inode (device and number): a process cannot name an open file description, so two
+    /// descriptions of one inode count as the same file (stricter than the kernel's pointer).
+    fn file_identity(file: &OwnedFd) -> u64 {
+        match sys::fstat(file.as_fd()) {
+            Ok(st) => (st.st_dev as u64).rotate_left(40) ^ st.st_ino as u64,
+            Err(_) => 0,
+        }
+    }
+
+    fn dup_file(file: &OwnedFd) -> Result<OwnedFd> {
+        sys::dup_cloexec(file.as_fd()).map_err(|e| match e.raw_os_error() {
+            Some(libc::EMFILE) => Error::TooManyFds,
+            _ => Error::Platform(errno_of(&e)),
+        })
+    }
+
+    fn alloc_page(&self) -> Result<u64> {
+        self.mem.alloc_page()
+    }
+
+    fn free_page(&self, addr: u64) {
+        self.mem.free_page(addr)
+    }
+
+    fn release_incoming_page(&self, addr: u64) {
+        self.mem.release_incoming(addr)
+    }
+
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), HandoverError> {
+        self.mem.read(addr, buf)
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> Result {
+        self.mem.write(addr, data)
+    }
+
+    fn incoming_root(&self) -> std::result::Result<Option<(u64, u64)>, HandoverError> {
+        Ok(self.mem.incoming_root())
+    }
+
+    fn publish_root(&self, addr: u64, size: u64) -> Result {
+        self.mem.publish_root(addr, size);
+        Ok(())
+    }
+
+    fn log(&self, level: Level, args: std::fmt::Arguments<'_>) {
+        self.mem.log(level, args)
+    }
+}
