@@ -98,6 +98,17 @@ impl LiveUpdate {
     }
 }
 
+impl LiveUpdate {
+    /// [`LiveUpdate::reboot`], then abandons this image's state without running destructors,
+    /// as `exec` does: the fds preserved files keep (now without `FD_CLOEXEC`) stay open and
+    /// owned by nobody, ready for the next image to adopt. For in-process tests of a reboot.
+    pub fn reboot_and_abandon(self) -> Result<OwnedFd> {
+        let fd = self.reboot()?;
+        std::mem::forget(self);
+        Ok(fd)
+    }
+}
+
 /// The errno of an io::Error (EIO when it has none).
 pub fn errno_of(e: &io::Error) -> luo_core::Errno {
     luo_core::Errno::new(e.raw_os_error().unwrap_or(libc::EIO))

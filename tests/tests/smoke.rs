@@ -1,0 +1,48 @@
+//! End-to-end smoke test: preserve a memfd, reboot, boot, retrieve, verify.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, OwnedFd};
+
+use backend_user::LiveUpdate;
+use luo_handlers::MemfdHandler;
+
+fn memfd(data: &[u8]) -> std::fs::File {
+    let fd: OwnedFd = backend_user::sys::memfd_create(c"smoke", libc::MFD_CLOEXEC).unwrap();
+    let mut f = std::fs::File::from(fd);
+    f.write_all(data).unwrap();
+    f
+}
+
+#[test]
+fn memfd_survives_reboot() {
+    let lu = LiveUpdate::new().unwrap();
+    lu.luo()
+        .register_handler(&(MemfdHandler::new(lu.memory().clone()) as _))
+        .unwrap();
+    let dev = lu.open().unwrap();
+    let s = dev.create_session("smoke").unwrap();
+    let mut f = memfd(b"hello kexec world");
+    f.seek(SeekFrom::Start(6)).unwrap();
+    s.preserve_fd(f.as_fd(), 0x1a).unwrap();
+    drop(f);
+    drop(dev);
+    let handover = lu.reboot_and_abandon().unwrap();
+
+    let lu2 = LiveUpdate::boot(&handover).unwrap();
+    lu2.luo()
+        .register_handler(&(MemfdHandler::new(lu2.memory().clone()) as _))
+        .unwrap();
+    let dev2 = lu2.open().unwrap();
+    let s2 = dev2.retrieve_session("smoke").unwrap();
+    assert_eq!(s2.get_name().unwrap(), "smoke");
+    let fd = s2.retrieve_fd(0x1a).unwrap();
+    let mut f2 = std::fs::File::from(fd);
+    assert_eq!(f2.stream_position().unwrap(), 6);
+    let mut buf = String::new();
+    f2.seek(SeekFrom::Start(0)).unwrap();
+    f2.read_to_string(&mut buf).unwrap();
+    assert_eq!(buf, "hello kexec world");
+    s2.finish().unwrap();
+    drop(s2);
+    assert_eq!(lu2.luo().incoming_count(), 0);
+}
