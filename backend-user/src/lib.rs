@@ -26,7 +26,7 @@ use luo_core::uapi::{SliceArg, LIVEUPDATE_IOCTL_CREATE_SESSION};
 use luo_core::{Error, Result, SessionRef};
 
 pub use memory::{HandoverFileError, Memory};
-pub use platform::{HandlerRef, FlbRef, UserPlatform};
+pub use platform::{FlbRef, HandlerRef, UserPlatform};
 
 /// The orchestrator of this process.
 pub type UserLuo = luo_core::Luo<UserPlatform>;
@@ -51,9 +51,8 @@ impl LiveUpdate {
     /// exactly as the kernel does.
     pub fn boot(handover: &OwnedFd) -> std::result::Result<Self, HandoverFileError> {
         let mem = Memory::from_fd(handover)?;
-        Self::with_memory(Arc::new(mem)).map_err(|e| {
-            HandoverFileError::Io(io::Error::from_raw_os_error(e.errno().get()))
-        })
+        Self::with_memory(Arc::new(mem))
+            .map_err(|e| HandoverFileError::Io(io::Error::from_raw_os_error(e.errno().get())))
     }
 
     /// Boots over the given memory (tests, fuzzing).
@@ -79,9 +78,7 @@ impl LiveUpdate {
     /// `open("/dev/liveupdate")`: exclusive; the first open restores incoming sessions.
     pub fn open(&self) -> Result<Device> {
         self.luo.open()?;
-        Ok(Device {
-            lu: self.clone(),
-        })
+        Ok(Device { lu: self.clone() })
     }
 
     /// What `reboot(LINUX_REBOOT_CMD_KEXEC)` does to LUO: freeze every preserved file and
@@ -144,11 +141,7 @@ impl Device {
         self.session_request(luo_core::uapi::LIVEUPDATE_IOCTL_RETRIEVE_SESSION, req)
     }
 
-    fn session_request(
-        &self,
-        cmd: u32,
-        req: luo_core::uapi::CreateSession,
-    ) -> Result<SessionFd> {
+    fn session_request(&self, cmd: u32, req: luo_core::uapi::CreateSession) -> Result<SessionFd> {
         let mut bytes = zerocopy::IntoBytes::as_bytes(&req).to_vec();
         match self.ioctl(cmd, &mut bytes)? {
             Installed::Session(s) => Ok(s),
@@ -290,7 +283,12 @@ impl SessionFd {
 
 impl std::fmt::Debug for SessionFd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SessionFd({}, {:?})", self.raw_fd(), self.0.session.name())
+        write!(
+            f,
+            "SessionFd({}, {:?})",
+            self.raw_fd(),
+            self.0.session.name()
+        )
     }
 }
 
@@ -339,7 +337,9 @@ impl FdTable<UserPlatform> for Fds<'_> {
     }
 
     fn discard_session_file(&mut self, file: SessionFd) {
-        file.0.live.store(false, std::sync::atomic::Ordering::Release);
+        file.0
+            .live
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     fn install_session(&mut self, slot: OwnedFd, file: SessionFd) {

@@ -56,7 +56,10 @@ impl std::fmt::Display for HandoverFileError {
                  between 1 page and {MAX_HANDOVER_BYTES} bytes"
             ),
             HandoverFileError::BadMagic => {
-                write!(f, "at 0x0: magic is not \"LUOUSER1\" (not a luo handover file)")
+                write!(
+                    f,
+                    "at 0x0: magic is not \"LUOUSER1\" (not a luo handover file)"
+                )
             }
             HandoverFileError::BadPageSize(n) => {
                 write!(f, "at 0x8: page size {n} is not {PAGE_SIZE}")
@@ -187,17 +190,15 @@ impl Memory {
         let mut a = lock(&self.out);
         let addr = a.next;
         a.next += PAGE_SIZE as u64;
-        a.pages.insert(addr, vec![0u8; PAGE_SIZE].into_boxed_slice());
+        a.pages
+            .insert(addr, vec![0u8; PAGE_SIZE].into_boxed_slice());
         Ok(addr)
     }
 
     /// Frees an outgoing page.
     pub fn free_page(&self, addr: u64) {
         if lock(&self.out).pages.remove(&addr).is_none() {
-            self.log(
-                Level::Warn,
-                format_args!("freeing unknown page {addr:#x}"),
-            );
+            self.log(Level::Warn, format_args!("freeing unknown page {addr:#x}"));
         }
     }
 
@@ -249,10 +250,7 @@ impl Memory {
         if inc.released.contains(&(page * PAGE_SIZE as u64)) {
             return Err(bad);
         }
-        let src = inc
-            .bytes
-            .get(addr as usize..end as usize)
-            .ok_or(bad)?;
+        let src = inc.bytes.get(addr as usize..end as usize).ok_or(bad)?;
         buf.copy_from_slice(src);
         Ok(())
     }

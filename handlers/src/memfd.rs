@@ -89,7 +89,8 @@ impl MemfdHandler {
         if size.div_ceil(backend_user::memory::PAGE_SIZE as u64) > u64::from(u32::MAX) {
             return Err(errno::EFBIG);
         }
-        let pos = sys::lseek(file.as_fd(), 0, libc::SEEK_CUR).map_err(|e| backend_user::errno_of(&e))?;
+        let pos =
+            sys::lseek(file.as_fd(), 0, libc::SEEK_CUR).map_err(|e| backend_user::errno_of(&e))?;
         Ok(MemfdUserSer {
             pos,
             size,
@@ -204,7 +205,8 @@ impl FileHandler<UserPlatform> for MemfdHandler {
             sys::add_seals(fd.as_fd(), seals & !have).map_err(|e| backend_user::errno_of(&e))?;
         }
         let pos = ser.pos;
-        sys::lseek(fd.as_fd(), pos as i64, libc::SEEK_SET).map_err(|e| backend_user::errno_of(&e))?;
+        sys::lseek(fd.as_fd(), pos as i64, libc::SEEK_SET)
+            .map_err(|e| backend_user::errno_of(&e))?;
         Ok(fd)
     }
 

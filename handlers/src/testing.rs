@@ -197,7 +197,8 @@ impl FileHandler<UserPlatform> for TestHandler {
         if let Some(e) = self.failing(Op::Freeze, state.data) {
             return Err(e);
         }
-        self.journal.push(Event::Freeze(self.name.clone(), state.data));
+        self.journal
+            .push(Event::Freeze(self.name.clone(), state.data));
         Ok(())
     }
     fn unfreeze(&self, _file: &OwnedFd, state: Preserved) {
@@ -293,7 +294,11 @@ impl FlbOps for TestFlb {
             return Err(e);
         }
         self.journal.push(Event::FlbPreserve(self.name.clone()));
-        let obj = if self.with_obj { self.data() as usize } else { 0 };
+        let obj = if self.with_obj {
+            self.data() as usize
+        } else {
+            0
+        };
         Ok((self.data(), obj))
     }
     fn unpreserve(&self, _data: u64, _obj: usize) {

@@ -39,12 +39,6 @@ impl<P: Platform> BlockSet<P> {
         count.div_ceil(self.per_block())
     }
 
-    /// Number of pages held.
-    #[cfg(test)]
-    pub(crate) fn nblocks(&self) -> usize {
-        self.pages.len()
-    }
-
     /// Makes room for `count` entries (`kho_block_set_grow`): `ENOSPC` past `KHO_MAX_BLOCKS`,
     /// `ENOMEM` if a page cannot be had; nothing changes on failure.
     pub(crate) fn grow(&mut self, p: &P, count: usize) -> Result {
@@ -159,8 +153,8 @@ pub(crate) fn read_chain<P: Platform>(
         }
         let mut hb = [0u8; BLOCK_HEADER_SIZE];
         p.read(at, &mut hb)?;
-        let header =
-            KhoBlockHeaderSer::read_from_bytes(&hb).map_err(|_| HandoverError::BadAddress { at })?;
+        let header = KhoBlockHeaderSer::read_from_bytes(&hb)
+            .map_err(|_| HandoverError::BadAddress { at })?;
         let count = header.count;
         if count == 0 || count > per {
             return Err(HandoverError::BadBlockCount { at, count });

@@ -244,7 +244,10 @@ impl fmt::Display for HandoverError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             HandoverError::RootTooSmall { size } => {
-                write!(f, "LUO root blob is {size} bytes, smaller than luo_ser (32)")
+                write!(
+                    f,
+                    "LUO root blob is {size} bytes, smaller than luo_ser (32)"
+                )
             }
             HandoverError::BadCompatible { at } => {
                 write!(f, "at {at:#x}: luo_ser.compatible is not \"luo-v5\"")
@@ -266,7 +269,10 @@ impl fmt::Display for HandoverError {
                 write!(f, "at {at:#x}: duplicate session name")
             }
             HandoverError::BadCompatibleString { at } => {
-                write!(f, "at {at:#x}: compatible string is empty or not NUL-terminated")
+                write!(
+                    f,
+                    "at {at:#x}: compatible string is empty or not NUL-terminated"
+                )
             }
             HandoverError::DuplicateToken { at, token } => {
                 write!(f, "at {at:#x}: duplicate file token {token:#x}")
@@ -276,7 +282,10 @@ impl fmt::Display for HandoverError {
                 "at {at:#x}: session claims {claimed} files but its chain holds {found}"
             ),
             HandoverError::BadFlbHeader { at } => {
-                write!(f, "at {at:#x}: FLB header has pgcnt != 1 or too many entries")
+                write!(
+                    f,
+                    "at {at:#x}: FLB header has pgcnt != 1 or too many entries"
+                )
             }
             HandoverError::DuplicateFlb { at } => write!(f, "at {at:#x}: duplicate FLB name"),
             HandoverError::UnknownHandler { at } => {

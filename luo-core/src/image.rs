@@ -227,8 +227,8 @@ fn parse_flbs<P: Platform>(
     for i in 0..count {
         let eat = at + hb.len() as u64 + i * eb.len() as u64;
         p.read(eat, &mut eb)?;
-        let e = LuoFlbSer::read_from_bytes(&eb)
-            .map_err(|_| HandoverError::BadAddress { at: eat })?;
+        let e =
+            LuoFlbSer::read_from_bytes(&eb).map_err(|_| HandoverError::BadAddress { at: eat })?;
         let compat =
             Compat::from_field(&e.name).ok_or(HandoverError::BadCompatibleString { at: eat })?;
         if names.try_insert(compat, ())?.is_some() {

@@ -34,6 +34,6 @@ pub mod uapi;
 pub use errno::{Errno, Error, HandoverError, Result};
 pub use luo::{Luo, Session, SessionRef};
 pub use platform::{
-    FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved,
-    RetrieveStatus, SharedPtr,
+    FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
+    SharedPtr,
 };

@@ -323,12 +323,20 @@ impl<P: Platform> Luo<P> {
         match core::mem::replace(&mut dev.incoming, Incoming::None) {
             Incoming::None => {}
             Incoming::Refused(e) => {
-                log!(self.platform, Error, "incoming state was refused at boot: {e}");
+                log!(
+                    self.platform,
+                    Error,
+                    "incoming state was refused at boot: {e}"
+                );
                 return Err(Error::IncomingRefused);
             }
             Incoming::Pending(img) => {
                 if let Err(e) = self.deserialize(&img) {
-                    log!(self.platform, Error, "cannot restore incoming sessions: {e}");
+                    log!(
+                        self.platform,
+                        Error,
+                        "cannot restore incoming sessions: {e}"
+                    );
                     let keep = matches!(
                         e,
                         Error::Handover(HandoverError::UnknownHandler { .. }) | Error::NoMemory

@@ -14,7 +14,7 @@
 
 use core::ops::{Deref, DerefMut};
 
-use crate::errno::{AllocError, Error, Errno, HandoverError, Result};
+use crate::errno::{AllocError, Errno, Error, HandoverError, Result};
 
 /// A fallible growable array (`Vec` in userspace, `KVec` in the kernel).
 pub trait PVec<T>: Default {

@@ -54,7 +54,10 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for BTreeMap<K, V> {
         use core::ops::Bound::{Excluded, Unbounded};
         match after {
             None => self.keys().next().copied(),
-            Some(k) => self.range((Excluded(*k), Unbounded)).next().map(|(k, _)| *k),
+            Some(k) => self
+                .range((Excluded(*k), Unbounded))
+                .next()
+                .map(|(k, _)| *k),
         }
     }
     fn prev_key(&self, before: Option<&K>) -> Option<K> {
