@@ -70,6 +70,16 @@ impl LiveUpdate {
         &self.luo
     }
 
+    /// `liveupdate_register_file_handler`.
+    pub fn register_handler(&self, handler: HandlerRef) -> Result {
+        self.luo.register_handler(&handler)
+    }
+
+    /// `liveupdate_register_flb`.
+    pub fn register_flb(&self, handler: &HandlerRef, flb: FlbRef) -> Result {
+        self.luo.register_flb(handler, &flb)
+    }
+
     /// The handover memory (handlers allocate their own handover pages from it).
     pub fn memory(&self) -> &Arc<Memory> {
         &self.mem

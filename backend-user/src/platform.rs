@@ -49,7 +49,7 @@ impl Platform for UserPlatform {
     /// descriptions of one inode count as the same file (stricter than the kernel's pointer).
     fn file_identity(file: &OwnedFd) -> u64 {
         match sys::fstat(file.as_fd()) {
-            Ok(st) => (st.st_dev as u64).rotate_left(40) ^ st.st_ino as u64,
+            Ok(st) => st.st_dev.rotate_left(40) ^ st.st_ino,
             Err(_) => 0,
         }
     }

@@ -96,8 +96,8 @@ impl MemfdHandler {
             size,
             seals,
             fd: -1,
-            dev: st.st_dev as u64,
-            ino: st.st_ino as u64,
+            dev: st.st_dev,
+            ino: st.st_ino,
             ..MemfdUserSer::default()
         })
     }
@@ -122,7 +122,7 @@ impl MemfdHandler {
         let probe = sys::fget(fd as i32).map_err(|_| errno::EIO)?;
         let st = sys::fstat(probe.as_fd()).map_err(|_| errno::EIO)?;
         let (dev, ino) = (ser.dev, ser.ino);
-        if st.st_dev as u64 != dev || st.st_ino as u64 != ino {
+        if st.st_dev != dev || st.st_ino != ino {
             return Err(errno::EIO);
         }
         adopted.insert(fd);

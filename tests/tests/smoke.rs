@@ -16,8 +16,7 @@ fn memfd(data: &[u8]) -> std::fs::File {
 #[test]
 fn memfd_survives_reboot() {
     let lu = LiveUpdate::new().unwrap();
-    lu.luo()
-        .register_handler(&(MemfdHandler::new(lu.memory().clone()) as _))
+    lu.register_handler(MemfdHandler::new(lu.memory().clone()))
         .unwrap();
     let dev = lu.open().unwrap();
     let s = dev.create_session("smoke").unwrap();
@@ -29,8 +28,7 @@ fn memfd_survives_reboot() {
     let handover = lu.reboot_and_abandon().unwrap();
 
     let lu2 = LiveUpdate::boot(&handover).unwrap();
-    lu2.luo()
-        .register_handler(&(MemfdHandler::new(lu2.memory().clone()) as _))
+    lu2.register_handler(MemfdHandler::new(lu2.memory().clone()))
         .unwrap();
     let dev2 = lu2.open().unwrap();
     let s2 = dev2.retrieve_session("smoke").unwrap();
