@@ -46,6 +46,8 @@ struct FileSet<P: Platform> {
     by_token: P::Map<u64, u64>,
     /// Pages reserved for this session's file chain (outgoing only).
     blocks: BlockSet<P>,
+    /// Set by release: the session is gone from the tables and takes no more files.
+    closed: bool,
 }
 
 impl<P: Platform> FileSet<P> {
@@ -55,6 +57,7 @@ impl<P: Platform> FileSet<P> {
             files: Default::default(),
             by_token: Default::default(),
             blocks: BlockSet::new(core::mem::size_of::<LuoFileSer>()),
+            closed: false,
         }
     }
 
@@ -524,6 +527,10 @@ impl<P: Platform> Luo<P> {
                 // through the phase lock), so callbacks run without the table lock.
                 {
                     let mut set = s.files.lock();
+                    if set.closed {
+                        return Err(Error::BadFd);
+                    }
+                    set.closed = true;
                     self.unpreserve_all(&mut set);
                 }
                 let mut out = self.outgoing.write();
@@ -537,7 +544,13 @@ impl<P: Platform> Luo<P> {
             Direction::Incoming => {
                 let r = {
                     let mut set = s.files.lock();
-                    self.finish_files(&mut set)
+                    if set.closed {
+                        return Err(Error::BadFd);
+                    }
+                    let r = self.finish_files(&mut set);
+                    // A refused finish puts the session back for a later retrieve (B7).
+                    set.closed = r.is_ok();
+                    r
                 };
                 let mut table = self.incoming.write();
                 match r {
@@ -601,6 +614,9 @@ impl<P: Platform> Luo<P> {
         }
         let _phase = self.live()?;
         let mut set = s.files.lock();
+        if set.closed {
+            return Err(Error::BadFd);
+        }
         if set.by_token.contains(&token) {
             return Err(Error::TokenInUse);
         }
@@ -685,6 +701,9 @@ impl<P: Platform> Luo<P> {
         }
         let _phase = self.live_or_incoming()?;
         let mut set = s.files.lock();
+        if set.closed {
+            return Err(Error::BadFd);
+        }
         let seq = *set.by_token.get(&token).ok_or(Error::NoSuchToken)?;
         let entry = set.files.get_mut(&seq).ok_or(Error::NoSuchToken)?;
         match entry.status {
@@ -725,6 +744,9 @@ impl<P: Platform> Luo<P> {
         }
         let _phase = self.live_or_incoming()?;
         let mut set = s.files.lock();
+        if set.closed {
+            return Err(Error::BadFd);
+        }
         self.finish_files(&mut set)
     }
 
