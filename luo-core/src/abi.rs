@@ -7,8 +7,6 @@
 
 use core::mem::{offset_of, size_of};
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
-
 /// `LUO_ABI_COMPATIBLE`.
 pub const LUO_ABI_COMPATIBLE: &[u8] = b"luo-v5";
 /// `LUO_ABI_COMPAT_LEN`: `ALIGN(sizeof("luo-v5"), 8)`.
@@ -29,7 +27,16 @@ pub const LUO_FLB_PGCNT: u64 = 1;
 pub const MEMFD_COMPATIBLE: &[u8] = b"memfd-v2";
 
 /// `struct luo_ser`: the root of the handover, at the start of its own page.
-#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C, packed)]
 pub struct LuoSer {
     /// `"luo-v5"` NUL-padded.
@@ -43,7 +50,16 @@ pub struct LuoSer {
 }
 
 /// `struct kho_block_header_ser`: the start of every block page.
-#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C, packed)]
 pub struct KhoBlockHeaderSer {
     /// Address of the next block, 0 at the end.
@@ -53,7 +69,16 @@ pub struct KhoBlockHeaderSer {
 }
 
 /// `struct luo_file_set_ser`.
-#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C, packed)]
 pub struct LuoFileSetSer {
     /// Address of the first file block, 0 if the session has no files.
@@ -63,7 +88,15 @@ pub struct LuoFileSetSer {
 }
 
 /// `struct luo_session_ser`: one entry of the session chain.
-#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C, packed)]
 pub struct LuoSessionSer {
     /// NUL-terminated name.
@@ -73,7 +106,15 @@ pub struct LuoSessionSer {
 }
 
 /// `struct luo_file_ser`: one entry of a session's file chain.
-#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C, packed)]
 pub struct LuoFileSer {
     /// The handler's compatible string.
@@ -85,7 +126,16 @@ pub struct LuoFileSer {
 }
 
 /// `struct luo_flb_header_ser`: the start of the FLB page.
-#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C, packed)]
 pub struct LuoFlbHeaderSer {
     /// Always [`LUO_FLB_PGCNT`].
@@ -95,7 +145,15 @@ pub struct LuoFlbHeaderSer {
 }
 
 /// `struct luo_flb_ser`.
-#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C, packed)]
 pub struct LuoFlbSer {
     /// The FLB's compatible string.

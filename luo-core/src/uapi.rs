@@ -8,7 +8,7 @@
 
 use core::mem::{offset_of, size_of};
 
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::abi::SESSION_NAME_LEN;
 use crate::errno::{Error, Result};
@@ -69,7 +69,15 @@ const _: () = assert!(LIVEUPDATE_SESSION_FINISH == 0xBA42);
 const _: () = assert!(LIVEUPDATE_SESSION_GET_NAME == 0xBA43);
 
 /// `struct liveupdate_ioctl_create_session`.
-#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C)]
 pub struct CreateSession {
     /// Size of the struct as the caller knows it.
@@ -84,7 +92,15 @@ pub struct CreateSession {
 pub type RetrieveSession = CreateSession;
 
 /// `struct liveupdate_session_preserve_fd`.
-#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C)]
 pub struct PreserveFd {
     /// Size of the struct.
@@ -99,7 +115,15 @@ pub struct PreserveFd {
 pub type RetrieveFd = PreserveFd;
 
 /// `struct liveupdate_session_finish`.
-#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C)]
 pub struct Finish {
     /// Size of the struct.
@@ -109,7 +133,15 @@ pub struct Finish {
 }
 
 /// `struct liveupdate_session_get_name`.
-#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    zerocopy_derive::FromBytes,
+    zerocopy_derive::IntoBytes,
+    zerocopy_derive::KnownLayout,
+    zerocopy_derive::Immutable,
+)]
 #[repr(C)]
 pub struct GetName {
     /// Size of the struct.
