@@ -216,3 +216,21 @@ pub fn fget(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: fresh fd from the kernel, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
+
+/// `clock_gettime(CLOCK_MONOTONIC)` in nanoseconds. The clock is system-wide and keeps running
+/// across `exec`, so readings taken before and after an exec (or in two processes) compare.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if r != 0 {
+        // CLOCK_MONOTONIC cannot fail on Linux; never report a time before the epoch.
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
