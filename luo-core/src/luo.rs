@@ -1009,16 +1009,18 @@ impl<P: Platform> Luo<P> {
         if !self.enabled {
             return Err(Error::Disabled);
         }
-        let reg = self.registry.read();
-        let mut refs = self.refs.lock();
-        refs.get_incoming(&reg, flb.key())
+        // Any FLB object may ask, registered or not (early-boot users, lib/tests); a
+        // compatible string that cannot have been handed over matches nothing.
+        let compat = Compat::new(flb.compatible()).ok_or(Error::FlbNotFound)?;
+        self.refs.lock().get_incoming(flb, &compat)
     }
 
     /// `liveupdate_flb_put_incoming`.
     pub fn flb_put_incoming(&self, flb: &P::Flb) {
-        let reg = self.registry.read();
-        let mut refs = self.refs.lock();
-        refs.put_incoming(&self.platform, &reg, flb.key());
+        let Some(compat) = Compat::new(flb.compatible()) else {
+            return;
+        };
+        self.refs.lock().put_incoming(&self.platform, flb, &compat);
     }
 
     /// `liveupdate_flb_get_outgoing`.

@@ -451,11 +451,14 @@ impl<P: Platform> Refs<P> {
         true
     }
 
-    fn retrieve_one(&mut self, entry: &FlbEntry<P>) -> Result {
+    /// Retrieves the incoming object of `flb` (named `compat`) once; later calls return the
+    /// cached outcome. Works on any FLB object, registered or not: incoming FLB state is keyed
+    /// by its compatible string, as upstream searches the handed-over entries by name.
+    fn retrieve_one(&mut self, flb: &P::Flb, compat: &Compat) -> Result {
         let Some(incoming) = self.incoming.as_mut() else {
             return Err(Error::FlbNoData);
         };
-        let Some(state) = incoming.get_mut(&entry.compat) else {
+        let Some(state) = incoming.get_mut(compat) else {
             return Err(Error::FlbNotFound);
         };
         if state.finished {
@@ -467,10 +470,10 @@ impl<P: Platform> Refs<P> {
         if state.status > 0 {
             return Ok(());
         }
-        if !entry.flb.get_owner() {
+        if !flb.get_owner() {
             return Err(Error::OwnerGone);
         }
-        match entry.flb.retrieve(state.data) {
+        match flb.retrieve(state.data) {
             Ok(obj) => {
                 state.obj = obj;
                 state.status = 1;
@@ -478,23 +481,18 @@ impl<P: Platform> Refs<P> {
             }
             Err(e) => {
                 state.status = -e.get();
-                entry.flb.put_owner();
+                flb.put_owner();
                 Err(Error::Handler(e))
             }
         }
     }
 
-    /// `liveupdate_flb_get_incoming`.
-    pub(crate) fn get_incoming(&mut self, reg: &Registry<P>, fk: usize) -> Result<usize> {
-        let Some(entry) = reg.flbs.get(&fk) else {
-            return Err(Error::FlbNotFound);
-        };
-        self.retrieve_one(entry)?;
-        let Some(state) = self
-            .incoming
-            .as_mut()
-            .and_then(|m| m.get_mut(&entry.compat))
-        else {
+    /// `liveupdate_flb_get_incoming`. The FLB need not be registered: upstream's incoming
+    /// FLB data is usable from early boot, before any handler (or FLB) registers (spec §1.3),
+    /// and `lib/tests/liveupdate.c` calls this before linking its FLBs (spec §5.8).
+    pub(crate) fn get_incoming(&mut self, flb: &P::Flb, compat: &Compat) -> Result<usize> {
+        self.retrieve_one(flb, compat)?;
+        let Some(state) = self.incoming.as_mut().and_then(|m| m.get_mut(compat)) else {
             return Err(Error::FlbNotFound);
         };
         state.count += 1;
@@ -502,22 +500,15 @@ impl<P: Platform> Refs<P> {
     }
 
     /// `liveupdate_flb_put_incoming`: the last put runs `finish`.
-    pub(crate) fn put_incoming(&mut self, p: &P, reg: &Registry<P>, fk: usize) {
-        let Some(entry) = reg.flbs.get(&fk) else {
-            return;
-        };
-        let Some(state) = self
-            .incoming
-            .as_mut()
-            .and_then(|m| m.get_mut(&entry.compat))
-        else {
+    pub(crate) fn put_incoming(&mut self, p: &P, flb: &P::Flb, compat: &Compat) {
+        let Some(state) = self.incoming.as_mut().and_then(|m| m.get_mut(compat)) else {
             // The previous kernel handed nothing over for this FLB: no reference to drop.
             return;
         };
         if state.finished || state.count == 0 {
             p.log(
                 Level::Warn,
-                format_args!("FLB {:?}: incoming reference count underflow", entry.compat),
+                format_args!("FLB {compat:?}: incoming reference count underflow"),
             );
             return;
         }
@@ -526,32 +517,30 @@ impl<P: Platform> Refs<P> {
             return;
         }
         if state.status <= 0 {
-            if let Err(e) = self.retrieve_one(entry) {
+            if let Err(e) = self.retrieve_one(flb, compat) {
                 p.log(
                     Level::Warn,
-                    format_args!("FLB {:?}: retrieve before finish failed: {e}", entry.compat),
+                    format_args!("FLB {compat:?}: retrieve before finish failed: {e}"),
                 );
                 return;
             }
         }
-        let Some(state) = self
-            .incoming
-            .as_mut()
-            .and_then(|m| m.get_mut(&entry.compat))
-        else {
+        let Some(state) = self.incoming.as_mut().and_then(|m| m.get_mut(compat)) else {
             return;
         };
-        entry.flb.finish(state.data, state.obj);
+        flb.finish(state.data, state.obj);
         state.obj = 0;
         state.data = 0;
         state.finished = true;
-        entry.flb.put_owner();
+        flb.put_owner();
     }
 
     /// Drops one incoming reference on each FLB of the handler, in reverse link order.
     pub(crate) fn file_finish(&mut self, p: &P, reg: &Registry<P>, hkey: usize) {
         for &fk in reg.handler_flbs(hkey).iter().rev() {
-            self.put_incoming(p, reg, fk);
+            if let Some(entry) = reg.flbs.get(&fk) {
+                self.put_incoming(p, &entry.flb, &entry.compat);
+            }
         }
     }
 }

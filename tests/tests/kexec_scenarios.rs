@@ -173,7 +173,9 @@ fn luo_stress_files() {
             vec![s]
         },
         |_, dev| {
-            let s = dev.retrieve_session("many_files_session").expect("retrieve");
+            let s = dev
+                .retrieve_session("many_files_session")
+                .expect("retrieve");
             assert_eq!(s.session().file_count(), N as usize);
             for i in 0..N {
                 restore_and_verify_memfd(&s, i, &format!("file-data-{i}"));

@@ -8,8 +8,7 @@ use std::os::fd::AsFd;
 
 use luo_core::errno::{EBUSY, EEXIST, EINVAL, ENOENT};
 use luo_tests::{
-    cold_memfd, errno, memfd_with, raise_nofile, read_all, reply_fd, session_req,
-    CREATE, GET_NAME,
+    cold_memfd, errno, memfd_with, raise_nofile, read_all, reply_fd, session_req, CREATE, GET_NAME,
 };
 
 /// 1. `basic_open_close`: open ≥ 0, close == 0; the device can be opened again after close.
