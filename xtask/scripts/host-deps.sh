@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install the Debian (host suite) packages the kernel pipeline needs, idempotently.
+# Only packages from the system's own suites are installed; foreign-suite packages
+# (rust-src, linux-source) are only downloaded and unpacked by fetch-deb.sh.
+set -euo pipefail
+
+PKGS=(
+	# kernel build (GCC build; LLVM=1 is not used, bookworm clang is too old)
+	make gcc libc6-dev bc flex bison libelf-dev libssl-dev xz-utils perl
+	# `make headers_install` needs rsync; initramfs packing needs cpio
+	rsync cpio
+	# bindgen loads libclang at run time; the kernel needs >= 17.0.1, bookworm's default 14 is too old
+	libclang1-19 libclang-common-19-dev
+	# VM side
+	qemu-system-x86 busybox-static
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+	# dpkg-query prints "install ok installed" only for fully configured packages.
+	if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]]; then
+		missing+=("$p")
+	fi
+done
+
+if ((${#missing[@]} == 0)); then
+	exit 0
+fi
+
+if [[ $(id -u) -ne 0 ]]; then
+	echo "host-deps: missing packages: ${missing[*]}; run as root or install them" >&2
+	exit 1
+fi
+
+echo "host-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+# A fresh machine may have empty package lists; refresh them first so the install
+# cannot fail on stale or absent indexes.
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "host-deps: done" >&2

@@ -1,0 +1,160 @@
+//! `cargo xtask`: workspace tasks.
+//!
+//! `cargo xtask vm test` builds Linux 7.3 (Debian's linux-source package, the project's
+//! patch series, a tinyconfig-based config with Rust), boots it under QEMU TCG and runs
+//! the upstream LUO selftests, printing a TAP report. See docs/kernel.md and
+//! backend-linux/kernel/README.md.
+
+mod guest;
+mod host;
+mod kbuild;
+mod paths;
+mod qemu;
+mod source;
+mod suite;
+mod util;
+mod vm;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use kbuild::Core;
+use util::{bail, Result};
+
+const USAGE: &str = "\
+usage: cargo xtask vm test  [--core c|rust] [--tests NAME[,NAME...]] [--clean]
+                            [--timeout SECS] [--jobs N] [--verbose]
+       cargo xtask vm build [--core c|rust] [--clean] [--jobs N]
+       cargo xtask vm list
+       cargo xtask vm clean
+
+vm test    install what is missing, build the kernel and the selftests, boot one VM per
+           test and print a TAP report on stdout (progress goes to stderr). Exit status
+           0 = all passed, 1 = a test failed, 2 = the pipeline itself failed.
+vm build   everything up to the kernel and the guest programs, no VM.
+vm list    the test names accepted by --tests (VM tests, and harness cases as VM.CASE).
+vm clean   remove the kernel build outputs (keeps toolchain, source and logs).
+
+--core       LUO core to build: c (upstream, default) or rust (needs the patch series)
+--tests      run only these (repeatable or comma separated), e.g. liveupdate.preserve_memfd
+--clean      remove the build outputs first (a cold kernel build)
+--timeout    per-VM timeout in seconds (default 120)
+--jobs       make -j for the kernel (default: number of CPUs)
+--verbose    copy every VM's serial output to stderr as it arrives
+
+Cache: $LUO_CACHE (default /var/cache/luo).";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            // "Bail out!" keeps a TAP consumer from mistaking a broken pipeline for a
+            // run with zero failures.
+            println!("Bail out! {}", e.to_string().lines().next().unwrap_or(""));
+            eprintln!("xtask: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
+    let mut opts = vm::Options {
+        core: Core::C,
+        tests: Vec::new(),
+        clean: false,
+        timeout: Duration::from_secs(120),
+        verbose: false,
+        jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        // Accept both `--opt value` and `--opt=value`.
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (a.as_str(), None),
+        };
+        let mut value = |name: &str| -> Result<String> {
+            match inline.clone().or_else(|| it.next().cloned()) {
+                Some(v) => Ok(v),
+                None => bail!("{name} needs a value\n\n{USAGE}"),
+            }
+        };
+        match flag {
+            "--core" => {
+                let v = value("--core")?;
+                let Some(c) = Core::parse(&v) else {
+                    bail!("--core must be `c` or `rust`, not `{v}`");
+                };
+                opts.core = c;
+            }
+            "--tests" | "--test" => {
+                let v = value("--tests")?;
+                opts.tests.extend(
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from),
+                );
+            }
+            "--clean" => opts.clean = true,
+            "--verbose" | "-v" => opts.verbose = true,
+            "--timeout" => {
+                let v = value("--timeout")?;
+                match v.parse::<u64>() {
+                    Ok(s) if s > 0 => opts.timeout = Duration::from_secs(s),
+                    _ => bail!("--timeout must be a positive number of seconds, not `{v}`"),
+                }
+            }
+            "--jobs" | "-j" => {
+                let v = value("--jobs")?;
+                match v.parse::<usize>() {
+                    Ok(n) if n > 0 => opts.jobs = n,
+                    _ => bail!("--jobs must be a positive number, not `{v}`"),
+                }
+            }
+            _ => bail!("unknown option `{a}`\n\n{USAGE}"),
+        }
+    }
+    Ok(opts)
+}
+
+fn run() -> Result<ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let paths = paths::Paths::new()?;
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["vm", "test", rest @ ..] | ["vm", "run", rest @ ..] => {
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            let opts = parse_vm_options(&rest)?;
+            let ok = vm::test(&paths, &opts)?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        ["vm", "build", rest @ ..] => {
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            let opts = parse_vm_options(&rest)?;
+            vm::build(&paths, &opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ["vm", "list"] => {
+            vm::list(&paths);
+            Ok(ExitCode::SUCCESS)
+        }
+        ["vm", "clean"] => {
+            vm::clean(&paths)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        [] | ["help"] | ["-h"] | ["--help"] | ["vm"] | ["vm", "help" | "-h" | "--help"] => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => bail!("unknown command `{}`\n\n{USAGE}", args.join(" ")),
+    }
+}

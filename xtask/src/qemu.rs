@@ -1,0 +1,188 @@
+//! Boot one QEMU (TCG) VM, timestamp every serial line on the host, enforce a timeout.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::util::{self, describe, Context, Result};
+
+/// Always appended: serial console, LUO on, and reboot (so QEMU exits under -no-reboot)
+/// instead of hanging on a panic.
+pub(crate) const BASE_APPEND: &str = "console=ttyS0 liveupdate=on panic=-1";
+
+pub(crate) struct Vm<'a> {
+    pub(crate) kernel: &'a Path,
+    pub(crate) initrd: &'a Path,
+    /// Extra kernel command line after [`BASE_APPEND`].
+    pub(crate) append: String,
+    pub(crate) timeout: Duration,
+    pub(crate) log: &'a Path,
+    /// Copy the serial output to stderr while it runs.
+    pub(crate) echo: bool,
+}
+
+/// One serial (or QEMU stderr) line and when the host read it, in seconds after spawn.
+pub(crate) struct Line {
+    pub(crate) t: f64,
+    pub(crate) text: String,
+}
+
+pub(crate) struct Run {
+    pub(crate) lines: Vec<Line>,
+    pub(crate) status: Option<ExitStatus>,
+    pub(crate) timed_out: bool,
+    pub(crate) wall: Duration,
+}
+
+pub(crate) fn boot(vm: &Vm<'_>) -> Result<Run> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    // KVM cannot run this guest on these hosts (kvm-pvm: emulation failures), and TCG
+    // boots the tiny kernel in about a second, so TCG is used unconditionally.
+    cmd.args([
+        "-m",
+        "1G",
+        "-smp",
+        "2",
+        "-no-reboot",
+        "-nographic",
+        "-nodefaults",
+    ])
+    .args(["-accel", "tcg", "-serial", "stdio"])
+    .arg("-append")
+    .arg(format!("{BASE_APPEND} {}", vm.append).trim_end())
+    .arg("-kernel")
+    .arg(vm.kernel)
+    .arg("-initrd")
+    .arg(vm.initrd)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut log =
+        fs::File::create(vm.log).context(|| format!("cannot create {}", vm.log.display()))?;
+    writeln!(log, "# {}", describe(&cmd))?;
+    writeln!(
+        log,
+        "# [host s] = seconds since QEMU was started, taken when the host read the line"
+    )?;
+
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .context(|| format!("cannot start `{}`", describe(&cmd)))?;
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(util::spawn_line_reader(out, tx.clone(), |t, l| {
+            (t, strip_escapes(&l))
+        }));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(util::spawn_line_reader(err, tx.clone(), |t, l| {
+            (t, format!("qemu stderr: {l}"))
+        }));
+    }
+    drop(tx);
+
+    let deadline = start + vm.timeout;
+    let mut lines = Vec::new();
+    let mut timed_out = false;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(if timed_out {
+            Duration::from_secs(5)
+        } else {
+            wait
+        }) {
+            Ok((t, text)) => {
+                let t = t.duration_since(start).as_secs_f64();
+                // Written as it arrives, so a killed run still leaves a useful log.
+                writeln!(log, "[host {t:8.3}] {text}")?;
+                if vm.echo {
+                    eprintln!("[host {t:8.3}] {text}");
+                }
+                split_kernel_lines(t, text, &mut lines);
+            }
+            Err(RecvTimeoutError::Timeout) if !timed_out => {
+                timed_out = true;
+                writeln!(
+                    log,
+                    "# TIMEOUT after {} s: killing QEMU",
+                    vm.timeout.as_secs()
+                )?;
+                let _ = child.kill();
+            }
+            // Killed but the pipes stay open (should not happen): stop waiting anyway.
+            Err(RecvTimeoutError::Timeout) => break,
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = if timed_out {
+        let _ = child.kill();
+        child.wait().ok()
+    } else {
+        Some(child.wait()?)
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let wall = start.elapsed();
+    writeln!(log, "# QEMU exit: {status:?}, wall {} s", util::secs(wall))?;
+    Ok(Run {
+        lines,
+        status,
+        timed_out,
+        wall,
+    })
+}
+
+/// Drop terminal escape sequences (SeaBIOS clears the screen) so that logs are plain
+/// text and markers match.
+fn strip_escapes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        // CSI: parameters and intermediates up to a final byte in @..~. Anything else
+        // after ESC is a two-character sequence such as ESC c (reset): drop both.
+        if chars.next() == Some('[') {
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A kernel message can start in the middle of a line that userspace has not finished
+/// (or after BIOS output without a newline). Split it off so that the user part and
+/// the kernel part can each be matched; the log file keeps the raw line.
+fn split_kernel_lines(t: f64, text: String, out: &mut Vec<Line>) {
+    let cut = text.match_indices('[').map(|(i, _)| i).find(|&i| {
+        i > 0
+            && text[i + 1..].split_once("] ").is_some_and(|(ts, _)| {
+                let ts = ts.trim();
+                ts.contains('.') && ts.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            })
+    });
+    match cut {
+        Some(i) => {
+            out.push(Line {
+                t,
+                text: text[..i].to_string(),
+            });
+            out.push(Line {
+                t,
+                text: text[i..].to_string(),
+            });
+        }
+        None => out.push(Line { t, text }),
+    }
+}

@@ -1,0 +1,254 @@
+//! The kernel source: Debian's linux-source package, unpacked once, plus the project's
+//! patch series applied to a hard-link copy.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::host::fetch_deb;
+use crate::paths::{Paths, LINUX_DEB_VERSION, LINUX_PKG, LINUX_TARBALL, LINUX_UPSTREAM};
+use crate::util::{self, bail, mkdirs, note, output, path_safe, remove, run, Context, Fnv, Result};
+
+/// Unpack the pinned linux-source package into `src/` (once) and return the tree.
+pub(crate) fn ensure_pristine(paths: &Paths) -> Result<PathBuf> {
+    let dir = paths
+        .src()
+        .join(format!("linux-{}", path_safe(LINUX_DEB_VERSION)));
+    let stamp = dir.join(".luo-unpacked");
+    if stamp.is_file() {
+        return Ok(dir);
+    }
+    util::step(&format!("kernel source: {LINUX_PKG} {LINUX_DEB_VERSION}"));
+    let deb = fetch_deb(paths, LINUX_PKG, &[LINUX_DEB_VERSION])?;
+    let tmp = paths
+        .src()
+        .join(format!("linux-{}.tmp", path_safe(LINUX_DEB_VERSION)));
+    remove(&tmp)?;
+    remove(&dir)?;
+    mkdirs(&tmp)?;
+    // Stream the tarball out of the .deb instead of unpacking the .deb first: one pass,
+    // no 160 MB intermediate file.
+    let script = format!(
+        "set -o pipefail; dpkg-deb --fsys-tarfile \"$1\" | tar -xO {LINUX_TARBALL} | tar -xJ -C \"$2\""
+    );
+    run(Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .arg("unpack")
+        .arg(&deb)
+        .arg(&tmp))
+    .context(|| format!("cannot unpack {}", deb.display()))?;
+    let entries: Vec<PathBuf> = fs::read_dir(&tmp)?.flatten().map(|e| e.path()).collect();
+    let [top] = entries.as_slice() else {
+        bail!(
+            "{} should hold one top-level directory, it has {entries:?}",
+            tmp.display()
+        );
+    };
+    let version = makefile_version(top)?;
+    if version != LINUX_UPSTREAM {
+        bail!("{LINUX_PKG} {LINUX_DEB_VERSION} unpacked to Linux {version}, expected {LINUX_UPSTREAM}");
+    }
+    fs::rename(top, &dir)?;
+    remove(&tmp)?;
+    util::write(&stamp, LINUX_DEB_VERSION)?;
+    note(&format!("unpacked Linux {version} -> {}", dir.display()));
+    Ok(dir)
+}
+
+/// `VERSION.PATCHLEVEL.SUBLEVEL` from the top-level Makefile.
+pub(crate) fn makefile_version(tree: &Path) -> Result<String> {
+    let mk = fs::read_to_string(tree.join("Makefile"))
+        .context(|| format!("cannot read {}/Makefile", tree.display()))?;
+    let get = |k: &str| {
+        mk.lines()
+            .find_map(|l| {
+                l.strip_prefix(k)
+                    .map(|v| v.trim_start_matches([' ', '=']).trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    Ok(format!(
+        "{}.{}.{}",
+        get("VERSION"),
+        get("PATCHLEVEL"),
+        get("SUBLEVEL")
+    ))
+}
+
+/// The project's kernel patch series (`backend-linux/kernel/patches/*.patch`).
+pub(crate) struct Patches {
+    pub(crate) files: Vec<PathBuf>,
+    texts: Vec<String>,
+    pub(crate) hash: String,
+}
+
+impl Patches {
+    pub(crate) fn load(dir: &Path) -> Result<Self> {
+        let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "patch"))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        files.sort();
+        let mut h = Fnv::new();
+        let mut texts = Vec::new();
+        for f in &files {
+            let t = fs::read_to_string(f).context(|| format!("cannot read {}", f.display()))?;
+            h.str(&f.file_name().unwrap_or_default().to_string_lossy())
+                .str(&t);
+            texts.push(t);
+        }
+        Ok(Patches {
+            files,
+            texts,
+            hash: h.hex(),
+        })
+    }
+
+    /// Does some patch add `config SYM` to a Kconfig file?
+    pub(crate) fn defines_kconfig(&self, sym: &str) -> bool {
+        let want = format!("config {sym}");
+        self.texts.iter().any(|t| {
+            t.lines()
+                .filter_map(|l| l.strip_prefix('+'))
+                .any(|l| l.trim() == want)
+        })
+    }
+
+    /// Every path (relative to the tree) the series creates, modifies or deletes.
+    fn touched(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for t in &self.texts {
+            for l in t.lines() {
+                let Some(p) = l.strip_prefix("--- ").or_else(|| l.strip_prefix("+++ ")) else {
+                    continue;
+                };
+                // `a/path\tdate` -> `path`, as `patch -p1` sees it.
+                let p = p.split('\t').next().unwrap_or("").trim();
+                if p == "/dev/null" {
+                    continue;
+                }
+                if let Some((_, rest)) = p.split_once('/') {
+                    if !rest.is_empty() && !rest.split('/').any(|c| c == "..") {
+                        out.insert(rest.to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A patched tree that shares unmodified files with the pristine one by hard links.
+///
+/// The tree keeps its path across patch changes, so kernel build directories stay valid
+/// and rebuild only what changed: files touched by the old series are replaced by fresh
+/// copies from the pristine tree (new mtime, so make notices even a revert), then the
+/// new series is applied to files whose links were broken first.
+pub(crate) fn ensure_tree(paths: &Paths, pristine: &Path, patches: &Patches) -> Result<PathBuf> {
+    let name = pristine.file_name().unwrap_or_default();
+    let tree = paths.tree().join(name);
+    let state_file = paths
+        .tree()
+        .join(format!("{}.patches", name.to_string_lossy()));
+    if !tree.join("Makefile").is_file() {
+        util::step("hard-link copy of the kernel source for patching");
+        mkdirs(&paths.tree())?;
+        let tmp = tree.with_extension("tmp");
+        remove(&tmp)?;
+        remove(&tree)?;
+        run(Command::new("cp").arg("-al").arg(pristine).arg(&tmp))?;
+        fs::rename(&tmp, &tree)?;
+        util::write(&state_file, format!("hash {}\n", Patches::empty_hash()))?;
+    }
+    let state = util::read_opt(&state_file).unwrap_or_default();
+    let old_hash = state
+        .lines()
+        .find_map(|l| l.strip_prefix("hash "))
+        .unwrap_or("");
+    if old_hash == patches.hash {
+        return Ok(tree);
+    }
+    util::step(&format!(
+        "patch series changed ({} patches): re-applying to {}",
+        patches.files.len(),
+        tree.display()
+    ));
+    // Revert whatever the previous series (or a half-applied one) touched.
+    for f in state.lines().filter_map(|l| l.strip_prefix("file ")) {
+        restore_from(pristine, &tree, f)?;
+    }
+    let touched = patches.touched();
+    // Record the files before patching, so that a failing patch is still reverted on
+    // the next run.
+    let mut st = String::from("hash (partial)\n");
+    for f in &touched {
+        st.push_str(&format!("file {f}\n"));
+    }
+    util::write(&state_file, &st)?;
+    for f in &touched {
+        break_link(&tree.join(f))?;
+    }
+    for p in &patches.files {
+        note(&format!("applying {}", p.display()));
+        let out = output(
+            Command::new("patch")
+                .args([
+                    "-p1",
+                    "--forward",
+                    "--batch",
+                    "--no-backup-if-mismatch",
+                    "-d",
+                ])
+                .arg(&tree)
+                .arg("-i")
+                .arg(p),
+        );
+        if let Err(e) = out {
+            bail!(
+                "patch {} does not apply to {LINUX_PKG} {LINUX_DEB_VERSION}: {e}",
+                p.display()
+            );
+        }
+    }
+    util::write(
+        &state_file,
+        st.replace("hash (partial)", &format!("hash {}", patches.hash)),
+    )?;
+    Ok(tree)
+}
+
+impl Patches {
+    fn empty_hash() -> String {
+        Fnv::new().hex()
+    }
+}
+
+/// Put back the pristine version of `rel` (as a fresh copy), or delete it if the
+/// pristine tree does not have it (the series had created it).
+fn restore_from(pristine: &Path, tree: &Path, rel: &str) -> Result<()> {
+    let dst = tree.join(rel);
+    remove(&dst)?;
+    let src = pristine.join(rel);
+    if src.is_file() {
+        fs::copy(&src, &dst).context(|| format!("cannot restore {}", dst.display()))?;
+    }
+    Ok(())
+}
+
+/// Replace a hard link by a private copy so that patching it leaves the pristine tree
+/// (and every other link) alone, whatever way the patch tool writes files.
+fn break_link(path: &Path) -> Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("luo-unlink");
+    fs::copy(path, &tmp).context(|| format!("cannot copy {}", path.display()))?;
+    fs::rename(&tmp, path).context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}

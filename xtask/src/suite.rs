@@ -1,0 +1,518 @@
+//! The test list (data) and how a VM's serial log is judged.
+
+use std::fs;
+use std::path::Path;
+
+use crate::guest::SELFTEST_DIR;
+use crate::qemu::{Line, Run};
+
+/// How a VM test runs.
+pub(crate) enum Kind {
+    /// A kselftest-harness program run once under the busybox `/init`; each of its
+    /// `TEST_F`s becomes one TAP case (`<vm test>.<case>`).
+    Harness { program: &'static str },
+    /// The upstream two-boot flow: init.c runs `program -s 1`, `reboot(RB_KEXEC)`s into
+    /// `/kernel`, then runs `program -s 2`, which must print `pass`.
+    Kexec {
+        program: &'static str,
+        pass: &'static str,
+        stage2: Stage2,
+    },
+}
+
+/// Which bzImage the outer initramfs carries as `/kernel` for the kexec.
+#[derive(Clone, Copy)]
+pub(crate) enum Stage2 {
+    /// The kernel under test kexecs into itself (upstream vmtest.sh).
+    Same,
+    // A cross-core run (C core -> Rust core) adds `Core(kbuild::Core)` here; the runner
+    // already takes the stage-2 kernel as a separate path.
+}
+
+/// A timed stretch between two serial markers (first occurrence of each, in order).
+pub(crate) struct Span {
+    pub(crate) label: &'static str,
+    pub(crate) from: &'static str,
+    pub(crate) to: &'static str,
+}
+
+/// A line that must appear `count` times in the log of boot number `boot` (0-based).
+pub(crate) struct Expect {
+    pub(crate) boot: usize,
+    pub(crate) text: &'static str,
+    pub(crate) count: usize,
+}
+
+pub(crate) struct VmTest {
+    pub(crate) name: &'static str,
+    pub(crate) kind: Kind,
+    pub(crate) spans: &'static [Span],
+    pub(crate) expect: &'static [Expect],
+}
+
+/// lib/tests/liveupdate.c (CONFIG_LIVEUPDATE_TEST) registers its FLBs on every boot.
+const FLB_REGISTERED: &str = "liveupdate test: Registered 3 FLBs with file handler: [memfd-v2]";
+/// The built-in Rust sample: proves Rust code runs in this kernel.
+const RUST_SAMPLE: &str = "rust_minimal: Rust minimal sample (init)";
+
+/// Every kexec test preserves at least one memfd (the state file), so the three test FLBs
+/// attached to memfd-v2 are preserved in boot 0 and retrieved and finished in boot 1.
+const KEXEC_FLB: &[Expect] = &[
+    Expect {
+        boot: 0,
+        text: FLB_REGISTERED,
+        count: 1,
+    },
+    Expect {
+        boot: 0,
+        text: RUST_SAMPLE,
+        count: 1,
+    },
+    Expect {
+        boot: 0,
+        text: "liveupdate test: liveupdate-test-flb-v0: preserve was triggered",
+        count: 1,
+    },
+    Expect {
+        boot: 0,
+        text: "liveupdate test: liveupdate-test-flb-v1: preserve was triggered",
+        count: 1,
+    },
+    Expect {
+        boot: 0,
+        text: "liveupdate test: liveupdate-test-flb-v2: preserve was triggered",
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: FLB_REGISTERED,
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: RUST_SAMPLE,
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: "liveupdate test: liveupdate-test-flb-v0: found flb data from the previous boot",
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: "liveupdate test: liveupdate-test-flb-v1: found flb data from the previous boot",
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: "liveupdate test: liveupdate-test-flb-v2: found flb data from the previous boot",
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: "liveupdate test: liveupdate-test-flb-v0: finish was triggered",
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: "liveupdate test: liveupdate-test-flb-v1: finish was triggered",
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: "liveupdate test: liveupdate-test-flb-v2: finish was triggered",
+        count: 1,
+    },
+];
+
+/// The whole suite, in run order.
+pub(crate) const TESTS: &[VmTest] = &[
+    VmTest {
+        name: "liveupdate",
+        kind: Kind::Harness {
+            program: "liveupdate",
+        },
+        spans: &[],
+        expect: &[
+            Expect {
+                boot: 0,
+                text: FLB_REGISTERED,
+                count: 1,
+            },
+            Expect {
+                boot: 0,
+                text: RUST_SAMPLE,
+                count: 1,
+            },
+        ],
+    },
+    VmTest {
+        name: "luo_kexec_simple",
+        kind: Kind::Kexec {
+            program: "luo_kexec_simple",
+            pass: "--- SIMPLE KEXEC TEST PASSED ---",
+            stage2: Stage2::Same,
+        },
+        spans: &[],
+        expect: KEXEC_FLB,
+    },
+    VmTest {
+        name: "luo_multi_session",
+        kind: Kind::Kexec {
+            program: "luo_multi_session",
+            pass: "--- MULTI-SESSION KEXEC TEST PASSED ---",
+            stage2: Stage2::Same,
+        },
+        spans: &[],
+        expect: KEXEC_FLB,
+    },
+    VmTest {
+        name: "luo_stress_files",
+        kind: Kind::Kexec {
+            program: "luo_stress_files",
+            pass: "--- MANY-FILES KEXEC TEST PASSED (500 files) ---",
+            stage2: Stage2::Same,
+        },
+        spans: &[
+            Span {
+                label: "preserve 500 files",
+                from: "[STAGE 1] Preserving 500 files...",
+                to: "[STAGE 1] Successfully preserved 500 files.",
+            },
+            Span {
+                label: "retrieve+verify 500 files",
+                from: "[STAGE 2] Verifying 500 files...",
+                to: "[STAGE 2] Finishing test session...",
+            },
+            Span {
+                label: "finish session",
+                from: "[STAGE 2] Finishing test session...",
+                to: "[STAGE 2] Finalizing state session...",
+            },
+        ],
+        expect: KEXEC_FLB,
+    },
+    VmTest {
+        name: "luo_stress_sessions",
+        kind: Kind::Kexec {
+            program: "luo_stress_sessions",
+            pass: "--- MANY-SESSIONS KEXEC TEST PASSED (2000 sessions) ---",
+            stage2: Stage2::Same,
+        },
+        spans: &[
+            Span {
+                label: "create 2000 sessions",
+                from: "[STAGE 1] Creating 2000 sessions...",
+                to: "[STAGE 1] Successfully created 2000 sessions.",
+            },
+            Span {
+                label: "retrieve+finish 2000 sessions",
+                from: "[STAGE 2] Retrieving and finishing 2000 sessions...",
+                to: "[STAGE 2] Finalizing state session...",
+            },
+        ],
+        expect: KEXEC_FLB,
+    },
+];
+
+/// Markers of the upstream init.c flow, in the order they must appear.
+pub(crate) const S1_START: &str = "INIT: Starting Stage 1";
+pub(crate) const S1_DONE: &str = "INIT: Stage 1 completed successfully.";
+pub(crate) const KEXEC_START: &str = "kexec_core: Starting new kernel";
+pub(crate) const S2_START: &str = "INIT: Starting Stage 2";
+pub(crate) const S2_DONE: &str = "INIT: Stage 2 completed successfully.";
+/// First line of every kernel's log; splits a two-boot log into boots.
+const BANNER: &str = "Linux version ";
+const RUN_INIT: &str = "Run /init as init process";
+
+/// Kernel log lines that mean something went wrong in the kernel even if the test passed.
+const SPLATS: &[&str] = &[
+    "WARNING:",
+    "BUG:",
+    "kernel BUG at",
+    "Oops",
+    "Kernel panic",
+    "KASAN",
+    "UBSAN",
+    "lockdep",
+    "possible recursive locking",
+    "possible circular locking",
+    "Call Trace:",
+    "general protection fault",
+    "cut here",
+    "soft lockup",
+    "hard LOCKUP",
+    "rcu_sched self-detected stall",
+    "blocked for more than",
+];
+
+/// The only `liveupdate test:` messages that are not errors (lib/tests/liveupdate.c).
+const FLB_GOOD: &[&str] = &[
+    "Registered ",
+    "preserve was triggered",
+    "unpreserve was triggered",
+    "found flb data from the previous boot",
+    "finish was triggered",
+];
+
+/// One TAP line.
+pub(crate) struct Case {
+    pub(crate) name: String,
+    pub(crate) ok: bool,
+    pub(crate) secs: Option<f64>,
+    /// Extra timing details, appended to the description.
+    pub(crate) detail: String,
+    /// Reasons for failure (printed as TAP diagnostics).
+    pub(crate) diag: Vec<String>,
+}
+
+/// Metrics of one VM run for the summary table.
+pub(crate) struct Metrics {
+    /// Host seconds from QEMU start to the first "Run /init" line, and the guest clock then.
+    pub(crate) boot_to_init: Option<(f64, Option<f64>)>,
+}
+
+/// Is this a kernel log line (`[    1.234567] ...`)? The timestamp need not start the
+/// line: the first kernel line follows SeaBIOS's output without a newline.
+fn kernel_line(text: &str) -> Option<(f64, &str)> {
+    text.match_indices('[').find_map(|(i, _)| {
+        let (ts, msg) = text[i + 1..].split_once("] ")?;
+        let ts = ts.trim();
+        if ts.is_empty() || !ts.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return None;
+        }
+        Some((ts.parse().ok()?, msg))
+    })
+}
+
+fn find(lines: &[Line], from: usize, text: &str) -> Option<usize> {
+    lines[from.min(lines.len())..]
+        .iter()
+        .position(|l| l.text.contains(text))
+        .map(|i| i + from)
+}
+
+/// The `TEST_F(fixture, name)` cases of a harness program, from its source, in order.
+pub(crate) fn harness_cases(tree: &Path, program: &str) -> Vec<String> {
+    let src = tree.join(SELFTEST_DIR).join(format!("{program}.c"));
+    let text = fs::read_to_string(src).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("TEST_F("))
+        .filter_map(|r| r.split_once(')').map(|(args, _)| args))
+        .filter_map(|args| args.split_once(','))
+        .map(|(f, n)| format!("{}.{}", f.trim(), n.trim()))
+        .collect()
+}
+
+/// Checks every VM gets: it ended by itself, no kernel splat, LUO test FLB lines clean,
+/// the expected lines per boot.
+fn common_checks(t: &VmTest, run: &Run, boots: usize, diag: &mut Vec<String>) {
+    if run.timed_out {
+        diag.push("timed out (QEMU killed)".into());
+    } else if !run.status.is_some_and(|s| s.success()) {
+        diag.push(format!("QEMU exited with {:?}", run.status));
+    }
+    for l in &run.lines {
+        if let Some((_, msg)) = kernel_line(&l.text) {
+            if let Some(p) = SPLATS.iter().find(|p| msg.contains(*p)) {
+                diag.push(format!("kernel splat ({p}): {}", l.text));
+            }
+            if let Some(m) = msg.split_once("liveupdate test: ").map(|(_, m)| m) {
+                if !FLB_GOOD.iter().any(|g| m.contains(g)) {
+                    diag.push(format!("lib/tests/liveupdate.c error: {}", l.text));
+                }
+            }
+        }
+        if l.text.starts_with("qemu stderr: ") {
+            diag.push(l.text.clone());
+        }
+    }
+    let starts = boot_starts(&run.lines);
+    if starts.len() != boots {
+        diag.push(format!(
+            "expected {boots} kernel boot(s), saw {}",
+            starts.len()
+        ));
+    }
+    for e in t.expect {
+        let Some(&b) = starts.get(e.boot) else {
+            continue;
+        };
+        let end = starts.get(e.boot + 1).copied().unwrap_or(run.lines.len());
+        let n = run.lines[b..end]
+            .iter()
+            .filter(|l| l.text.contains(e.text))
+            .count();
+        if n != e.count {
+            diag.push(format!(
+                "boot {}: expected {}x \"{}\", found {n}",
+                e.boot + 1,
+                e.count,
+                e.text
+            ));
+        }
+    }
+}
+
+fn boot_starts(lines: &[Line]) -> Vec<usize> {
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| kernel_line(&l.text).is_some_and(|(_, m)| m.starts_with(BANNER)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+fn boot_metrics(run: &Run) -> Option<(f64, Option<f64>)> {
+    let i = find(&run.lines, 0, RUN_INIT)?;
+    let l = &run.lines[i];
+    Some((l.t, kernel_line(&l.text).map(|(ts, _)| ts)))
+}
+
+fn span_between(lines: &[Line], from: &str, to: &str) -> Option<f64> {
+    let a = find(lines, 0, from)?;
+    let b = find(lines, a + 1, to)?;
+    Some(lines[b].t - lines[a].t)
+}
+
+/// Judge a harness VM: one case per TEST_F that was selected, plus a case for the VM.
+pub(crate) fn judge_harness(t: &VmTest, run: &Run, expected: &[String]) -> (Vec<Case>, Metrics) {
+    let mut cases = Vec::new();
+    for name in expected {
+        let run_marker = format!("#  RUN           {name} ...");
+        let start = find(&run.lines, 0, &run_marker);
+        let result = run.lines.iter().enumerate().find_map(|(i, l)| {
+            let rest = l
+                .text
+                .strip_prefix("not ok ")
+                .map(|r| (false, r))
+                .or_else(|| l.text.strip_prefix("ok ").map(|r| (true, r)))?;
+            let (ok, rest) = rest;
+            let (_num, desc) = rest.split_once(' ')?;
+            let (tname, directive) = match desc.split_once(" # ") {
+                Some((n, d)) => (n.trim(), Some(d.trim())),
+                None => (desc.trim(), None),
+            };
+            (tname == name).then_some((i, ok, directive.map(str::to_string)))
+        });
+        let mut diag = Vec::new();
+        let mut secs = None;
+        match result {
+            None => diag.push("no result line (crashed, hung, or not run)".into()),
+            Some((i, ok, directive)) => {
+                if let Some(s) = start {
+                    secs = Some(run.lines[i].t - run.lines[s].t);
+                }
+                if !ok {
+                    diag.push("harness reports failure".into());
+                }
+                if let Some(d) = directive {
+                    // A SKIP means the environment is broken (e.g. no /dev/liveupdate).
+                    diag.push(format!("harness directive: {d}"));
+                }
+                if let Some(s) = start {
+                    // Show what the harness printed for this case on failure.
+                    if !diag.is_empty() {
+                        for l in &run.lines[s..=i] {
+                            if l.text.starts_with('#') {
+                                diag.push(format!("| {}", l.text));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        cases.push(Case {
+            name: format!(
+                "{}.{}",
+                t.name,
+                name.split_once('.').map_or(name.as_str(), |(_, n)| n)
+            ),
+            ok: diag.is_empty(),
+            secs,
+            detail: String::new(),
+            diag,
+        });
+    }
+    let mut diag = Vec::new();
+    common_checks(t, run, 1, &mut diag);
+    if !run.lines.iter().any(|l| l.text == "LUO-VM: exit=0") {
+        diag.push("the test program did not exit 0 (no \"LUO-VM: exit=0\")".into());
+    }
+    let boot = boot_metrics(run);
+    let detail = boot.map_or(String::new(), |(h, g)| {
+        format!(
+            "boot to /init {h:.2} s host{}",
+            g.map_or(String::new(), |g| format!(" / {g:.2} s guest"))
+        )
+    });
+    cases.push(Case {
+        name: format!(
+            "{} (VM: boot, FLB registration, clean exit, no splat)",
+            t.name
+        ),
+        ok: diag.is_empty(),
+        secs: Some(run.wall.as_secs_f64()),
+        detail,
+        diag,
+    });
+    (cases, Metrics { boot_to_init: boot })
+}
+
+/// Judge a kexec VM: the markers of both stages in order, the pass line, FLB lines per
+/// boot, plus the timings (stage 1, blackout, stage 2, test-specific spans).
+pub(crate) fn judge_kexec(t: &VmTest, run: &Run, pass: &str) -> (Case, Metrics) {
+    let mut diag = Vec::new();
+    common_checks(t, run, 2, &mut diag);
+    let mut pos = 0;
+    let mut at = Vec::new();
+    for m in [S1_START, S1_DONE, KEXEC_START, S2_START, pass, S2_DONE] {
+        match find(&run.lines, pos, m) {
+            Some(i) => {
+                at.push(Some(run.lines[i].t));
+                pos = i + 1;
+            }
+            None => {
+                diag.push(format!("missing (in order) \"{m}\""));
+                at.push(None);
+            }
+        }
+    }
+    let mut spans = Vec::new();
+    let mut push = |label: &str, a: Option<f64>, b: Option<f64>| {
+        if let (Some(a), Some(b)) = (a, b) {
+            spans.push((label.to_string(), b - a));
+        }
+    };
+    push("stage 1 (kexec load + test)", at[0], at[1]);
+    // Blackout: from init's reboot(RB_KEXEC) (it prints S1_DONE right before) to the new
+    // kernel's init running, as the host sees the serial line.
+    push("kexec blackout", at[1], at[3]);
+    let banner2 = boot_starts(&run.lines).get(1).map(|&i| run.lines[i].t);
+    push("reboot(RB_KEXEC) -> new kernel banner", at[1], banner2);
+    push("stage 2", at[3], at[5]);
+    for s in t.spans {
+        match span_between(&run.lines, s.from, s.to) {
+            Some(d) => spans.push((s.label.to_string(), d)),
+            None => diag.push(format!("span \"{}\": markers not found", s.label)),
+        }
+    }
+    let detail = spans
+        .iter()
+        .map(|(l, d)| format!("{l} {d:.3} s"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let case = Case {
+        name: t.name.to_string(),
+        ok: diag.is_empty(),
+        secs: Some(run.wall.as_secs_f64()),
+        detail,
+        diag,
+    };
+    (
+        case,
+        Metrics {
+            boot_to_init: boot_metrics(run),
+        },
+    )
+}

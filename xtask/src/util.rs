@@ -1,0 +1,297 @@
+//! Small helpers shared by the pipeline steps: errors, running commands, hashing, files.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Instant, SystemTime};
+
+/// An error meant for a human: what failed and why, already formatted.
+pub(crate) struct Error(String);
+
+impl Error {
+    pub(crate) fn msg(s: impl Into<String>) -> Self {
+        Error(s.into())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error(e.to_string())
+    }
+}
+
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Return early with a formatted [`Error`].
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err($crate::util::Error::msg(format!($($arg)*)))
+    };
+}
+pub(crate) use bail;
+
+/// Attach a description of what was being done to an error.
+pub(crate) trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: fmt::Display> Context<T> for Result<T, E> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error(format!("{}: {e}", what())))
+    }
+}
+
+/// Print a pipeline step header on stderr (stdout is reserved for the TAP report).
+pub(crate) fn step(msg: &str) {
+    eprintln!("==> {msg}");
+}
+
+/// Print a detail line under a step.
+pub(crate) fn note(msg: &str) {
+    eprintln!("    {msg}");
+}
+
+/// `program arg arg ...`, for error messages.
+pub(crate) fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Run a command with inherited stdio and fail unless it exits 0.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .context(|| format!("cannot start `{}`", describe(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+/// Run a command and return its stdout; on failure the error carries its stderr.
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context(|| format!("cannot start `{}`", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}):\n{}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// First line of a command's stdout, or a placeholder if it cannot run: used for
+/// version strings, where a missing tool is reported by the step that needs it.
+pub(crate) fn first_line(cmd: &mut Command) -> String {
+    match output(cmd) {
+        Ok(s) => s.lines().next().unwrap_or("").trim().to_string(),
+        Err(_) => format!("({} unavailable)", cmd.get_program().to_string_lossy()),
+    }
+}
+
+/// Run a command, merge its stdout and stderr line by line into `log` and hand every
+/// line to `on_line` as it arrives, so that long steps can show progress.
+pub(crate) fn stream(
+    cmd: &mut Command,
+    log: &Path,
+    mut on_line: impl FnMut(&str),
+) -> Result<ExitStatus> {
+    let mut log_file =
+        fs::File::create(log).context(|| format!("cannot create {}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context(|| format!("cannot start `{}`", describe(cmd)))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(spawn_line_reader(out, tx.clone(), |_, l| l));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(spawn_line_reader(err, tx.clone(), |_, l| l));
+    }
+    drop(tx);
+    for line in rx {
+        writeln!(log_file, "{line}")?;
+        on_line(&line);
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+    Ok(child.wait()?)
+}
+
+/// Read `r` line by line on a thread, map each line (with its arrival time) and send it.
+/// Bytes that are not UTF-8 (serial noise) are replaced rather than dropped.
+pub(crate) fn spawn_line_reader<R, T, F>(
+    r: R,
+    tx: mpsc::Sender<T>,
+    map: F,
+) -> thread::JoinHandle<()>
+where
+    R: Read + Send + 'static,
+    T: Send + 'static,
+    F: Fn(Instant, String) -> T + Send + 'static,
+{
+    thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let now = Instant::now();
+                    let s = String::from_utf8_lossy(&buf);
+                    let s = s.trim_end_matches(['\n', '\r']).replace('\r', "");
+                    if tx.send(map(now, s)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// FNV-1a, 64 bit. Only used to name cache directories, so collision resistance
+/// against an adversary does not matter and std suffices.
+#[derive(Clone)]
+pub(crate) struct Fnv(u64);
+
+impl Fnv {
+    pub(crate) fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub(crate) fn bytes(&mut self, data: &[u8]) -> &mut Self {
+        for b in data {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // Separator so that ("ab","c") and ("a","bc") hash differently.
+        self.0 ^= 0xff;
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        self
+    }
+
+    pub(crate) fn str(&mut self, s: &str) -> &mut Self {
+        self.bytes(s.as_bytes())
+    }
+
+    pub(crate) fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// Replace characters that kbuild or shells dislike in paths (`:`, `~`, spaces ...).
+pub(crate) fn path_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+pub(crate) fn read_opt(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok()
+}
+
+pub(crate) fn write(path: &Path, data: impl AsRef<[u8]>) -> Result<()> {
+    fs::write(path, data).context(|| format!("cannot write {}", path.display()))
+}
+
+pub(crate) fn mkdirs(path: &Path) -> Result<()> {
+    fs::create_dir_all(path).context(|| format!("cannot create {}", path.display()))
+}
+
+/// Remove a file or directory tree; a missing path is fine.
+pub(crate) fn remove(path: &Path) -> Result<()> {
+    let r = match fs::symlink_metadata(path) {
+        Err(_) => return Ok(()),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+    };
+    r.context(|| format!("cannot remove {}", path.display()))
+}
+
+/// Newest modification time of the given files, descending into directories.
+/// Missing paths count as "now" so that a missing input forces a rebuild.
+pub(crate) fn newest_mtime(paths: &[PathBuf]) -> SystemTime {
+    fn walk(p: &Path, newest: &mut SystemTime) {
+        let Ok(m) = fs::metadata(p) else {
+            *newest = SystemTime::now();
+            return;
+        };
+        if m.is_dir() {
+            if let Ok(rd) = fs::read_dir(p) {
+                for e in rd.flatten() {
+                    walk(&e.path(), newest);
+                }
+            }
+        } else if let Ok(t) = m.modified() {
+            if t > *newest {
+                *newest = t;
+            }
+        }
+    }
+    let mut newest = SystemTime::UNIX_EPOCH;
+    for p in paths {
+        walk(p, &mut newest);
+    }
+    newest
+}
+
+pub(crate) fn mtime(path: &Path) -> Option<SystemTime> {
+    fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Local time as `YYYYmmdd-HHMMSS` for log directory names (std has no calendar).
+pub(crate) fn timestamp() -> String {
+    let s = first_line(Command::new("date").arg("+%Y%m%d-%H%M%S"));
+    if s.starts_with('(') {
+        // `date` missing: fall back to seconds since the epoch.
+        let secs = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        secs.to_string()
+    } else {
+        s
+    }
+}
+
+/// Seconds with millisecond precision, for reports.
+pub(crate) fn secs(d: std::time::Duration) -> String {
+    format!("{:.3}", d.as_secs_f64())
+}

@@ -1,0 +1,404 @@
+//! `cargo xtask vm ...`: the pipeline from host packages to a TAP report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::guest::{self, Bins, Entry};
+use crate::host::{self, Toolchain};
+use crate::kbuild::{self, Core, Kernel};
+use crate::paths::{Paths, LINUX_DEB_VERSION, LINUX_PKG};
+use crate::qemu::{self, Vm};
+use crate::source::{self, Patches};
+use crate::suite::{self, Case, Kind, Metrics, Stage2, TESTS};
+use crate::util::{self, bail, mkdirs, note, remove, step, Context, Result};
+
+pub(crate) struct Options {
+    pub(crate) core: Core,
+    /// `--tests`: VM test names or `<vm test>.<case>`; empty means all.
+    pub(crate) tests: Vec<String>,
+    pub(crate) clean: bool,
+    pub(crate) timeout: Duration,
+    pub(crate) verbose: bool,
+    pub(crate) jobs: usize,
+}
+
+/// Everything up to a built kernel and guest programs.
+struct Built {
+    tree: PathBuf,
+    tc: Toolchain,
+    kernel: Kernel,
+    bins: Bins,
+}
+
+struct Phases(Vec<(&'static str, Duration)>);
+
+impl Phases {
+    fn time<T>(&mut self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let t = Instant::now();
+        let r = f();
+        self.0.push((name, t.elapsed()));
+        r
+    }
+}
+
+pub(crate) fn clean(paths: &Paths) -> Result<()> {
+    step(&format!(
+        "removing build outputs under {}",
+        paths.build().display()
+    ));
+    remove(&paths.build())
+}
+
+fn prepare(paths: &Paths, opts: &Options, phases: &mut Phases) -> Result<Built> {
+    let patches = Patches::load(&paths.kernel_dir().join("patches"))?;
+    if let Some(sym) = opts.core.required_kconfig() {
+        if !patches.defines_kconfig(sym) {
+            bail!(
+                "no Rust core patch series yet: --core {} needs a patch in {} that defines \
+                 `config {sym}` (the series has {} patch(es)); use --core c",
+                opts.core,
+                paths.kernel_dir().join("patches").display(),
+                patches.files.len()
+            );
+        }
+    }
+    if opts.clean {
+        clean(paths)?;
+    }
+    mkdirs(&paths.cache).context(|| "cannot create the cache (set LUO_CACHE?)".to_string())?;
+    phases.time("host packages", || host::ensure_packages(paths))?;
+    let tc = phases.time("toolchain", || Toolchain::ensure(paths))?;
+    let tree = phases.time("kernel source", || {
+        let pristine = source::ensure_pristine(paths)?;
+        source::ensure_tree(paths, &pristine, &patches)
+    })?;
+    let kernel = phases.time("kernel build", || {
+        kbuild::ensure(paths, &tree, &patches, &tc, opts.core, opts.jobs)
+    })?;
+    let bins = phases.time("guest programs", || guest::build_programs(&tree, &kernel))?;
+    Ok(Built {
+        tree,
+        tc,
+        kernel,
+        bins,
+    })
+}
+
+pub(crate) fn build(paths: &Paths, opts: &Options) -> Result<()> {
+    let mut phases = Phases(Vec::new());
+    let b = prepare(paths, opts, &mut phases)?;
+    println!("bzImage: {}", b.kernel.bzimage.display());
+    println!("guest programs: {}", b.bins.dir.display());
+    print_phases(&phases, None);
+    Ok(())
+}
+
+/// Which VM tests to run, and for harness tests which cases (`None` = all).
+fn select(opts: &Options) -> Result<BTreeMap<usize, Option<Vec<String>>>> {
+    let mut sel: BTreeMap<usize, Option<Vec<String>>> = BTreeMap::new();
+    if opts.tests.is_empty() {
+        for i in 0..TESTS.len() {
+            sel.insert(i, None);
+        }
+        return Ok(sel);
+    }
+    for want in &opts.tests {
+        let (vm, case) = match want.split_once('.') {
+            Some((v, c)) => (v, Some(c)),
+            None => (want.as_str(), None),
+        };
+        let Some(i) = TESTS.iter().position(|t| t.name == vm) else {
+            bail!("unknown test `{want}`; `cargo xtask vm list` shows the names");
+        };
+        match (case, &TESTS[i].kind) {
+            (None, _) => {
+                sel.insert(i, None);
+            }
+            (Some(c), Kind::Harness { .. }) => {
+                let e = sel.entry(i).or_insert_with(|| Some(Vec::new()));
+                if let Some(v) = e {
+                    v.push(c.to_string());
+                }
+            }
+            (Some(_), Kind::Kexec { .. }) => {
+                bail!("`{want}`: kexec tests have no cases; use `{vm}`")
+            }
+        }
+    }
+    Ok(sel)
+}
+
+pub(crate) fn list(paths: &Paths) {
+    let tree = paths
+        .tree()
+        .join(format!("linux-{}", util::path_safe(LINUX_DEB_VERSION)));
+    for t in TESTS {
+        match t.kind {
+            Kind::Harness { program } => {
+                println!("{}  (one VM: {program}, kselftest harness)", t.name);
+                let cases = suite::harness_cases(&tree, program);
+                if cases.is_empty() {
+                    println!("    (cases are listed once the kernel source is in the cache)");
+                }
+                for c in cases {
+                    let short = c.split_once('.').map_or(c.as_str(), |(_, n)| n);
+                    println!("  {}.{short}", t.name);
+                }
+            }
+            Kind::Kexec { program, .. } => {
+                println!(
+                    "{}  (one VM, two boots: {program} -s 1, kexec, -s 2)",
+                    t.name
+                )
+            }
+        }
+    }
+}
+
+pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
+    let total = Instant::now();
+    let sel = select(opts)?;
+    let mut phases = Phases(Vec::new());
+    let b = prepare(paths, opts, &mut phases)?;
+
+    let run_dir = paths
+        .logs()
+        .join(format!("{}-{}", util::timestamp(), opts.core));
+    mkdirs(&run_dir)?;
+    let latest = paths.logs().join("latest");
+    let _ = std::fs::remove_file(&latest);
+    let _ = std::os::unix::fs::symlink(&run_dir, &latest);
+
+    let t_vms = Instant::now();
+    let mut cases: Vec<Case> = Vec::new();
+    let mut metrics: Vec<(String, Metrics, PathBuf)> = Vec::new();
+    for (&i, cases_sel) in &sel {
+        let t = &TESTS[i];
+        let log = run_dir.join(format!("{}.log", t.name));
+        step(&format!("VM {}", t.name));
+        let (mut got, m) = match t.kind {
+            Kind::Harness { program } => {
+                let all = suite::harness_cases(&b.tree, program);
+                if all.is_empty() {
+                    bail!("found no TEST_F cases for {program} in the kernel tree");
+                }
+                let expected = match cases_sel {
+                    None => all,
+                    Some(want) => {
+                        let mut v = Vec::new();
+                        for w in want {
+                            match all.iter().find(|c| c.ends_with(&format!(".{w}"))) {
+                                Some(c) => v.push(c.clone()),
+                                None => bail!(
+                                    "{} has no case `{w}`; `cargo xtask vm list` shows them",
+                                    t.name
+                                ),
+                            }
+                        }
+                        v
+                    }
+                };
+                let image = busybox_image(&b, program)?;
+                let mut append = format!("-- {program}");
+                if cases_sel.is_some() {
+                    for c in &expected {
+                        let short = c.split_once('.').map_or(c.as_str(), |(_, n)| n);
+                        let _ = write!(append, " -t {short}");
+                    }
+                }
+                let run = qemu::boot(&Vm {
+                    kernel: &b.kernel.bzimage,
+                    initrd: &image,
+                    append,
+                    timeout: opts.timeout,
+                    log: &log,
+                    echo: opts.verbose,
+                })?;
+                suite::judge_harness(t, &run, &expected)
+            }
+            Kind::Kexec {
+                program,
+                pass,
+                stage2,
+            } => {
+                let stage2_kernel = match stage2 {
+                    Stage2::Same => b.kernel.bzimage.clone(),
+                };
+                let image = kexec_image(&b, t.name, program, &stage2_kernel)?;
+                let run = qemu::boot(&Vm {
+                    kernel: &b.kernel.bzimage,
+                    initrd: &image,
+                    append: String::new(),
+                    timeout: opts.timeout,
+                    log: &log,
+                    echo: opts.verbose,
+                })?;
+                let (c, m) = suite::judge_kexec(t, &run, pass);
+                (vec![c], m)
+            }
+        };
+        for c in &got {
+            let time = c.secs.map_or(String::new(), |s| format!(" {s:.3} s"));
+            note(&format!(
+                "{} {}{time}",
+                if c.ok { "ok    " } else { "NOT OK" },
+                c.name
+            ));
+            for d in &c.diag {
+                note(&format!("    {d}"));
+            }
+        }
+        cases.append(&mut got);
+        metrics.push((t.name.to_string(), m, log));
+    }
+    phases.0.push(("VMs", t_vms.elapsed()));
+
+    let ok = cases.iter().all(|c| c.ok);
+    let tap = tap_report(&cases, &metrics);
+    print!("{tap}");
+    util::write(&run_dir.join("summary.tap"), &tap)?;
+    println!(
+        "# kernel: {LINUX_PKG} {LINUX_DEB_VERSION} (Linux {}), {} core, make {} s{}",
+        b.kernel.release,
+        b.kernel.core,
+        util::secs(b.kernel.make_time),
+        if b.kernel.rebuilt {
+            " (bzImage rebuilt)"
+        } else {
+            " (bzImage up to date)"
+        }
+    );
+    for (k, v) in b.tc.describe().into_iter().chain(host::runtime_versions()) {
+        println!("# {k}: {v}");
+    }
+    print_phases(&phases, Some(total.elapsed()));
+    println!("# serial logs: {}", run_dir.display());
+    println!(
+        "# result: {} of {} passed",
+        cases.iter().filter(|c| c.ok).count(),
+        cases.len()
+    );
+    Ok(ok)
+}
+
+fn print_phases(phases: &Phases, total: Option<Duration>) {
+    let mut s: Vec<String> = phases
+        .0
+        .iter()
+        .map(|(n, d)| format!("{n} {} s", util::secs(*d)))
+        .collect();
+    if let Some(t) = total {
+        s.push(format!("total {} s", util::secs(t)));
+    }
+    println!("# timings: {}", s.join(", "));
+}
+
+fn tap_report(cases: &[Case], metrics: &[(String, Metrics, PathBuf)]) -> String {
+    let mut out = String::from("TAP version 13\n");
+    let _ = writeln!(out, "1..{}", cases.len());
+    for (n, c) in cases.iter().enumerate() {
+        let time = c.secs.map_or(String::new(), |s| format!(" [{s:.3} s]"));
+        let detail = if c.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.detail)
+        };
+        let _ = writeln!(
+            out,
+            "{} {} - {}{time}{detail}",
+            if c.ok { "ok" } else { "not ok" },
+            n + 1,
+            c.name
+        );
+        for d in &c.diag {
+            let _ = writeln!(out, "# {d}");
+        }
+    }
+    for (name, m, log) in metrics {
+        let boot = m.boot_to_init.map_or(String::new(), |(h, g)| {
+            format!(
+                ", boot to /init {h:.3} s host{}",
+                g.map_or(String::new(), |g| format!(" ({g:.3} s guest)"))
+            )
+        });
+        let _ = writeln!(out, "# {name}: log {}{boot}", log.display());
+    }
+    out
+}
+
+fn busybox_image(b: &Built, program: &str) -> Result<PathBuf> {
+    let dir = b.kernel.dir.join("luo/initramfs");
+    mkdirs(&dir)?;
+    let out = dir.join(format!("busybox-{program}.cpio"));
+    let init = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/vm-init.sh");
+    let entries = vec![
+        Entry::Dir("/bin"),
+        Entry::Dir("/dev"),
+        Entry::Dir("/proc"),
+        Entry::Dir("/sys"),
+        Entry::Dir("/tmp"),
+        Entry::Console,
+        // busybox-static is a static binary, so the image needs no libraries.
+        Entry::File {
+            guest: "/bin/busybox".into(),
+            host: PathBuf::from("/bin/busybox"),
+            mode: 0o755,
+        },
+        Entry::Slink {
+            guest: "/bin/sh",
+            target: "busybox",
+        },
+        Entry::File {
+            guest: "/init".into(),
+            host: init,
+            mode: 0o755,
+        },
+        Entry::File {
+            guest: format!("/bin/{program}"),
+            host: b.bins.path(program),
+            mode: 0o755,
+        },
+    ];
+    guest::pack(&b.kernel.gen_init_cpio, &entries, &out)?;
+    Ok(out)
+}
+
+/// vmtest.sh's layout: the inner image is what the kexec'd kernel boots with; the outer
+/// one adds the kernel to kexec into and the inner image as files.
+fn kexec_image(b: &Built, name: &str, program: &str, stage2_kernel: &Path) -> Result<PathBuf> {
+    let dir = b.kernel.dir.join("luo/initramfs");
+    mkdirs(&dir)?;
+    let mut entries = vec![
+        Entry::Dir("/dev"),
+        Entry::Dir("/proc"),
+        Entry::Dir("/debugfs"),
+        Entry::Console,
+        Entry::File {
+            guest: "/init".into(),
+            host: b.bins.path("init"),
+            mode: 0o755,
+        },
+        Entry::File {
+            guest: "/test_binary".into(),
+            host: b.bins.path(program),
+            mode: 0o755,
+        },
+    ];
+    let inner = dir.join(format!("{name}-inner.cpio"));
+    guest::pack(&b.kernel.gen_init_cpio, &entries, &inner)?;
+    entries.push(Entry::File {
+        guest: "/kernel".into(),
+        host: stage2_kernel.to_path_buf(),
+        mode: 0o644,
+    });
+    entries.push(Entry::File {
+        guest: "/initrd.img".into(),
+        host: inner,
+        mode: 0o644,
+    });
+    let outer = dir.join(format!("{name}.cpio"));
+    guest::pack(&b.kernel.gen_init_cpio, &entries, &outer)?;
+    Ok(outer)
+}
