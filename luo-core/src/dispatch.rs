@@ -111,7 +111,12 @@ impl<P: Platform> Luo<P> {
         arg: &mut impl UserArg,
         fds: &mut F,
     ) -> Result {
-        match decode_session(cmd, session.direction(), arg)? {
+        let request = decode_session(cmd, session.direction(), arg)?;
+        // Upstream takes the serialize rwsem here, after decoding and before executing any
+        // command (spec §2.4 step 7): once the state is serialized every session command stops
+        // here, before its own checks (`reserved`, fd reservation) and including GET_NAME.
+        self.ensure_not_serialized()?;
+        match request {
             SessionRequest::PreserveFd(req) => {
                 self.preserve_fd(session, req.token, || fds.fget(req.fd))?;
                 // A fault here leaves the file preserved, as upstream does (spec §2.5).

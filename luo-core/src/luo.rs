@@ -495,6 +495,12 @@ impl<P: Platform> Luo<P> {
         Ok(slot.session.clone())
     }
 
+    /// `ESHUTDOWN` once the state is serialized for the next kernel (where upstream's session
+    /// ioctls block on the serialize rwsem).
+    pub(crate) fn ensure_not_serialized(&self) -> Result {
+        self.live_or_incoming().map(drop)
+    }
+
     /// Incoming work needs only "not serialized": it is allowed even if outgoing setup failed.
     fn live_or_incoming(&self) -> Result<<P::RwLock<Phase> as PRwLock<Phase>>::Read<'_>> {
         let phase = self.phase.read();

@@ -430,6 +430,8 @@ pub struct TestFds {
     pub discarded: usize,
     /// Reservations given back.
     pub unreserved: usize,
+    /// Make session file creation fail with this error (`anon_inode_getfile` failing).
+    pub fail_session_file: Option<Error>,
 }
 
 impl FdTable<UserPlatform> for TestFds {
@@ -449,6 +451,9 @@ impl FdTable<UserPlatform> for TestFds {
         &mut self,
         session: &SessionRef<UserPlatform>,
     ) -> luo_core::Result<SessionRef<UserPlatform>> {
+        if let Some(e) = self.fail_session_file {
+            return Err(e);
+        }
         Ok(session.clone())
     }
     fn discard_session_file(&mut self, _file: SessionRef<UserPlatform>) {
