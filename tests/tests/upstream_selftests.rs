@@ -11,7 +11,8 @@ use luo_tests::{
     cold_memfd, errno, memfd_with, raise_nofile, read_all, reply_fd, session_req, CREATE, GET_NAME,
 };
 
-/// 1. `basic_open_close`: open ≥ 0, close == 0; the device can be opened again after close.
+/// Upstream test 1, `basic_open_close`: open ≥ 0, close == 0; the device can be opened again after
+/// close.
 #[test]
 fn basic_open_close() {
     let lu = cold_memfd();
@@ -22,7 +23,7 @@ fn basic_open_close() {
     drop(again);
 }
 
-/// 2. `exclusive_open`: a second open while the first is held fails with EBUSY.
+/// Upstream test 2, `exclusive_open`: a second open while the first is held fails with EBUSY.
 #[test]
 fn exclusive_open() {
     let lu = cold_memfd();
@@ -30,7 +31,7 @@ fn exclusive_open() {
     assert_eq!(errno(lu.open()), EBUSY);
 }
 
-/// 3. `create_duplicate_session`: the second create of the same name gives EEXIST.
+/// Upstream test 3, `create_duplicate_session`: the second create of the same name gives EEXIST.
 #[test]
 fn create_duplicate_session() {
     let lu = cold_memfd();
@@ -40,7 +41,7 @@ fn create_duplicate_session() {
     assert_eq!(errno(dev.create_session("duplicate-session-test")), EEXIST);
 }
 
-/// 4. `create_distinct_sessions`: both creates succeed, both closes succeed.
+/// Upstream test 4, `create_distinct_sessions`: both creates succeed, both closes succeed.
 #[test]
 fn create_distinct_sessions() {
     let lu = cold_memfd();
@@ -55,7 +56,8 @@ fn create_distinct_sessions() {
     assert_eq!(lu.luo().outgoing_count(), 0);
 }
 
-/// 5. `preserve_memfd`: preserve, close the session (unpreserve), the content is intact.
+/// Upstream test 5, `preserve_memfd`: preserve, close the session (unpreserve), the content is
+/// intact.
 #[test]
 fn preserve_memfd() {
     let test_str = "hello liveupdate";
@@ -76,7 +78,8 @@ fn preserve_memfd() {
     s2.preserve_fd(mem.as_fd(), 0x1234).expect("preserve again");
 }
 
-/// 6. `preserve_multiple_memfds`: two memfds in one session, both readable while preserved.
+/// Upstream test 6, `preserve_multiple_memfds`: two memfds in one session, both readable while
+/// preserved.
 #[test]
 fn preserve_multiple_memfds() {
     let lu = cold_memfd();
@@ -93,7 +96,8 @@ fn preserve_multiple_memfds() {
     assert_eq!(read_all(&mut m2), b"data for memfd two");
 }
 
-/// 7. `preserve_complex_scenario`: two sessions, each with a data memfd and an empty one.
+/// Upstream test 7, `preserve_complex_scenario`: two sessions, each with a data memfd and an empty
+/// one.
 #[test]
 fn preserve_complex_scenario() {
     let lu = cold_memfd();
@@ -116,7 +120,7 @@ fn preserve_complex_scenario() {
     assert_eq!(s2.session().file_count(), 2);
 }
 
-/// 8. `preserve_unsupported_fd`: `/dev/null` has no handler: ENOENT.
+/// Upstream test 8, `preserve_unsupported_fd`: `/dev/null` has no handler: ENOENT.
 #[test]
 fn preserve_unsupported_fd() {
     let lu = cold_memfd();
@@ -131,8 +135,9 @@ fn preserve_unsupported_fd() {
     assert_eq!(s.session().file_count(), 0);
 }
 
-/// 9. `prevent_double_preservation`: 0, then EBUSY in another session, then EBUSY in the same
-/// session with another token.
+/// Upstream test 9, `prevent_double_preservation`: success, then EBUSY in another session, then
+/// EBUSY in
+/// the same session with another token.
 #[test]
 fn prevent_double_preservation() {
     let lu = cold_memfd();
@@ -147,7 +152,7 @@ fn prevent_double_preservation() {
     assert_eq!(s2.session().file_count(), 0);
 }
 
-/// 10. `create_session_no_null_termination`: raw CREATE with 64 × 'X' gives EINVAL.
+/// Upstream test 10, `create_session_no_null_termination`: raw CREATE with 64 × 'X' gives EINVAL.
 #[test]
 fn create_session_no_null_termination() {
     let lu = cold_memfd();
@@ -158,7 +163,7 @@ fn create_session_no_null_termination() {
     assert_eq!(lu.luo().outgoing_count(), 0);
 }
 
-/// 11. `create_session_empty_name`: EINVAL.
+/// Upstream test 11, `create_session_empty_name`: EINVAL.
 #[test]
 fn create_session_empty_name() {
     let lu = cold_memfd();
@@ -167,7 +172,7 @@ fn create_session_empty_name() {
     assert_eq!(lu.luo().outgoing_count(), 0);
 }
 
-/// 12. `get_session_name`: GET_NAME (reserved 0) returns the name.
+/// Upstream test 12, `get_session_name`: GET_NAME (reserved 0) returns the name.
 #[test]
 fn get_session_name() {
     let lu = cold_memfd();
@@ -182,7 +187,7 @@ fn get_session_name() {
     assert_eq!(req[8 + 21], 0);
 }
 
-/// 13. `get_session_name_max_length`: a 63-character name round-trips.
+/// Upstream test 13, `get_session_name_max_length`: a 63-character name round-trips.
 #[test]
 fn get_session_name_max_length() {
     let name = "A".repeat(63);
@@ -194,7 +199,8 @@ fn get_session_name_max_length() {
     assert_eq!(errno(dev.create_session(&"A".repeat(64))), EINVAL);
 }
 
-/// 14. `preserve_many_sessions`: 2000 sessions (40 session blocks), all created, all closed.
+/// Upstream test 14, `preserve_many_sessions`: 2000 sessions (40 session blocks), all created, all
+/// closed.
 #[test]
 fn preserve_many_sessions() {
     const N: usize = 2000;
@@ -229,7 +235,7 @@ fn preserve_many_sessions() {
     assert_eq!(lu.memory().outgoing_pages(), base);
 }
 
-/// 15. `preserve_many_files`: 500 empty memfds (8 file blocks) in one session.
+/// Upstream test 15, `preserve_many_files`: 500 empty memfds (8 file blocks) in one session.
 #[test]
 fn preserve_many_files() {
     const N: u64 = 500;
