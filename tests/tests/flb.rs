@@ -548,3 +548,29 @@ fn get_incoming_errors() {
     lu3.register_flb(&h3, wrong.clone()).unwrap();
     assert_eq!(errno(lu3.luo().flb_get_incoming(&wrong)), EINVAL);
 }
+
+#[test]
+fn linking_an_flb_to_a_handler_with_live_files_is_refused() {
+    // Upstream would let the next unpreserve drop a reference that was never taken.
+    let j = Journal::new();
+    let store = Store::new();
+    let lu = LiveUpdate::new().unwrap();
+    let h: HandlerRef = TestHandler::new("test-h", &j, &store);
+    lu.register_handler(h.clone()).unwrap();
+    let dev = lu.open().unwrap();
+    let s = dev.create_session("s").unwrap();
+    s.preserve_fd(memfd_with(b"").as_fd(), 1).unwrap();
+    let late = TestFlb::new("late", 0, &j);
+    assert_eq!(
+        errno(lu.register_flb(&h, late.clone())),
+        luo_core::errno::EBUSY
+    );
+    drop(s);
+    lu.register_flb(&h, late).expect("no live files any more");
+    j.take();
+    let s = dev.create_session("s").unwrap();
+    s.preserve_fd(memfd_with(b"").as_fd(), 1).unwrap();
+    assert!(j.take().contains(&Event::FlbPreserve("late".into())));
+    drop(s);
+    assert!(j.take().contains(&Event::FlbUnpreserve("late".into())));
+}

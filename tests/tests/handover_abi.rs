@@ -336,3 +336,51 @@ fn handover_without_sessions_boots_with_none() {
     // The root was released; the FLB page too.
     assert_eq!(lu2.memory().released_incoming(), 2);
 }
+
+#[test]
+fn any_name_bytes_and_any_token_round_trip() {
+    let j = Journal::new();
+    let store = Store::new();
+    let lu = LiveUpdate::new().unwrap();
+    lu.register_handler(TestHandler::new("test-x", &j, &store))
+        .unwrap();
+    let dev = lu.open().unwrap();
+    // Any byte but NUL: slashes, spaces, newlines, non-UTF-8.
+    let names: [&[u8]; 4] = [b"a/b c", b"line\nbreak", &[0xff, 0xfe, 0x01], &[b'z'; 63]];
+    let mut held = Vec::new();
+    for n in names {
+        let mut req = session_req(n, 72, 72);
+        match dev.ioctl(CREATE, &mut req).unwrap() {
+            backend_user::Installed::Session(s) => held.push(s),
+            _ => panic!("no session"),
+        }
+    }
+    let tokens = [0u64, u64::MAX, 1 << 63];
+    for &t in &tokens {
+        held[0].preserve_fd(memfd_with(b"").as_fd(), t).unwrap();
+    }
+    drop(dev);
+    let fd = kexec(lu);
+    drop(held);
+    let lu2 = LiveUpdate::boot(&fd).unwrap();
+    lu2.register_handler(TestHandler::new("test-x", &j, &store))
+        .unwrap();
+    let dev2 = lu2.open().unwrap();
+    for n in names {
+        let mut req = session_req(n, 72, 72);
+        let s = match dev2.ioctl(RETRIEVE, &mut req).unwrap() {
+            backend_user::Installed::Session(s) => s,
+            _ => panic!("no session"),
+        };
+        let mut g = get_name_req(0, 72, 72, 0x55);
+        s.ioctl(GET_NAME, &mut g).unwrap();
+        assert_eq!(&g[8..8 + n.len()], n);
+        // GET_NAME writes the NUL and zeroes the rest (B18 fixed).
+        assert!(g[8 + n.len()..72].iter().all(|&b| b == 0));
+        if n == b"a/b c" {
+            for &t in &tokens {
+                drop(s.retrieve_fd(t).unwrap());
+            }
+        }
+    }
+}

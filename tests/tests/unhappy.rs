@@ -596,3 +596,130 @@ fn a_released_session_takes_no_more_operations() {
     assert!(j.take().is_empty());
     assert_eq!(lu.luo().outgoing_count(), 0);
 }
+
+#[test]
+fn memfd_unfreeze_restores_close_on_exec_after_a_failed_reboot() {
+    let j = Journal::new();
+    let store = Store::new();
+    let lu = LiveUpdate::new().unwrap();
+    // The test handler is probed first but takes only `other`; every other memfd goes to the
+    // memfd handler.
+    let failing = TestHandler::new(H, &j, &store);
+    let other = memfd_with(b"other");
+    failing.accept_only(&[identity(other.as_fd())]);
+    lu.register_handler(failing.clone()).unwrap();
+    let memfd_h: HandlerRef = MemfdHandler::new(lu.memory().clone());
+    lu.register_handler(memfd_h).unwrap();
+    let dev = lu.open().unwrap();
+    let first = dev.create_session("memfd").unwrap();
+    first.preserve_fd(memfd_with(b"m").as_fd(), 1).unwrap();
+    let second = dev.create_session("failing").unwrap();
+    second.preserve_fd(other.as_fd(), 1).unwrap();
+    failing.fail(Op::Freeze, None, EIO);
+    assert_eq!(errno(lu.luo().reboot()), EIO);
+    // Find the memfd handler's page: the one whose fd field names an open memfd.
+    let mut kept = None;
+    for at in (4096u64..).step_by(4096).take(64) {
+        let mut w = [0u8; 8];
+        if lu.memory().read_outgoing(at + 48, &mut w).is_ok() {
+            let fd = i64::from_ne_bytes(w);
+            if fd > 2 && fd < i64::from(i32::MAX) && sys::fd_is_open(fd as i32) {
+                let mut ino = [0u8; 8];
+                lu.memory().read_outgoing(at + 64, &mut ino).unwrap();
+                let same = sys::fget(fd as i32)
+                    .ok()
+                    .and_then(|f| sys::fstat(f.as_fd()).ok())
+                    .is_some_and(|st| st.st_ino == u64::from_ne_bytes(ino));
+                if same {
+                    kept = Some(fd as i32);
+                }
+            }
+        }
+    }
+    let kept = kept.expect("the memfd was frozen before the failure");
+    // SAFETY: the fd is open (checked above) and only borrowed for the duration of the call.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(kept) };
+    assert!(
+        sys::get_cloexec(borrowed).unwrap(),
+        "unfreeze made LUO's reference close-on-exec again"
+    );
+    failing.heal(Op::Freeze);
+    lu.luo().reboot().unwrap();
+    assert!(
+        !sys::get_cloexec(borrowed).unwrap(),
+        "frozen: survives exec"
+    );
+    std::mem::forget((first, second));
+}
+
+#[test]
+fn memfd_size_position_and_seals_survive_a_reboot() {
+    let lu = cold_memfd();
+    let dev = lu.open().unwrap();
+    let s = dev.create_session("s").unwrap();
+    let fd = sys::memfd_create(c"sealed", libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC).unwrap();
+    let mut f = std::fs::File::from(fd);
+    f.write_all(&[7u8; 5000]).unwrap();
+    f.seek(SeekFrom::Start(1234)).unwrap();
+    let seals = (libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_WRITE) as u32;
+    sys::add_seals(f.as_fd(), seals).unwrap();
+    s.preserve_fd(f.as_fd(), u64::MAX).unwrap();
+    let e = memfd_with(b"");
+    s.preserve_fd(e.as_fd(), 0).unwrap();
+    drop(dev);
+    let handover = kexec(lu);
+    drop((s, f, e));
+    let lu = boot_memfd(&handover);
+    let dev = lu.open().unwrap();
+    let s = dev.retrieve_session("s").unwrap();
+    let mut g = std::fs::File::from(s.retrieve_fd(u64::MAX).unwrap());
+    assert_eq!(g.stream_position().unwrap(), 1234);
+    assert_eq!(g.metadata().unwrap().len(), 5000);
+    assert_eq!(sys::get_seals(g.as_fd()).unwrap() & seals, seals);
+    assert!(g.write_all(b"x").is_err(), "F_SEAL_WRITE kept");
+    assert_eq!(read_all(&mut g), vec![7u8; 5000]);
+    let mut empty = std::fs::File::from(s.retrieve_fd(0).unwrap());
+    assert!(read_all(&mut empty).is_empty());
+}
+
+#[test]
+fn memfd_handler_accepts_only_unlinked_tmpfs_files() {
+    let lu = cold_memfd();
+    let dev = lu.open().unwrap();
+    let s = dev.create_session("s").unwrap();
+    if !std::path::Path::new("/dev/shm").is_dir() {
+        eprintln!("SKIP: no /dev/shm");
+        return;
+    }
+    // A linked tmpfs file: refused.
+    let path = std::path::PathBuf::from(format!("/dev/shm/luo-test-{}", std::process::id()));
+    let linked = std::fs::File::create(&path).unwrap();
+    assert_eq!(errno(s.preserve_fd(linked.as_fd(), 1)), ENOENT);
+    // Once unlinked (deleted but open): accepted.
+    std::fs::remove_file(&path).unwrap();
+    s.preserve_fd(linked.as_fd(), 1).unwrap();
+    // O_TMPFILE on tmpfs: accepted.
+    // SAFETY: open(2) with a static path; the result is checked and owned below.
+    let raw = unsafe {
+        libc::open(
+            c"/dev/shm".as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    if raw >= 0 {
+        // SAFETY: fresh fd we own.
+        let tmp = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        s.preserve_fd(tmp.as_fd(), 2).unwrap();
+    }
+}
+
+#[test]
+fn session_fds_are_close_on_exec() {
+    let lu = cold_memfd();
+    let dev = lu.open().unwrap();
+    let s = dev.create_session("s").unwrap();
+    // SAFETY: the session keeps its fd open while `s` lives; borrowed only here.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(s.raw_fd()) };
+    assert!(sys::get_cloexec(fd).unwrap());
+}
