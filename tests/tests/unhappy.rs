@@ -723,3 +723,63 @@ fn session_fds_are_close_on_exec() {
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(s.raw_fd()) };
     assert!(sys::get_cloexec(fd).unwrap());
 }
+
+#[test]
+fn concurrent_creates_and_preserves_against_a_reboot_hand_over_exactly_what_succeeded() {
+    // Each session holds 1 + 2 × 3 fds (session, LUO's and the store's file references).
+    assert!(raise_nofile(4096));
+    let (lu, _h, _j, _store) = setup();
+    let dev = lu.open().unwrap();
+    let results: Vec<Vec<(String, Vec<u64>)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let dev = &dev;
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    let mut held = Vec::new();
+                    for k in 0..100 {
+                        let name = format!("t{t}-{k}");
+                        let s = match dev.create_session(&name) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                assert_eq!(e.errno(), ESHUTDOWN, "{name}");
+                                break;
+                            }
+                        };
+                        let mut tokens = Vec::new();
+                        for tok in 0..3 {
+                            match s.preserve_fd(memfd_with(b"").as_fd(), tok) {
+                                Ok(()) => tokens.push(tok),
+                                Err(e) => assert_eq!(e.errno(), ESHUTDOWN),
+                            }
+                        }
+                        done.push((name, tokens));
+                        held.push(s);
+                    }
+                    // Dropping after the reboot changes nothing.
+                    drop(held);
+                    done
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        lu.luo().reboot().expect("reboot");
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let bytes = lu.memory().to_bytes();
+    let mut handed: Vec<(String, Vec<u64>)> = sessions(&bytes)
+        .into_iter()
+        .map(|s| {
+            let toks = files(&bytes, s.files)
+                .into_iter()
+                .map(|f| f.token)
+                .collect();
+            (s.name, toks)
+        })
+        .collect();
+    let mut expected: Vec<(String, Vec<u64>)> = results.into_iter().flatten().collect();
+    assert!(expected.len() >= 4, "every worker got some work done");
+    handed.sort();
+    expected.sort();
+    assert_eq!(handed, expected);
+}
