@@ -10,7 +10,7 @@ use luo_core::errno::{EEXIST, EINVAL, EIO, ENODATA, ENOENT, ENOSPC};
 use luo_core::Level;
 use luo_handlers::testing::{Event, Journal, Store, TestFlb, TestHandler, TEST_FLB_DATA};
 use luo_handlers::MemfdHandler;
-use luo_tests::{errno, flb_entries, identity, kexec, memfd_with};
+use luo_tests::{errno, flb_entries, identity, kexec, logged, memfd_with};
 
 const FLB_NAMES: [&str; 3] = [
     "liveupdate-test-flb-v0",
@@ -573,4 +573,57 @@ fn linking_an_flb_to_a_handler_with_live_files_is_refused() {
     assert!(j.take().contains(&Event::FlbPreserve("late".into())));
     drop(s);
     assert!(j.take().contains(&Event::FlbUnpreserve("late".into())));
+}
+
+#[test]
+fn a_held_incoming_reference_delays_finish_until_put() {
+    let j = Journal::new();
+    let handover = stage1(&j);
+    let lu = LiveUpdate::boot(&handover).unwrap();
+    let h = memfd_handler(&lu);
+    let flbs = test_flbs(&j);
+    liveupdate_test_register(&lu, &h, &flbs);
+    let held: FlbRef = flbs[0].clone();
+    lu.luo().flb_get_incoming(&held).unwrap();
+    let dev = lu.open().unwrap();
+    drop(dev.retrieve_session("one").unwrap());
+    drop(dev.retrieve_session("two").unwrap());
+    let ev = flb_events(&j);
+    assert!(
+        !ev.contains(&Event::FlbFinish(FLB_NAMES[0].into(), TEST_FLB_DATA)),
+        "{ev:?}"
+    );
+    assert!(ev.contains(&Event::FlbFinish(FLB_NAMES[1].into(), TEST_FLB_DATA + 1)));
+    lu.luo().flb_put_incoming(&held);
+    assert_eq!(
+        flb_events(&j),
+        vec![Event::FlbFinish(FLB_NAMES[0].into(), TEST_FLB_DATA)]
+    );
+}
+
+#[test]
+fn a_failed_incoming_retrieve_means_no_finish() {
+    let j = Journal::new();
+    let handover = stage1(&j);
+    let lu = LiveUpdate::boot(&handover).unwrap();
+    let h = memfd_handler(&lu);
+    let flbs = test_flbs(&j);
+    liveupdate_test_register(&lu, &h, &flbs);
+    flbs[2].fail_retrieve(Some(EIO));
+    let dev = lu.open().unwrap();
+    drop(dev.retrieve_session("one").unwrap());
+    drop(dev.retrieve_session("two").unwrap());
+    let ev = flb_events(&j);
+    assert!(ev.contains(&Event::FlbRetrieve(FLB_NAMES[2].into(), TEST_FLB_DATA + 2)));
+    assert!(!ev
+        .iter()
+        .any(|e| matches!(e, Event::FlbFinish(n, _) if n == FLB_NAMES[2])));
+    assert_eq!(
+        ev.iter()
+            .filter(|e| matches!(e, Event::FlbFinish(..)))
+            .count(),
+        2,
+        "the other two finish"
+    );
+    assert!(logged(lu.memory(), "retrieve before finish failed"));
 }

@@ -783,3 +783,98 @@ fn concurrent_creates_and_preserves_against_a_reboot_hand_over_exactly_what_succ
     expected.sort();
     assert_eq!(handed, expected);
 }
+
+#[test]
+fn disabled_luo_refuses_registration_and_reboots_as_a_no_op() {
+    use luo_core::errno::EOPNOTSUPP;
+    let mem = Arc::new(backend_user::Memory::new());
+    let luo =
+        luo_core::Luo::new(backend_user::UserPlatform::new(mem.clone()), false).expect("boot");
+    assert_eq!(errno(luo.start()), EOPNOTSUPP);
+    assert!(!luo.enabled());
+    let j = Journal::new();
+    let store = Store::new();
+    let h: HandlerRef = TestHandler::new(H, &j, &store);
+    assert_eq!(errno(luo.register_handler(&h)), EOPNOTSUPP);
+    let flb: FlbRef = TestFlb::new("flb", 0, &j);
+    assert_eq!(errno(luo.register_flb(&h, &flb)), EOPNOTSUPP);
+    assert_eq!(errno(luo.flb_get_incoming(&flb)), EOPNOTSUPP);
+    assert_eq!(errno(luo.flb_get_outgoing(&flb)), EOPNOTSUPP);
+    luo.unregister_handler(&h).expect("no-op");
+    luo.unregister_flb(&h, &flb).expect("no-op");
+    assert_eq!(errno(luo.create_session(&name_field(b"s"))), EOPNOTSUPP);
+    luo.reboot().expect("reboot with LUO off is a no-op");
+    assert!(!luo.is_serialized());
+    assert_eq!(mem.outgoing_pages(), 0, "no outgoing state at all");
+}
+
+#[test]
+fn failed_outgoing_setup_leaves_no_pages_and_luo_off() {
+    for n in 0..2 {
+        let mem = Arc::new(backend_user::Memory::new());
+        mem.fail_alloc_after(Some(n));
+        assert_eq!(
+            LiveUpdate::with_memory(mem.clone()).err().map(Error::errno),
+            Some(ENOMEM),
+            "allocation {n} fails"
+        );
+        assert_eq!(mem.outgoing_pages(), 0, "root and FLB page given back");
+    }
+}
+
+#[test]
+fn handler_registration_rules() {
+    let j = Journal::new();
+    let store = Store::new();
+    let lu = LiveUpdate::new().unwrap();
+    let h: HandlerRef = TestHandler::new(H, &j, &store);
+    lu.register_handler(h.clone()).unwrap();
+    // The same handler twice, or another with the same compatible.
+    assert_eq!(errno(lu.register_handler(h.clone())), EEXIST);
+    assert_eq!(
+        errno(lu.register_handler(TestHandler::new(H, &j, &store))),
+        EEXIST
+    );
+    // Compatible strings must fit the 48-byte handover field with their NUL.
+    let max = "c".repeat(47);
+    lu.register_handler(TestHandler::new(&max, &j, &store))
+        .expect("47 characters");
+    assert_eq!(
+        errno(lu.register_handler(TestHandler::new(&"c".repeat(48), &j, &store))),
+        EINVAL
+    );
+    assert_eq!(
+        errno(lu.register_handler(TestHandler::new("", &j, &store))),
+        EINVAL
+    );
+    // An FLB compatible likewise.
+    assert_eq!(
+        errno(lu.register_flb(&h, TestFlb::new(&"f".repeat(48), 0, &j))),
+        EINVAL
+    );
+    lu.register_flb(&h, TestFlb::new(&"f".repeat(47), 0, &j))
+        .unwrap();
+}
+
+#[test]
+fn a_finished_incoming_session_never_becomes_outgoing() {
+    let (lu, _h, j, store) = setup();
+    let dev = lu.open().unwrap();
+    let s = dev.create_session("s").unwrap();
+    s.preserve_fd(memfd_with(b"").as_fd(), 1).unwrap();
+    drop(dev);
+    let (lu, _h) = reboot_test(lu, &j, &store);
+    drop(s);
+    let dev = lu.open().unwrap();
+    let s = dev.retrieve_session("s").unwrap();
+    s.finish().unwrap();
+    assert_eq!(errno(s.preserve_fd(memfd_with(b"").as_fd(), 2)), EINVAL);
+    assert_eq!(errno(s.retrieve_fd(1)), ENOENT);
+    s.finish().expect("FINISH again: empty, 0");
+    assert_eq!(s.get_name().unwrap(), "s");
+    drop(dev);
+    // Not handed over again.
+    lu.luo().reboot().unwrap();
+    assert_eq!(sessions_pa(&lu.memory().to_bytes()), 0);
+    drop(s);
+}
