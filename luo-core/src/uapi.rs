@@ -176,13 +176,24 @@ pub trait UserArg {
     fn write(&mut self, offset: usize, data: &[u8]) -> Result;
     /// True if `[from, to)` is all zero (`check_zeroed_user`). Reads in small chunks so that a
     /// huge `size` does not need a huge buffer.
+    ///
+    /// Like `check_zeroed_user`, which scans word by word, a non-zero byte *before* the first
+    /// unreadable one gives `Ok(false)` (`E2BIG`), not a fault: when a chunk faults, it is
+    /// re-read byte by byte up to the fault.
     fn is_zeroed(&mut self, from: usize, to: usize) -> Result<bool> {
         let mut chunk = [0u8; 64];
         let mut at = from;
         while at < to {
             let n = core::cmp::min(chunk.len(), to - at);
-            self.read(at, &mut chunk[..n])?;
-            if chunk[..n].iter().any(|&b| b != 0) {
+            if self.read(at, &mut chunk[..n]).is_err() {
+                for i in 0..n {
+                    let mut b = [0u8; 1];
+                    self.read(at + i, &mut b)?;
+                    if b[0] != 0 {
+                        return Ok(false);
+                    }
+                }
+            } else if chunk[..n].iter().any(|&b| b != 0) {
                 return Ok(false);
             }
             at += n;
