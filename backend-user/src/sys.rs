@@ -91,6 +91,16 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// `fstat` of an fd number this process may not own (an inherited one), without taking a new
+/// fd for it: works with a full fd table.
+pub fn fstat_raw(fd: RawFd) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` points to writable memory of the right size; the kernel validates `fd`.
+    cvt(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded and filled the struct.
+    Ok(unsafe { st.assume_init() })
+}
+
 /// The filesystem magic of the file's filesystem (`fstatfs().f_type`).
 pub fn fs_type(fd: BorrowedFd<'_>) -> io::Result<i64> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();

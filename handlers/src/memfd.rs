@@ -118,15 +118,15 @@ impl MemfdHandler {
         if adopted.contains(&fd) || !sys::fd_is_open(fd as i32) {
             return Err(errno::EIO);
         }
-        // Check identity through a duplicate before taking ownership of the number.
-        let probe = sys::fget(fd as i32).map_err(|_| errno::EIO)?;
-        let st = sys::fstat(probe.as_fd()).map_err(|_| errno::EIO)?;
+        // Check identity before taking ownership of the number. No new fd is needed for that
+        // (a duplicate would fail with a full fd table, and the failure would be cached as this
+        // file's retrieve status for good).
+        let st = sys::fstat_raw(fd as i32).map_err(|_| errno::EIO)?;
         let (dev, ino) = (ser.dev, ser.ino);
         if st.st_dev != dev || st.st_ino != ino {
             return Err(errno::EIO);
         }
         adopted.insert(fd);
-        drop(probe);
         // SAFETY: the number is open, names the inode the previous image preserved (checked
         // above), and no other owner exists in this image: it was inherited across exec and is
         // adopted at most once (the `adopted` set).

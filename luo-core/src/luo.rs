@@ -728,7 +728,6 @@ impl<P: Platform> Luo<P> {
             }
         };
         let id = entry.handler.get_id(&file);
-        let user = P::dup_file(&file)?;
         match self.ids.lock().try_insert(id, ()) {
             Ok(None) => entry.id = Some(id),
             Ok(Some(())) => log!(
@@ -738,9 +737,12 @@ impl<P: Platform> Luo<P> {
             ),
             Err(_) => log!(self.platform, Warn, "cannot track retrieved file {id:#x}"),
         }
-        entry.file = Some(file);
+        // Record the file before making the caller's reference: the handler has consumed its
+        // handover state, so if that reference cannot be made (no fd left) the file must stay
+        // retrieved, for the next RETRIEVE_FD to hand out (upstream's `get_file` cannot fail).
+        let file = entry.file.insert(file);
         entry.status = RetrieveStatus::Retrieved;
-        Ok(user)
+        P::dup_file(file)
     }
 
     /// FINISH (spec §4.5): `can_finish` on every file (FIFO), then `finish` (LIFO).

@@ -170,6 +170,38 @@ pub fn fill_fd_table() -> bool {
     std::fs::File::open("/dev/null").is_err()
 }
 
+/// In a child: sets `RLIMIT_NOFILE` so that exactly one more fd can be opened. Returns false if
+/// that could not be arranged.
+pub fn leave_one_fd() -> bool {
+    let Ok(low) = std::fs::File::open("/dev/null") else {
+        return false;
+    };
+    let Ok(next) = std::fs::File::open("/dev/null") else {
+        return false;
+    };
+    // Every fd below `next` is in use once `low` stays open.
+    let m = next.as_raw_fd() as u64;
+    drop(next);
+    std::mem::forget(low);
+    set_nofile(m + 1)
+}
+
+/// Sets both `RLIMIT_NOFILE` limits (a child may lower and raise its soft limit up to the hard
+/// one, so only the soft limit is changed).
+pub fn set_nofile(soft: u64) -> bool {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `rl` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 || soft > rl.rlim_max {
+        return false;
+    }
+    rl.rlim_cur = soft;
+    // SAFETY: `rl` is a valid rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0 }
+}
+
 // -------------------------------------------------------------------------------------------
 // Raw uAPI requests
 // -------------------------------------------------------------------------------------------

@@ -878,3 +878,40 @@ fn a_finished_incoming_session_never_becomes_outgoing() {
     assert_eq!(sessions_pa(&lu.memory().to_bytes()), 0);
     drop(s);
 }
+
+#[test]
+fn retrieve_fd_short_of_fds_keeps_the_retrieved_file() {
+    // The memfd handler's retrieve adopts an inherited fd and needs no new one; the reply needs
+    // one fd (reserved first) and LUO's own reference another. With a single free fd, the
+    // ioctl fails with EMFILE, but the retrieved file must not be lost: it stays retrieved.
+    let lu = cold_memfd();
+    let dev = lu.open().unwrap();
+    let s = dev.create_session("s").unwrap();
+    s.preserve_fd(memfd_with(b"precious").as_fd(), 1).unwrap();
+    drop(dev);
+    let fd = kexec(lu);
+    drop(s);
+    let lu = boot_memfd(&fd);
+    let dev = lu.open().unwrap();
+    let s = dev.retrieve_session("s").unwrap();
+    let status = in_child(|| {
+        if !leave_one_fd() {
+            return false;
+        }
+        let first = s.retrieve_fd(1);
+        if !set_nofile(4096) {
+            return false;
+        }
+        let failed_with_emfile = first
+            .as_ref()
+            .err()
+            .is_some_and(|e| e.errno() == luo_core::errno::EMFILE);
+        // Either it worked, or it failed for lack of fds; the file must be retrievable now.
+        let ok = match s.retrieve_fd(1) {
+            Ok(f) => read_all(&mut std::fs::File::from(f)) == b"precious",
+            Err(_) => false,
+        };
+        (first.is_ok() || failed_with_emfile) && ok
+    });
+    assert_eq!(status, 0);
+}
