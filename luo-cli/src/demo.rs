@@ -299,6 +299,8 @@ fn new_memfd(name: &std::ffi::CStr, len: u64) -> Result<File, CliError> {
 
 /// What the old image's worker leaves at the cut.
 struct WorkerEnd {
+    /// The per-page checksums, handed back so that freeing them is not part of the cut.
+    _sums: Vec<u64>,
     last_gen: u64,
     checksum: u64,
     writes: u64,
@@ -331,6 +333,7 @@ fn old_worker(
         writes += 1;
     }
     Ok(WorkerEnd {
+        _sums: sums,
         last_gen: k - 1,
         checksum,
         writes,
@@ -554,17 +557,21 @@ impl Gate {
 }
 
 struct NewWorkerEnd {
-    first_write: Option<u64>,
     writes: u64,
 }
 
-/// The new image's workload: continues with generation `last + 1`, never rewriting a page
-/// before the verifier has checked it.
-fn new_worker(ram: File, pages: u64, last: u64, gate: Arc<Gate>) -> std::io::Result<NewWorkerEnd> {
+/// The new image's workload: continues with generation `from` (the main thread wrote the ones
+/// after `last` before it), never rewriting a page before the verifier has checked it.
+fn new_worker(
+    ram: File,
+    pages: u64,
+    last: u64,
+    from: u64,
+    gate: Arc<Gate>,
+) -> std::io::Result<NewWorkerEnd> {
     let mut buf = vec![0u8; PAGE];
-    let mut first_write = None;
     let mut writes = 0;
-    let mut k = last + 1;
+    let mut k = from;
     loop {
         if gate.stop.load(Ordering::Acquire) {
             break;
@@ -582,21 +589,49 @@ fn new_worker(ram: File, pages: u64, last: u64, gate: Arc<Gate>) -> std::io::Res
         let p = pattern::page_of(k, pages);
         pattern::fill(&mut buf, p, k);
         ram.write_all_at(&buf, p * PAGE as u64)?;
-        if first_write.is_none() {
-            first_write = Some(now());
-        }
         writes += 1;
         k += 1;
     }
-    Ok(NewWorkerEnd {
-        first_write,
-        writes,
+    Ok(NewWorkerEnd { writes })
+}
+
+/// Checks one page against generation `g`, with the error naming the RAM byte.
+fn check_page(bytes: &[u8], p: u64, g: u64) -> Result<u64, CliError> {
+    pattern::check(bytes, p, g).map_err(|m| {
+        fail(format!(
+            "verification failed: guest RAM byte {:#x} (page {p}, offset {}): expected word {:#018x} of generation {g}, found {:#018x}",
+            p * PAGE as u64 + m.offset as u64,
+            m.offset,
+            m.expected,
+            m.found
+        ))
     })
 }
 
+/// The resume: verifies the page the workload writes first and writes it (the first write of
+/// the new image, which ends the blackout). Returns the page's old checksum and the time.
+fn resume(ram: &File, st: &DemoState) -> Result<(u64, u64), CliError> {
+    let pages = st.ram / PAGE as u64;
+    let mut buf = vec![0u8; PAGE];
+    let p = pattern::page_of(st.last_gen + 1, pages);
+    ram.read_exact_at(&mut buf, p * PAGE as u64)
+        .map_err(|e| fail(format!("cannot read guest RAM: {e}")))?;
+    let sum = check_page(&buf, p, pattern::generation_of(p, pages, st.last_gen))?;
+    pattern::fill(&mut buf, p, st.last_gen + 1);
+    ram.write_all_at(&buf, p * PAGE as u64)
+        .map_err(|e| fail(format!("cannot write guest RAM: {e}")))?;
+    Ok((sum, now()))
+}
+
 /// Verifies every page in the order the resumed worker rewrites them, opening the gate as it
-/// goes; returns the RAM checksum.
-fn verify(ram: &File, st: &DemoState, gate: &Gate) -> Result<u64, CliError> {
+/// goes; `done` pages (with checksum `sum`) were verified already. Returns the RAM checksum.
+fn verify(
+    ram: &File,
+    st: &DemoState,
+    gate: &Gate,
+    mut done: u64,
+    mut sum: u64,
+) -> Result<u64, CliError> {
     let pages = st.ram / PAGE as u64;
     let mut progress = Progress::new(
         format!(
@@ -607,10 +642,7 @@ fn verify(ram: &File, st: &DemoState, gate: &Gate) -> Result<u64, CliError> {
     );
     let started = now();
     let mut buf = vec![0u8; CHUNK_PAGES * PAGE];
-    let mut sum = 0u64;
-    let mut done = 0u64;
-    // The first chunk is one page: the page the resumed worker writes first.
-    let mut chunk = 1u64;
+    let chunk = CHUNK_PAGES as u64;
     while done < pages {
         let p0 = (st.last_gen + done) % pages;
         let n = chunk.min(pages - p0).min(pages - done);
@@ -621,23 +653,11 @@ fn verify(ram: &File, st: &DemoState, gate: &Gate) -> Result<u64, CliError> {
             let p = p0 + i;
             let g = pattern::generation_of(p, pages, st.last_gen);
             let page_bytes = &bytes[i as usize * PAGE..(i as usize + 1) * PAGE];
-            match pattern::check(page_bytes, p, g) {
-                Ok(c) => sum = sum.wrapping_add(c),
-                Err(m) => {
-                    return Err(fail(format!(
-                        "verification failed: guest RAM byte {:#x} (page {p}, offset {}): expected word {:#018x} of generation {g}, found {:#018x}",
-                        p * PAGE as u64 + m.offset as u64,
-                        m.offset,
-                        m.expected,
-                        m.found
-                    )))
-                }
-            }
+            sum = sum.wrapping_add(check_page(page_bytes, p, g)?);
         }
         done += n;
         gate.advance(done);
         progress.update(done);
-        chunk = CHUNK_PAGES as u64;
     }
     progress.done(now() - started);
     if sum != st.checksum {
@@ -706,8 +726,10 @@ pub fn stage2(opts: &Stage2Options, t_main: u64) -> Result<(), CliError> {
     let pages = st.ram / PAGE as u64;
 
     // Resume the workload and verify, each page before its first rewrite.
+    let verify_start = now();
+    let (first_sum, first_write) = resume(&ram, &st)?;
     let gate = Arc::new(Gate {
-        verified: Mutex::new(0),
+        verified: Mutex::new(1),
         cv: Condvar::new(),
         stop: AtomicBool::new(false),
     });
@@ -719,11 +741,10 @@ pub fn stage2(opts: &Stage2Options, t_main: u64) -> Result<(), CliError> {
         let last = st.last_gen;
         std::thread::Builder::new()
             .name("workload".into())
-            .spawn(move || new_worker(ram, pages, last, gate))
+            .spawn(move || new_worker(ram, pages, last, last + 2, gate))
             .map_err(|e| fail(format!("cannot resume the workload: {e}")))?
     };
-    let verify_start = now();
-    let verified = verify(&ram, &st, &gate);
+    let verified = verify(&ram, &st, &gate, 1, first_sum);
     let verify_end = now();
     if verified.is_ok() {
         std::thread::sleep(Duration::from_millis(LINGER_MS));
@@ -738,9 +759,7 @@ pub fn stage2(opts: &Stage2Options, t_main: u64) -> Result<(), CliError> {
                 "the resumed workload failed to write guest RAM: {e}"
             ))
         })?;
-    let first_write = end
-        .first_write
-        .ok_or_else(|| fail("the resumed workload never wrote"))?;
+    let writes = end.writes + 1;
 
     let finish_start = now();
     session
@@ -768,7 +787,7 @@ pub fn stage2(opts: &Stage2Options, t_main: u64) -> Result<(), CliError> {
     let _ = writeln!(
         o,
         "workload: {} page writes in the old image after the fill, {} in the new one; session \"{SESSION}\" finished",
-        st.writes, end.writes
+        st.writes, writes
     );
     let _ = writeln!(o);
     let _ = writeln!(
@@ -847,7 +866,7 @@ pub fn stage2(opts: &Stage2Options, t_main: u64) -> Result<(), CliError> {
         "resume",
         first_write,
         None,
-        "first write of the new image (its page verified first)",
+        "first write of the new image (after verifying that page)",
     );
     row(
         "finish",
@@ -855,10 +874,11 @@ pub fn stage2(opts: &Stage2Options, t_main: u64) -> Result<(), CliError> {
         Some(finish_end - finish_start),
         "FINISH the session",
     );
+    let blackout = first_write.saturating_sub(t.last_write);
     let _ = writeln!(
         o,
-        "blackout: {} (last write in the old image -> first write in the new image)",
-        format_ns(first_write.saturating_sub(t.last_write))
+        "blackout: {} = {blackout} ns (last write in the old image -> first write in the new image)",
+        format_ns(blackout)
     );
     print!("{o}");
     let _ = std::io::stdout().flush();
