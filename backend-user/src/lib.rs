@@ -365,6 +365,12 @@ impl FdTable<UserPlatform> for Fds<'_> {
     }
 
     fn fget(&mut self, fd: i32) -> Result<OwnedFd> {
-        sys::fget(fd).map_err(|_| Error::BadFd)
+        // LUO's reference to the file is an fd here (the kernel's `fget` needs none): a full fd
+        // table is EMFILE, not a bad fd.
+        sys::fget(fd).map_err(|e| match e.raw_os_error() {
+            Some(libc::EMFILE) => Error::TooManyFds,
+            Some(libc::ENFILE) => Error::FileTableFull,
+            _ => Error::BadFd,
+        })
     }
 }

@@ -285,6 +285,17 @@ fn fd_table_full_is_emfile() {
         checks.iter().all(|&c| c)
     });
     assert_eq!(status, 0);
+    // PRESERVE_FD: the userspace backend holds LUO's reference to the file as an fd (the
+    // kernel's fget needs none), so a full table is reported as EMFILE, never as a bad fd.
+    let out = inc.dev.create_session("full").unwrap();
+    let m = memfd_with(b"m");
+    let status = in_child(|| {
+        fill_fd_table()
+            && errno(out.preserve_fd(m.as_fd(), 1)) == EMFILE
+            && out.session().file_count() == 0
+    });
+    assert_eq!(status, 0);
+    out.preserve_fd(m.as_fd(), 1).unwrap();
     // The same calls succeed with room in the table (the child's limit did not leak here).
     let n = inc.dev.create_session("new").unwrap();
     drop(n);
