@@ -244,3 +244,14 @@ pub fn monotonic_ns() -> u64 {
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
 }
+
+/// Sets `FD_CLOEXEC` on an fd number this process may not own (an fd inherited across exec
+/// that nobody has adopted yet); fails with EBADF if the number is not open.
+pub fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD take int arguments and do not touch memory; the kernel
+    // validates `fd`.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
+    Ok(())
+}

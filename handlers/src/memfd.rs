@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use backend_user::{sys, Memory, UserPlatform};
+use backend_user::{sys, LiveUpdate, Memory, UserPlatform};
 use luo_core::errno::{self, Errno};
 use luo_core::{FileHandler, Preserved, RetrieveStatus};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -100,6 +100,33 @@ impl MemfdHandler {
             ino: st.st_ino,
             ..MemfdUserSer::default()
         })
+    }
+
+    /// Creates the handler, registers it with `lu`, and marks every memfd the previous image
+    /// handed over close-on-exec until it is retrieved: a file that is never retrieved then
+    /// goes away at the next exec instead of leaking into every later image (upstream drops
+    /// such files at the next kexec the same way, by not preserving them again).
+    pub fn register(lu: &LiveUpdate) -> luo_core::Result<Arc<Self>> {
+        let h = MemfdHandler::new(lu.memory().clone());
+        lu.register_handler(h.clone())?;
+        let compat = luo_core::abi::Compat::new(MEMFD_USER_COMPATIBLE.as_bytes());
+        lu.luo().for_each_pending_incoming_file(|c, data| {
+            if Some(*c) != compat {
+                return;
+            }
+            let Ok(ser) = h.read_ser(data) else {
+                return;
+            };
+            let (fd, dev, ino) = (ser.fd, ser.dev, ser.ino);
+            let Ok(fd) = i32::try_from(fd) else {
+                return;
+            };
+            // Only an fd that still names the preserved inode is touched.
+            if sys::fstat_raw(fd).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino) {
+                let _ = sys::set_cloexec_raw(fd);
+            }
+        });
+        Ok(h)
     }
 
     fn read_ser(&self, data: u64) -> Result<MemfdUserSer, Errno> {

@@ -941,6 +941,21 @@ impl<P: Platform> Luo<P> {
         self.outgoing.read().by_seq.len()
     }
 
+    /// Calls `f(compatible, data)` for every file of the incoming image that awaits the first
+    /// open, in handover order. Lets a backend protect what the previous image handed over
+    /// before anyone retrieves it (the userspace memfd handler marks inherited fds
+    /// close-on-exec, so files that are never retrieved do not leak into the next image).
+    pub fn for_each_pending_incoming_file(&self, mut f: impl FnMut(&Compat, u64)) {
+        let dev = self.device.lock();
+        if let Incoming::Pending(img) = &dev.incoming {
+            for s in img.sessions.as_slice() {
+                for file in s.files.as_slice() {
+                    f(&file.compat, file.data);
+                }
+            }
+        }
+    }
+
     /// Number of incoming sessions not yet closed (retrieved or not).
     pub fn incoming_count(&self) -> usize {
         self.incoming.read().len()
