@@ -77,9 +77,9 @@ fn row(shape: &str, n: usize, sessions: usize, files: usize) {
     );
 }
 
-/// `SCALING_PROBE=op:sessions:files` (op = create, serialize or deserialize) runs only that
-/// operation, RUNS times, for `valgrind --tool=callgrind` (instructions per element; see
-/// docs/performance.md).
+/// `SCALING_PROBE=op:sessions:files` (op = create, serialize, to_bytes or deserialize) runs
+/// only that operation, RUNS times, for `valgrind --tool=callgrind` (instructions per element;
+/// see docs/performance.md).
 fn probe(spec: &str) {
     let mut parts = spec.split(':');
     let op = parts.next().unwrap_or_default();
@@ -113,10 +113,15 @@ fn probe(spec: &str) {
             let bytes = mem.to_bytes();
             best(|| bytes.clone(), boot)
         }
+        "to_bytes" => {
+            let (luo, mem) = nofd(sessions, files);
+            luo.reboot().expect("reboot");
+            best(|| (), |()| mem.to_bytes())
+        }
         _ => panic!("unknown op {op}"),
     };
     println!(
-        "{op} {n}: {:.0} ns per element (best of {RUNS})",
+        "{op} {sessions}x{files}: {:.0} ns per element (best of {RUNS})",
         ns / n as f64
     );
 }
