@@ -252,7 +252,7 @@ impl Progress {
     fn new(label: String, total: u64) -> Self {
         let tty = std::io::stderr().is_terminal();
         if !tty {
-            eprintln!("{label}...");
+            err!("{label}...\n");
         }
         Progress {
             label,
@@ -269,15 +269,15 @@ impl Progress {
         let pct = done * 100 / self.total;
         if pct >= self.shown + 5 {
             self.shown = pct;
-            eprint!("\r{}: {pct:3}%", self.label);
+            err!("\r{}: {pct:3}%", self.label);
         }
     }
 
     fn done(self, took: u64) {
         if self.tty {
-            eprint!("\r");
+            err!("\r");
         }
-        eprintln!("{}: done in {}", self.label, format_ns(took));
+        err!("{}: done in {}\n", self.label, format_ns(took));
     }
 }
 
@@ -390,11 +390,10 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
     };
     let mut t = Times::default();
     let pid = std::process::id();
-    println!(
-        "luo demo: live update of a running workload across exec (pid {pid}, {} of guest RAM in a memfd)",
+    out!(
+        "luo demo: live update of a running workload across exec (pid {pid}, {} of guest RAM in a memfd)\n",
         format_size(opts.ram)
     );
-    let _ = std::io::stdout().flush();
 
     // The workload: guest RAM and its state page.
     let ram = new_memfd(c"luo-demo-ram", opts.ram)?;
@@ -461,8 +460,8 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
             return Err(fail(format!("cannot preserve the workload's memfds: {e}")));
         }
     };
-    eprintln!(
-        "old image: preserved guest RAM (token {TOKEN_RAM:#x}) and state (token {TOKEN_STATE:#x}) in session \"{SESSION}\" in {}",
+    err!(
+        "old image: preserved guest RAM (token {TOKEN_RAM:#x}) and state (token {TOKEN_STATE:#x}) in session \"{SESSION}\" in {}\n",
         format_ns(t.preserve_end - t.preserve_start)
     );
 
@@ -499,8 +498,8 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
         write_dump(&handover, f).map_err(|e| fail(format!("cannot write the dump: {e}")))?;
         t.dump_end = now();
     }
-    eprintln!(
-        "old image: workload stopped after {} page writes (last generation {}); exec {}",
+    err!(
+        "old image: workload stopped after {} page writes (last generation {}); exec {}\n",
         end.writes,
         end.last_gen,
         next.display()
@@ -880,7 +879,7 @@ pub fn stage2(opts: &Stage2Options, t_main: u64) -> Result<(), CliError> {
         "blackout: {} = {blackout} ns (last write in the old image -> first write in the new image)",
         format_ns(blackout)
     );
-    print!("{o}");
+    out!("{o}");
     let _ = std::io::stdout().flush();
     Ok(())
 }

@@ -6,6 +6,25 @@
 //! Exit status: 0 on success, 1 when something failed at run time, 2 for a usage error or a
 //! malformed handover image. Every error is one line on stderr.
 
+/// `print!` that ignores a closed or broken stdout (`luo inspect img | head`) instead of
+/// panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout().lock();
+        let _ = write!(o, $($t)*);
+        let _ = o.flush();
+    }};
+}
+
+/// `eprint!` that ignores a closed stderr.
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
+
 pub mod demo;
 pub mod inspect;
 pub mod json;
@@ -64,7 +83,7 @@ pub fn run(argv0: OsString, args: Vec<OsString>, t_start: u64) -> i32 {
     match dispatch(argv0, &args, t_start) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("luo: {}", e.message.replace('\n', " "));
+            err!("luo: {}\n", e.message.replace('\n', " "));
             e.code
         }
     }
@@ -72,7 +91,7 @@ pub fn run(argv0: OsString, args: Vec<OsString>, t_start: u64) -> i32 {
 
 fn dispatch(argv0: OsString, args: &[OsString], t_start: u64) -> Result<(), CliError> {
     let Some(cmd) = args.first() else {
-        eprint!("{USAGE}");
+        err!("{USAGE}");
         return Err(CliError::usage("no command given"));
     };
     let rest = &args[1..];
@@ -86,11 +105,11 @@ fn dispatch(argv0: OsString, args: &[OsString], t_start: u64) -> Result<(), CliE
         },
         Some("inspect") => inspect_cmd(rest),
         Some("help" | "--help" | "-h") => {
-            print!("{USAGE}");
+            out!("{USAGE}");
             Ok(())
         }
         Some("--version" | "-V") => {
-            println!("luo {}", env!("CARGO_PKG_VERSION"));
+            out!("luo {}\n", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
         _ => Err(CliError::usage(format!(
@@ -127,9 +146,9 @@ fn inspect_cmd(args: &[OsString]) -> Result<(), CliError> {
         message: format!("inspect {}: {e}", file.display()),
     })?;
     if json {
-        println!("{}", report.json());
+        out!("{}\n", report.json());
     } else {
-        print!("{}", report.text());
+        out!("{}", report.text());
     }
     Ok(())
 }
