@@ -23,8 +23,8 @@ use util::{bail, Result};
 
 const USAGE: &str = "\
 usage: cargo xtask vm test  [--core c|rust] [--tests NAME[,NAME...]] [--clean]
-                            [--timeout SECS] [--jobs N] [--verbose]
-       cargo xtask vm build [--core c|rust] [--clean] [--jobs N]
+                            [--no-debug] [--timeout SECS] [--jobs N] [--verbose]
+       cargo xtask vm build [--core c|rust] [--clean] [--no-debug] [--jobs N]
        cargo xtask vm list
        cargo xtask vm clean
 
@@ -38,6 +38,8 @@ vm clean   remove the kernel build outputs (keeps toolchain, source and logs).
 --core       LUO core to build: c (upstream, default) or rust (needs the patch series)
 --tests      run only these (repeatable or comma separated), e.g. liveupdate.preserve_memfd
 --clean      remove the build outputs first (a cold kernel build)
+--no-debug   leave out backend-linux/kernel/config/debug.config (lockdep etc.), which
+             roughly doubles boot and kexec times under TCG; for timing runs
 --timeout    per-VM timeout in seconds (default 120)
 --jobs       make -j for the kernel (default: number of CPUs)
 --verbose    copy every VM's serial output to stderr as it arrives
@@ -62,6 +64,7 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
         core: Core::C,
         tests: Vec::new(),
         clean: false,
+        debug: true,
         timeout: Duration::from_secs(120),
         verbose: false,
         jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -97,6 +100,7 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
                 );
             }
             "--clean" => opts.clean = true,
+            "--no-debug" => opts.debug = false,
             "--verbose" | "-v" => opts.verbose = true,
             "--timeout" => {
                 let v = value("--timeout")?;

@@ -232,9 +232,12 @@ const SPLATS: &[&str] = &[
     "kernel BUG at",
     "Oops",
     "Kernel panic",
-    "KASAN",
-    "UBSAN",
-    "lockdep",
+    // KASAN, KCSAN and most lockdep reports begin with "BUG:" or "WARNING:"; these are
+    // the lockdep ones that do not ("RCU lockdep checking is enabled" is benign).
+    "UBSAN:",
+    "DEBUG_LOCKS_WARN_ON",
+    "INFO: trying to register non-static key",
+    "INFO: lockdep is turned off",
     "possible recursive locking",
     "possible circular locking",
     "Call Trace:",

@@ -19,6 +19,8 @@ pub(crate) struct Options {
     /// `--tests`: VM test names or `<vm test>.<case>`; empty means all.
     pub(crate) tests: Vec<String>,
     pub(crate) clean: bool,
+    /// Include config/debug.config (lockdep, sleep-in-atomic checks).
+    pub(crate) debug: bool,
     pub(crate) timeout: Duration,
     pub(crate) verbose: bool,
     pub(crate) jobs: usize,
@@ -75,7 +77,9 @@ fn prepare(paths: &Paths, opts: &Options, phases: &mut Phases) -> Result<Built> 
         source::ensure_tree(paths, &pristine, &patches)
     })?;
     let kernel = phases.time("kernel build", || {
-        kbuild::ensure(paths, &tree, &patches, &tc, opts.core, opts.jobs)
+        kbuild::ensure(
+            paths, &tree, &patches, &tc, opts.core, opts.debug, opts.jobs,
+        )
     })?;
     let bins = phases.time("guest programs", || guest::build_programs(&tree, &kernel))?;
     Ok(Built {
@@ -260,9 +264,14 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
     print!("{tap}");
     util::write(&run_dir.join("summary.tap"), &tap)?;
     println!(
-        "# kernel: {LINUX_PKG} {LINUX_DEB_VERSION} (Linux {}), {} core, make {} s{}",
+        "# kernel: {LINUX_PKG} {LINUX_DEB_VERSION} (Linux {}), {} core, {}, make {} s{}",
         b.kernel.release,
         b.kernel.core,
+        if b.kernel.debug {
+            "with debug.config"
+        } else {
+            "without debug.config"
+        },
         util::secs(b.kernel.make_time),
         if b.kernel.rebuilt {
             " (bzImage rebuilt)"
