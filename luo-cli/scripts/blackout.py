@@ -46,8 +46,13 @@ def main():
     ap.add_argument("sizes", nargs="*", default=["64M", "1G"])
     a = ap.parse_args()
     medians = {}
+    # Interleaved, so that a burst of load on the machine hits every size alike.
+    results = {size: [] for size in a.sizes}
+    for _ in range(a.runs):
+        for size in a.sizes:
+            results[size].append(run(a.luo, size))
     for size in a.sizes:
-        runs = [run(a.luo, size) for _ in range(a.runs)]
+        runs = results[size]
         print(f"--ram {size}: {a.runs} runs, median (min .. max)")
         for key in ["blackout"] + STEPS:
             v = [r[key] for r in runs if key in r]

@@ -299,8 +299,6 @@ fn new_memfd(name: &std::ffi::CStr, len: u64) -> Result<File, CliError> {
 
 /// What the old image's worker leaves at the cut.
 struct WorkerEnd {
-    /// The per-page checksums, handed back so that freeing them is not part of the cut.
-    _sums: Vec<u64>,
     last_gen: u64,
     checksum: u64,
     writes: u64,
@@ -308,11 +306,12 @@ struct WorkerEnd {
 }
 
 /// The old image's workload: rewrites pages round robin with increasing generations until told
-/// to stop, keeping the RAM checksum up to date.
+/// to stop, keeping the RAM checksum up to date. The generation a write replaces is known
+/// (`k - pages`), so no per-page table is kept: the process's own memory does not grow with
+/// the guest RAM, and neither does the teardown of its address space at exec.
 fn old_worker(
     ram: File,
     pages: u64,
-    mut sums: Vec<u64>,
     mut checksum: u64,
     fill_end: u64,
     stop: Arc<AtomicBool>,
@@ -326,14 +325,13 @@ fn old_worker(
         let c = pattern::fill(&mut buf, p, k);
         ram.write_all_at(&buf, p * PAGE as u64)?;
         last_write = now();
-        let slot = &mut sums[p as usize];
-        checksum = checksum.wrapping_sub(*slot).wrapping_add(c);
-        *slot = c;
+        checksum = checksum
+            .wrapping_sub(pattern::checksum(p, k - pages))
+            .wrapping_add(c);
         k += 1;
         writes += 1;
     }
     Ok(WorkerEnd {
-        _sums: sums,
         last_gen: k - 1,
         checksum,
         writes,
@@ -403,9 +401,6 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
         format!("old image: filling {}", format_size(opts.ram)),
         pages,
     );
-    let mut sums = Vec::new();
-    sums.try_reserve_exact(pages as usize)
-        .map_err(|_| fail("cannot allocate the page checksum table"))?;
     let mut checksum = 0u64;
     let mut buf = vec![0u8; CHUNK_PAGES * PAGE];
     let mut p = 0u64;
@@ -414,7 +409,6 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
         for i in 0..n {
             let pg = p + i as u64;
             let c = pattern::fill(&mut buf[i * PAGE..(i + 1) * PAGE], pg, pg + 1);
-            sums.push(c);
             checksum = checksum.wrapping_add(c);
         }
         ram.write_all_at(&buf[..n * PAGE], p * page)
@@ -424,6 +418,7 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
     }
     t.fill_end = now();
     progress.done(t.fill_end - t.fill_start);
+    drop(buf);
 
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
@@ -434,7 +429,7 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
         let fill_end = t.fill_end;
         std::thread::Builder::new()
             .name("workload".into())
-            .spawn(move || old_worker(ram, pages, sums, checksum, fill_end, stop))
+            .spawn(move || old_worker(ram, pages, checksum, fill_end, stop))
             .map_err(|e| fail(format!("cannot start the workload: {e}")))?
     };
     let worker_start = now();
