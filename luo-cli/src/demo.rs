@@ -56,6 +56,9 @@ pub struct DemoOptions {
     pub dump: Option<PathBuf>,
     /// How long the workload runs before the cut.
     pub run_ms: u64,
+    /// Test hook (hidden `--corrupt-byte OFFSET`): flips one byte of guest RAM after the cut,
+    /// which the new image's verification must catch.
+    pub corrupt: Option<u64>,
 }
 
 /// Options of the hidden `luo demo --stage2`.
@@ -365,6 +368,14 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
             )));
         }
     }
+    if let Some(off) = opts.corrupt {
+        if off >= opts.ram {
+            return Err(CliError::usage(format!(
+                "--corrupt-byte {off} is outside the {} of guest RAM",
+                format_size(opts.ram)
+            )));
+        }
+    }
     let next: PathBuf = match &opts.next {
         Some(p) => {
             let meta = std::fs::metadata(p)
@@ -484,6 +495,13 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
         .write_all_at(&saved.to_bytes(), 0)
         .map_err(|e| fail(format!("cannot save the workload state: {e}")))?;
     t.save_end = now();
+    if let Some(off) = opts.corrupt {
+        let mut b = [0u8; 1];
+        ram.read_exact_at(&mut b, off)
+            .and_then(|()| ram.write_all_at(&[b[0] ^ 0x01], off))
+            .map_err(|e| fail(format!("--corrupt-byte: {e}")))?;
+        err!("old image: flipped guest RAM byte {off:#x} after the cut (--corrupt-byte)\n");
+    }
     t.reboot_start = now();
     let handover = lu
         .reboot()
@@ -897,6 +915,7 @@ pub fn parse_args(args: &[OsString]) -> Result<DemoCommand, CliError> {
     let mut handover_fd = None;
     let mut times = None;
     let mut dumped = None;
+    let mut corrupt = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let s = arg.to_str().ok_or_else(|| {
@@ -954,6 +973,12 @@ pub fn parse_args(args: &[OsString]) -> Result<DemoCommand, CliError> {
                 );
             }
             "--dumped" => dumped = Some(PathBuf::from(value(&mut it)?)),
+            "--corrupt-byte" => {
+                let v = text(value(&mut it)?)?;
+                corrupt = Some(crate::size::parse_size(&v).map_err(|e| {
+                    CliError::usage(format!("demo: --corrupt-byte: {e}"))
+                })?);
+            }
             _ => {
                 return Err(CliError::usage(format!(
                     "demo: unknown argument '{s}' (usage: luo demo [--ram SIZE] [--next PATH] [--dump FILE])"
@@ -977,6 +1002,7 @@ pub fn parse_args(args: &[OsString]) -> Result<DemoCommand, CliError> {
         next,
         dump,
         run_ms,
+        corrupt,
     }))
 }
 

@@ -109,6 +109,29 @@ fn demo_dump_is_a_valid_image() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn corrupted_guest_ram_fails_verification() {
+    // Byte 0x3039 is in page 3: flipped after the cut, before the exec.
+    let r = run(&[
+        "demo",
+        "--ram",
+        "1M",
+        "--run-ms",
+        "20",
+        "--corrupt-byte",
+        "12345",
+    ]);
+    assert_eq!(r.code, 1, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("luo: verification failed: guest RAM byte 0x3039 (page 3, offset 57)"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stdout.contains("verification: OK"));
+    assert!(!r.stderr.contains("panicked"));
+}
+
 fn assert_one_line_error(r: &common::Run, code: i32, needle: &str) {
     assert_eq!(r.code, code, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "stderr:\n{}", r.stderr);
