@@ -19,7 +19,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -318,6 +318,7 @@ fn old_worker(
     mut checksum: u64,
     fill_end: u64,
     stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
 ) -> std::io::Result<WorkerEnd> {
     let mut buf = vec![0u8; PAGE];
     let mut k = pages + 1;
@@ -333,6 +334,7 @@ fn old_worker(
             .wrapping_add(c);
         k += 1;
         writes += 1;
+        progress.store(writes, Ordering::Relaxed);
     }
     Ok(WorkerEnd {
         last_gen: k - 1,
@@ -432,15 +434,17 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
     drop(buf);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
     let worker = {
         let ram = ram
             .try_clone()
             .map_err(|e| fail(format!("cannot dup the RAM memfd: {e}")))?;
         let stop = stop.clone();
+        let written = written.clone();
         let fill_end = t.fill_end;
         std::thread::Builder::new()
             .name("workload".into())
-            .spawn(move || old_worker(ram, pages, checksum, fill_end, stop))
+            .spawn(move || old_worker(ram, pages, checksum, fill_end, stop, written))
             .map_err(|e| fail(format!("cannot start the workload: {e}")))?
     };
     let worker_start = now();
@@ -475,6 +479,11 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
     let run = opts.run_ms.saturating_mul(1_000_000);
     if run > elapsed {
         std::thread::sleep(Duration::from_nanos(run - elapsed));
+    }
+    // On a busy machine the worker may not have run yet: the cut comes after its first write.
+    let deadline = now().saturating_add(10_000_000_000);
+    while written.load(Ordering::Relaxed) == 0 && !worker.is_finished() && now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
     }
 
     // The cut: stop the workload, save its state, freeze and serialize, exec.
