@@ -454,7 +454,7 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
     t.preserve_start = now();
     let luo = (|| {
         let lu = LiveUpdate::new()?;
-        lu.register_handler(MemfdHandler::new(lu.memory().clone()))?;
+        MemfdHandler::register(&lu)?;
         let dev = lu.open()?;
         let session = dev.create_session(SESSION)?;
         session.preserve_fd(ram.as_fd(), TOKEN_RAM)?;
@@ -708,7 +708,8 @@ pub fn stage2(opts: &Stage2Options, t_main: u64) -> Result<(), CliError> {
     let boot_start = now();
     let lu = LiveUpdate::boot(&handover)
         .map_err(|e| fail(format!("cannot boot from handover fd {fd}: {e}")))?;
-    lu.register_handler(MemfdHandler::new(lu.memory().clone()))
+    // Also marks the inherited memfds close-on-exec until retrieved.
+    MemfdHandler::register(&lu)
         .map_err(|e| fail(format!("cannot register the memfd handler: {e}")))?;
     let dev = lu
         .open()
