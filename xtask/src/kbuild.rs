@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::host::Toolchain;
 use crate::paths::{Paths, LINUX_DEB_VERSION};
-use crate::source::Patches;
+use crate::source::Tree;
 use crate::util::{self, bail, mkdirs, note, path_safe, remove, Context, Fnv, Result};
 
 /// Which LUO core the kernel is built with.
@@ -154,19 +154,20 @@ fn tail(log: &Path, n: usize) -> String {
 /// Configure (if the fragments changed) and build the kernel for `core`.
 pub(crate) fn ensure(
     paths: &Paths,
-    tree: &Path,
-    patches: &Patches,
+    src: &Tree,
     tc: &Toolchain,
     core: Core,
     debug: bool,
     jobs: usize,
 ) -> Result<Kernel> {
     let frags = fragments(paths, core, debug)?;
+    let tree = src.path.as_path();
+    let links = src.links.as_str();
     let tc_key = tc.key();
     let key = Fnv::new()
         .str(LINUX_DEB_VERSION)
         .str(&frags.hash)
-        .str(&patches.hash)
+        .str(&src.patches)
         .str(&tc_key)
         .hex();
     let name = format!(
@@ -179,7 +180,7 @@ pub(crate) fn ensure(
     let meta = dir.join("luo");
     let info = format!(
         "source={LINUX_DEB_VERSION}\ncore={core}\nconfig={}\npatches={}\ntoolchain={tc_key}\n",
-        frags.hash, patches.hash
+        frags.hash, src.patches
     );
     if !dir.join("luo/info").is_file() {
         mkdirs(&paths.build())?;
@@ -205,11 +206,12 @@ pub(crate) fn ensure(
     let bzimage = dir.join("arch/x86/boot/bzImage");
     let before = util::mtime(&bzimage);
     let t = Instant::now();
-    // The directory's key covers every input of the build (the tree is only ever changed
-    // through the patch series), so a finished build for this key is up to date and even
-    // a no-op make (5 to 10 s on 2 busy cores) can be skipped.
+    // The directory's key covers every input of the build except the repository sources
+    // linked into the tree (tree-links), whose state is in `links`; the tree itself is
+    // only ever changed through the patch series. So a finished build with the same
+    // stamp is up to date and even a no-op make (5 to 10 s on 2 busy cores) is skipped.
     let done_stamp = meta.join("built");
-    let done = format!("{BUILD_RECIPE}\n{:?}\n", before);
+    let done = format!("{BUILD_RECIPE}\nlinks {links}\n{before:?}\n");
     if util::read_opt(&done_stamp).as_deref() == Some(done.as_str()) && before.is_some() {
         note("bzImage is up to date for this build key (make skipped)");
     } else {
@@ -236,7 +238,10 @@ pub(crate) fn ensure(
         .to_string();
     util::write(
         &done_stamp,
-        format!("{BUILD_RECIPE}\n{:?}\n", util::mtime(&bzimage)),
+        format!(
+            "{BUILD_RECIPE}\nlinks {links}\n{:?}\n",
+            util::mtime(&bzimage)
+        ),
     )?;
     Ok(Kernel {
         core,

@@ -152,6 +152,7 @@ fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ["vm", "clean"] => {
+            let _lock = util::CacheLock::acquire(&paths.cache)?;
             vm::clean(&paths)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -88,6 +88,7 @@ pub(crate) fn boot(vm: &Vm<'_>) -> Result<Run> {
 
     let deadline = start + vm.timeout;
     let mut lines = Vec::new();
+    let mut joiner = Joiner::default();
     let mut timed_out = false;
     loop {
         let wait = deadline.saturating_duration_since(Instant::now());
@@ -103,7 +104,7 @@ pub(crate) fn boot(vm: &Vm<'_>) -> Result<Run> {
                 if vm.echo {
                     eprintln!("[host {t:8.3}] {text}");
                 }
-                split_kernel_lines(t, text, &mut lines);
+                joiner.push(t, text, &mut lines);
             }
             Err(RecvTimeoutError::Timeout) if !timed_out => {
                 timed_out = true;
@@ -161,28 +162,59 @@ fn strip_escapes(s: &str) -> String {
     out
 }
 
-/// A kernel message can start in the middle of a line that userspace has not finished
-/// (or after BIOS output without a newline). Split it off so that the user part and
-/// the kernel part can each be matched; the log file keeps the raw line.
-fn split_kernel_lines(t: f64, text: String, out: &mut Vec<Line>) {
-    let cut = text.match_indices('[').map(|(i, _)| i).find(|&i| {
-        i > 0
-            && text[i + 1..].split_once("] ").is_some_and(|(ts, _)| {
+/// Kernel console output and the guest's own writes share one serial port, and a kernel
+/// record can arrive in the middle of a user line that is being written piecewise
+/// (nolibc's printf writes around each `%d`):
+///
+/// ```text
+/// # [STAGE 1] Creating [    2.65] liveupdate test: ...preserve was triggered
+/// [    2.65] liveupdate test: ...
+/// 2000 sessions...
+/// ```
+///
+/// Kernel records themselves are written whole. So cut a line at an embedded kernel
+/// timestamp, hold the user fragment, and glue it to the next non-kernel line. The log
+/// file keeps the raw lines; the parsed lines are the repaired ones.
+#[derive(Default)]
+struct Joiner {
+    pending: Option<String>,
+}
+
+impl Joiner {
+    fn push(&mut self, t: f64, text: String, out: &mut Vec<Line>) {
+        let cut = text.match_indices('[').map(|(i, _)| i).find(|&i| {
+            text[i + 1..].split_once("] ").is_some_and(|(ts, _)| {
                 let ts = ts.trim();
                 ts.contains('.') && ts.bytes().all(|b| b.is_ascii_digit() || b == b'.')
             })
-    });
-    match cut {
-        Some(i) => {
-            out.push(Line {
-                t,
-                text: text[..i].to_string(),
-            });
-            out.push(Line {
-                t,
-                text: text[i..].to_string(),
-            });
+        });
+        let (user, kernel) = match cut {
+            Some(i) => (&text[..i], Some(&text[i..])),
+            None => (text.as_str(), None),
+        };
+        match kernel {
+            Some(k) => {
+                if !user.is_empty() {
+                    let p = self.pending.take().unwrap_or_default();
+                    self.pending = Some(p + user);
+                }
+                // A new kernel's banner: whatever was pending is firmware output (SeaBIOS
+                // prints no newline before the kernel starts), not a user line.
+                if k.contains("] Linux version ") {
+                    self.pending = None;
+                }
+                out.push(Line {
+                    t,
+                    text: k.to_string(),
+                });
+            }
+            None => {
+                let text = match self.pending.take() {
+                    Some(p) => p + user,
+                    None => text,
+                };
+                out.push(Line { t, text });
+            }
         }
-        None => out.push(Line { t, text }),
     }
 }

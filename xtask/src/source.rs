@@ -10,6 +10,15 @@ use crate::host::fetch_deb;
 use crate::paths::{Paths, LINUX_DEB_VERSION, LINUX_PKG, LINUX_TARBALL, LINUX_UPSTREAM};
 use crate::util::{self, bail, mkdirs, note, output, path_safe, remove, run, Context, Fnv, Result};
 
+/// The kernel tree a build uses and the state of what went into it.
+pub(crate) struct Tree {
+    pub(crate) path: PathBuf,
+    /// Hash of the applied patch series (part of the build key).
+    pub(crate) patches: String,
+    /// Hash of the linked repository sources (see [`ensure_links`]).
+    pub(crate) links: String,
+}
+
 /// Unpack the pinned linux-source package into `src/` (once) and return the tree.
 pub(crate) fn ensure_pristine(paths: &Paths) -> Result<PathBuf> {
     let dir = paths
@@ -280,4 +289,86 @@ fn break_link(path: &Path) -> Result<()> {
     fs::copy(path, &tmp).context(|| format!("cannot copy {}", path.display()))?;
     fs::rename(&tmp, path).context(|| format!("cannot replace {}", path.display()))?;
     Ok(())
+}
+
+/// Create the symlinks listed in `backend-linux/kernel/tree-links` and return a hash of
+/// what they point at (paths, sizes and mtimes of every file below them). Skipping a
+/// no-op make is only safe while that hash is unchanged, because these sources live
+/// outside the build key.
+pub(crate) fn ensure_links(paths: &Paths, tree: &Path) -> Result<String> {
+    let list = paths.kernel_dir().join("tree-links");
+    let text = util::read_opt(&list).unwrap_or_default();
+    let mut h = Fnv::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [in_tree, in_repo] = fields.as_slice() else {
+            bail!(
+                "{}:{}: expected `<tree path> <repo path>`",
+                list.display(),
+                n + 1
+            );
+        };
+        if in_tree.split('/').any(|c| c == ".." || c.is_empty()) || in_tree.starts_with('/') {
+            bail!("{}:{}: bad tree path `{in_tree}`", list.display(), n + 1);
+        }
+        let target = paths.repo.join(in_repo);
+        let link = tree.join(in_tree);
+        if !target.is_dir() {
+            // Not written yet (the Rust core arrives in stages); nothing refers to it then.
+            if fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+                remove(&link)?;
+            }
+            continue;
+        }
+        let current = fs::read_link(&link).ok();
+        if current.as_deref() != Some(target.as_path()) {
+            if fs::symlink_metadata(&link).is_ok() {
+                if !fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+                    bail!(
+                        "{} exists in the kernel tree and is not a symlink; \
+                         tree-links must name new paths",
+                        link.display()
+                    );
+                }
+                remove(&link)?;
+            }
+            if let Some(parent) = link.parent() {
+                mkdirs(parent)?;
+            }
+            std::os::unix::fs::symlink(&target, &link)
+                .context(|| format!("cannot link {} -> {}", link.display(), target.display()))?;
+            note(&format!("linked {in_tree} -> {}", target.display()));
+        }
+        h.str(in_tree).str(&target.display().to_string());
+        hash_tree(&target, &mut h);
+    }
+    Ok(h.hex())
+}
+
+/// Fold every file's relative path, size and mtime below `dir` into `h`, in sorted order.
+fn hash_tree(dir: &Path, h: &mut Fnv) {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(_) => files.push(p),
+                Err(_) => {}
+            }
+        }
+    }
+    files.sort();
+    for f in files {
+        let rel = f.strip_prefix(dir).unwrap_or(&f).display().to_string();
+        let meta = fs::metadata(&f).ok();
+        let stamp = meta.map(|m| format!("{} {:?}", m.len(), m.modified().ok()));
+        h.str(&rel).str(&stamp.unwrap_or_default());
+    }
 }

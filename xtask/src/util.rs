@@ -295,3 +295,66 @@ pub(crate) fn timestamp() -> String {
 pub(crate) fn secs(d: std::time::Duration) -> String {
     format!("{:.3}", d.as_secs_f64())
 }
+
+/// Exclusive use of the cache by one xtask process (CI and a developer may share
+/// /var/cache/luo; two builds in one `O=` dir would corrupt it). A directory is created
+/// atomically and holds the owner's pid; a lock whose owner is gone is taken over.
+pub(crate) struct CacheLock {
+    dir: PathBuf,
+}
+
+impl CacheLock {
+    pub(crate) fn acquire(cache: &Path) -> Result<Self> {
+        mkdirs(cache)?;
+        let dir = cache.join(".lock");
+        let me = std::process::id().to_string();
+        let mut announced = false;
+        loop {
+            match fs::create_dir(&dir) {
+                Ok(()) => {
+                    write(&dir.join("pid"), &me)?;
+                    return Ok(CacheLock { dir });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let owner = read_opt(&dir.join("pid")).unwrap_or_default();
+                    let owner = owner.trim();
+                    let alive = !owner.is_empty() && Path::new("/proc").join(owner).exists();
+                    if !alive {
+                        // Either a crashed run, or the owner is between mkdir and writing
+                        // its pid; give the latter a moment before taking over.
+                        thread::sleep(std::time::Duration::from_millis(200));
+                        if read_opt(&dir.join("pid")).unwrap_or_default().trim() == owner {
+                            note(&format!(
+                                "removing stale cache lock (pid {owner:?} is gone)"
+                            ));
+                            remove(&dir)?;
+                        }
+                        continue;
+                    }
+                    if !announced {
+                        step(&format!(
+                            "waiting for xtask pid {owner}, which is using {}",
+                            cache.display()
+                        ));
+                        announced = true;
+                    }
+                    thread::sleep(std::time::Duration::from_secs(2));
+                }
+                Err(e) => bail!("cannot create {}: {e}", dir.display()),
+            }
+        }
+    }
+}
+
+impl Drop for CacheLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The 1/5/15-minute load averages, to judge how much other work skewed the timings.
+pub(crate) fn loadavg() -> String {
+    read_opt(Path::new("/proc/loadavg"))
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}

@@ -12,7 +12,7 @@ use crate::paths::{Paths, LINUX_DEB_VERSION, LINUX_PKG};
 use crate::qemu::{self, Vm};
 use crate::source::{self, Patches};
 use crate::suite::{self, Case, Kind, Metrics, Stage2, TESTS};
-use crate::util::{self, bail, mkdirs, note, remove, step, Context, Result};
+use crate::util::{self, bail, mkdirs, note, remove, step, CacheLock, Result};
 
 pub(crate) struct Options {
     pub(crate) core: Core,
@@ -45,6 +45,26 @@ impl Phases {
     }
 }
 
+/// Run directories kept under logs/ (the oldest beyond this are removed).
+const KEEP_RUNS: usize = 50;
+
+fn prune_logs(logs: &Path) {
+    let Ok(rd) = std::fs::read_dir(logs) else {
+        return;
+    };
+    let mut runs: Vec<PathBuf> = rd
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    // Names start with a sortable timestamp.
+    runs.sort();
+    let excess = runs.len().saturating_sub(KEEP_RUNS - 1);
+    for r in &runs[..excess] {
+        let _ = remove(r);
+    }
+}
+
 pub(crate) fn clean(paths: &Paths) -> Result<()> {
     step(&format!(
         "removing build outputs under {}",
@@ -69,21 +89,26 @@ fn prepare(paths: &Paths, opts: &Options, phases: &mut Phases) -> Result<Built> 
     if opts.clean {
         clean(paths)?;
     }
-    mkdirs(&paths.cache).context(|| "cannot create the cache (set LUO_CACHE?)".to_string())?;
     phases.time("host packages", || host::ensure_packages(paths))?;
     let tc = phases.time("toolchain", || Toolchain::ensure(paths))?;
     let tree = phases.time("kernel source", || {
         let pristine = source::ensure_pristine(paths)?;
-        source::ensure_tree(paths, &pristine, &patches)
+        let path = source::ensure_tree(paths, &pristine, &patches)?;
+        let links = source::ensure_links(paths, &path)?;
+        Ok(source::Tree {
+            path,
+            patches: patches.hash.clone(),
+            links,
+        })
     })?;
     let kernel = phases.time("kernel build", || {
-        kbuild::ensure(
-            paths, &tree, &patches, &tc, opts.core, opts.debug, opts.jobs,
-        )
+        kbuild::ensure(paths, &tree, &tc, opts.core, opts.debug, opts.jobs)
     })?;
-    let bins = phases.time("guest programs", || guest::build_programs(&tree, &kernel))?;
+    let bins = phases.time("guest programs", || {
+        guest::build_programs(&tree.path, &kernel)
+    })?;
     Ok(Built {
-        tree,
+        tree: tree.path,
         tc,
         kernel,
         bins,
@@ -91,6 +116,7 @@ fn prepare(paths: &Paths, opts: &Options, phases: &mut Phases) -> Result<Built> 
 }
 
 pub(crate) fn build(paths: &Paths, opts: &Options) -> Result<()> {
+    let _lock = CacheLock::acquire(&paths.cache)?;
     let mut phases = Phases(Vec::new());
     let b = prepare(paths, opts, &mut phases)?;
     println!("bzImage: {}", b.kernel.bzimage.display());
@@ -164,12 +190,15 @@ pub(crate) fn list(paths: &Paths) {
 pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
     let total = Instant::now();
     let sel = select(opts)?;
+    let _lock = CacheLock::acquire(&paths.cache)?;
+    let load_start = util::loadavg();
     let mut phases = Phases(Vec::new());
     let b = prepare(paths, opts, &mut phases)?;
 
     let run_dir = paths
         .logs()
         .join(format!("{}-{}", util::timestamp(), opts.core));
+    prune_logs(&paths.logs());
     mkdirs(&run_dir)?;
     let latest = paths.logs().join("latest");
     let _ = std::fs::remove_file(&latest);
@@ -283,6 +312,11 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
         println!("# {k}: {v}");
     }
     print_phases(&phases, Some(total.elapsed()));
+    println!(
+        "# host: {} CPUs, load average {load_start} at start, {} at end",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        util::loadavg()
+    );
     println!("# serial logs: {}", run_dir.display());
     println!(
         "# result: {} of {} passed",
