@@ -255,3 +255,20 @@ pub(crate) fn runtime_versions() -> Vec<(&'static str, String)> {
         }),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deb_versions() {
+        let v = deb_version_of(
+            Path::new("/x/rust-src_1.95.0+dfsg1-2~bpo13+1_all.deb"),
+            "rust-src",
+        );
+        assert_eq!(v.ok().as_deref(), Some("1.95.0+dfsg1-2~bpo13+1"));
+        let v = deb_version_of(Path::new("/x/foo_1%3a2.0-1_amd64.deb"), "foo");
+        assert_eq!(v.ok().as_deref(), Some("1:2.0-1"));
+        assert!(deb_version_of(Path::new("/x/bar_1.0_all.deb"), "foo").is_err());
+    }
+}

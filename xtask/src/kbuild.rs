@@ -423,3 +423,29 @@ fn build(tree: &Path, dir: &Path, tc: &Toolchain, jobs: usize, log: &Path) -> Re
     ));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragment_expectations() {
+        let w = expectations("# c\nCONFIG_A=y\nCONFIG_B=n\n# CONFIG_C is not set\nFOO=1\n");
+        let got: Vec<(&str, Option<&str>)> = w
+            .iter()
+            .map(|w| (w.sym.as_str(), w.value.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("CONFIG_A", Some("y")),
+                ("CONFIG_B", None),
+                ("CONFIG_C", None)
+            ]
+        );
+        let cfg = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_AB=m\n";
+        assert_eq!(config_value(cfg, "CONFIG_A"), Some("y"));
+        assert_eq!(config_value(cfg, "CONFIG_B"), None);
+        assert_eq!(config_value(cfg, "CONFIG_C"), None);
+    }
+}

@@ -218,3 +218,61 @@ impl Joiner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(raw: &[&str]) -> Vec<String> {
+        let mut j = Joiner::default();
+        let mut out = Vec::new();
+        for (i, l) in raw.iter().enumerate() {
+            j.push(i as f64, strip_escapes(l), &mut out);
+        }
+        out.into_iter().map(|l| l.text).collect()
+    }
+
+    #[test]
+    fn user_line_split_by_printk_is_rejoined() {
+        let got = feed(&[
+            "# [STAGE 1] Creating [    2.656118] liveupdate test: a",
+            "[    2.656119] liveupdate test: b",
+            "2000 sessions...",
+        ]);
+        assert_eq!(
+            got,
+            [
+                "[    2.656118] liveupdate test: a",
+                "[    2.656119] liveupdate test: b",
+                "# [STAGE 1] Creating 2000 sessions...",
+            ]
+        );
+    }
+
+    #[test]
+    fn tap_line_cut_before_its_newline() {
+        let got = feed(&["ok 6 fixture.case[    1.3] msg", ""]);
+        assert_eq!(got, ["[    1.3] msg", "ok 6 fixture.case"]);
+    }
+
+    #[test]
+    fn firmware_output_before_the_banner_is_dropped() {
+        let got = feed(&[
+            "Booting from ROM..\u{1b}c\u{1b}[?7l\u{1b}[2J[    0.000000] Linux version 7.3.4",
+            "INIT: Starting Stage 1",
+        ]);
+        assert_eq!(
+            got,
+            [
+                "[    0.000000] Linux version 7.3.4",
+                "INIT: Starting Stage 1"
+            ]
+        );
+    }
+
+    #[test]
+    fn brackets_that_are_not_timestamps_stay() {
+        let got = feed(&["# [STAGE 2] Retrieving session 'x'..."]);
+        assert_eq!(got, ["# [STAGE 2] Retrieving session 'x'..."]);
+    }
+}

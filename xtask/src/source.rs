@@ -372,3 +372,25 @@ fn hash_tree(dir: &Path, h: &mut Fnv) {
         h.str(&rel).str(&stamp.unwrap_or_default());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touched_files_and_kconfig() {
+        let p = Patches {
+            files: Vec::new(),
+            texts: vec![
+                "--- a/kernel/x.c\t2026\n+++ b/kernel/x.c\t2026\n@@\n+config LIVEUPDATE_RUST\n\
+                 --- /dev/null\n+++ b/new/file.rs\n--- a/../etc/passwd\n"
+                    .to_string(),
+            ],
+            hash: String::new(),
+        };
+        let t: Vec<String> = p.touched().into_iter().collect();
+        assert_eq!(t, ["kernel/x.c", "new/file.rs"]);
+        assert!(p.defines_kconfig("LIVEUPDATE_RUST"));
+        assert!(!p.defines_kconfig("LIVEUPDATE"));
+    }
+}

@@ -519,3 +519,95 @@ pub(crate) fn judge_kexec(t: &VmTest, run: &Run, pass: &str) -> (Case, Metrics) 
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(lines: &[&str]) -> Run {
+        Run {
+            lines: lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Line {
+                    t: i as f64 / 10.0,
+                    text: l.to_string(),
+                })
+                .collect(),
+            status: None,
+            timed_out: false,
+            wall: std::time::Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn kernel_timestamps() {
+        assert_eq!(kernel_line("[    1.500000] x: y"), Some((1.5, "x: y")));
+        assert_eq!(kernel_line("# [STAGE 1] x"), None);
+        assert_eq!(
+            kernel_line("ROM..[    0.000000] Linux"),
+            Some((0.0, "Linux"))
+        );
+    }
+
+    #[test]
+    fn harness_results_and_timings() {
+        let t = &TESTS[0];
+        let r = run(&[
+            "[    0.1] Linux version 7.3.4",
+            "#  RUN           f.a ...",
+            "ok 1 f.a",
+            "#  RUN           f.b ...",
+            "#      SKIP      no device",
+            "ok 2 f.b # SKIP no device",
+            "LUO-VM: exit=0",
+        ]);
+        let want = vec!["f.a".to_string(), "f.b".to_string(), "f.c".to_string()];
+        let (cases, _) = judge_harness(t, &r, &want);
+        assert!(cases[0].ok);
+        assert_eq!(cases[0].secs.map(|s| (s * 10.0).round()), Some(1.0));
+        assert!(!cases[1].ok, "a SKIP is a failure here");
+        assert!(!cases[2].ok, "a case without result line fails");
+        // The VM case fails too: no FLB line, QEMU status unknown.
+        assert!(!cases[3].ok);
+    }
+
+    #[test]
+    fn splats_and_flb_errors_are_reported() {
+        let t = &TESTS[0];
+        let r = run(&[
+            "[    0.1] Linux version 7.3.4",
+            "[    0.2] rcu: RCU lockdep checking is enabled.",
+            "[    0.3] WARNING: lib/x.c:1 at f+0x1/0x2",
+            "[    0.4] liveupdate test: liveupdate-test-flb-v0: ERROR - incorrect data handle",
+        ]);
+        let mut diag = Vec::new();
+        common_checks(t, &r, 1, &mut diag);
+        assert!(diag.iter().any(|d| d.contains("WARNING:")));
+        assert!(diag.iter().any(|d| d.contains("incorrect data handle")));
+        assert!(!diag.iter().any(|d| d.contains("RCU lockdep")));
+    }
+
+    #[test]
+    fn kexec_markers_must_come_in_order() {
+        let t = &TESTS[1];
+        let Kind::Kexec { pass, .. } = t.kind else {
+            panic!("TESTS[1] is a kexec test");
+        };
+        let r = run(&[
+            "[    0.1] Linux version 7.3.4",
+            S1_START,
+            S1_DONE,
+            "[    1.0] kexec_core: Starting new kernel",
+            "[    0.0] Linux version 7.3.4",
+            pass,
+            S2_START,
+            S2_DONE,
+        ]);
+        let (case, _) = judge_kexec(t, &r, pass);
+        assert!(case
+            .diag
+            .iter()
+            .any(|d| d.contains(S2_DONE) || d.contains(pass)));
+    }
+}
