@@ -45,62 +45,61 @@ impl<P: Platform> Luo<P> {
         fds: &mut F,
     ) -> Result {
         match decode_device(cmd, arg)? {
-            DeviceRequest::Create(mut req) => {
-                let slot = fds.reserve()?;
-                let session = match self.create_session(&req.name) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        fds.unreserve(slot);
-                        return Err(e);
-                    }
-                };
-                let file = match fds.session_file(&session) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        // Nothing was preserved yet: closing it is the exact undo.
-                        let _ = self.release_session(&session);
-                        fds.unreserve(slot);
-                        return Err(e);
-                    }
-                };
-                req.fd = fds.slot_fd(&slot);
-                if let Err(e) = respond(arg, req.size, &req) {
-                    fds.discard_session_file(file);
-                    let _ = self.release_session(&session);
-                    fds.unreserve(slot);
-                    return Err(e);
-                }
-                fds.install_session(slot, file);
-                Ok(())
-            }
-            DeviceRequest::Retrieve(mut req) => {
-                let slot = fds.reserve()?;
-                let session = match self.retrieve_session(&req.name) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        fds.unreserve(slot);
-                        return Err(e);
-                    }
-                };
-                let file = match fds.session_file(&session) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        self.unretrieve_session(&session);
-                        fds.unreserve(slot);
-                        return Err(e);
-                    }
-                };
-                req.fd = fds.slot_fd(&slot);
-                if let Err(e) = respond(arg, req.size, &req) {
-                    fds.discard_session_file(file);
-                    self.unretrieve_session(&session);
-                    fds.unreserve(slot);
-                    return Err(e);
-                }
-                fds.install_session(slot, file);
-                Ok(())
-            }
+            // Nothing was preserved in a new session yet: closing it is the exact undo.
+            DeviceRequest::Create(req) => self.new_session_fd(
+                req,
+                arg,
+                fds,
+                |name| self.create_session(name),
+                |s| {
+                    let _ = self.release_session(s);
+                },
+            ),
+            DeviceRequest::Retrieve(req) => self.new_session_fd(
+                req,
+                arg,
+                fds,
+                |name| self.retrieve_session(name),
+                |s| self.unretrieve_session(s),
+            ),
         }
+    }
+
+    /// CREATE and RETRIEVE share their fd handling: reserve, run `op`, make the file, reply,
+    /// install; `undo` reverts `op` if a later step fails.
+    fn new_session_fd<F: FdTable<P>>(
+        &self,
+        mut req: crate::uapi::CreateSession,
+        arg: &mut impl UserArg,
+        fds: &mut F,
+        op: impl FnOnce(&[u8; 64]) -> Result<SessionRef<P>>,
+        undo: impl FnOnce(&SessionRef<P>),
+    ) -> Result {
+        let slot = fds.reserve()?;
+        let session = match op(&req.name) {
+            Ok(s) => s,
+            Err(e) => {
+                fds.unreserve(slot);
+                return Err(e);
+            }
+        };
+        let file = match fds.session_file(&session) {
+            Ok(f) => f,
+            Err(e) => {
+                undo(&session);
+                fds.unreserve(slot);
+                return Err(e);
+            }
+        };
+        req.fd = fds.slot_fd(&slot);
+        if let Err(e) = respond(arg, req.size, &req) {
+            fds.discard_session_file(file);
+            undo(&session);
+            fds.unreserve(slot);
+            return Err(e);
+        }
+        fds.install_session(slot, file);
+        Ok(())
     }
 
     /// An ioctl on a session fd.

@@ -730,7 +730,10 @@ fn concurrent_creates_and_preserves_against_a_reboot_hand_over_exactly_what_succ
     assert!(raise_nofile(4096));
     let (lu, _h, _j, _store) = setup();
     let dev = lu.open().unwrap();
-    let results: Vec<Vec<(String, Vec<u64>)>> = std::thread::scope(|scope| {
+    // Workers return their session fds instead of closing them: a worker that finishes before
+    // the reboot would otherwise close (and so unpreserve) sessions it reports as done.
+    type Done = (Vec<(String, Vec<u64>)>, Vec<backend_user::SessionFd>);
+    let results: Vec<Done> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..4)
             .map(|t| {
                 let dev = &dev;
@@ -756,9 +759,7 @@ fn concurrent_creates_and_preserves_against_a_reboot_hand_over_exactly_what_succ
                         done.push((name, tokens));
                         held.push(s);
                     }
-                    // Dropping after the reboot changes nothing.
-                    drop(held);
-                    done
+                    (done, held)
                 })
             })
             .collect();
@@ -766,6 +767,9 @@ fn concurrent_creates_and_preserves_against_a_reboot_hand_over_exactly_what_succ
         lu.luo().reboot().expect("reboot");
         workers.into_iter().map(|w| w.join().unwrap()).collect()
     });
+    let (results, held): (Vec<_>, Vec<_>) = results.into_iter().unzip();
+    // Closing after the reboot changes nothing.
+    drop(held);
     let bytes = lu.memory().to_bytes();
     let mut handed: Vec<(String, Vec<u64>)> = sessions(&bytes)
         .into_iter()
