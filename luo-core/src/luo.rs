@@ -385,7 +385,6 @@ impl<P: Platform> Luo<P> {
         img: &Image<P>,
         built: &mut P::Map<SessionName, IncomingSlot<P>>,
     ) -> Result {
-        let reg = self.registry.read();
         for (i, s) in img.sessions.as_slice().iter().enumerate() {
             let session = new_arc::<P, _>(Session {
                 name: s.name,
@@ -400,7 +399,11 @@ impl<P: Platform> Luo<P> {
                     retrieved: false,
                 },
             )?;
+            // The documented order is session, then registry (as in `finish_files`), even
+            // though nobody else can see this session yet: lockdep checks classes, not
+            // instances.
             let mut set = session.files.lock();
+            let reg = self.registry.read();
             for f in s.files.as_slice() {
                 let (hkey, handler) = reg
                     .handler_by_compat(&f.compat)
