@@ -83,6 +83,16 @@ impl Conn {
         wire::write_frame(&self.sock, opc, tag, body, fds).map_err(Error::Io)?;
         let deadline = Instant::now() + timeout.unwrap_or(self.timeout);
         let f = self.read(deadline)?;
+        // luod answers a request it could not even read (too large, too slow, too many
+        // connections) with an error reply to opcode 0, tag 0.
+        if f.op == op::REPLY && f.tag == 0 {
+            if let Ok(Err((errno, message))) = wire::parse_reply(&f.body) {
+                return Err(Error::Luod {
+                    errno: Errno::new(errno),
+                    message,
+                });
+            }
+        }
         if f.op != opc | op::REPLY || f.tag != tag {
             return Err(protocol(format!(
                 "expected reply {:#x}/{tag}, got {:#x}/{}",

@@ -433,6 +433,12 @@ pub unsafe fn adopt_inherited(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// The effective uid of this process.
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// True if `fd` is an open fd number in this process.
 pub fn fd_is_open(fd: RawFd) -> bool {
     backend_user::sys::fd_is_open(fd)
@@ -483,7 +489,6 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap();
         let c = peer_cred(a.as_fd()).unwrap();
         assert_eq!(c.pid, std::process::id() as i32);
-        // SAFETY: geteuid cannot fail and touches no memory.
-        assert_eq!(c.uid, unsafe { libc::geteuid() });
+        assert_eq!(c.uid, geteuid());
     }
 }

@@ -637,7 +637,14 @@ pub enum RecvError {
     /// A started frame did not complete within the frame timeout.
     TimedOut,
     /// The header announced a body over the limit; the stream cannot be resynchronized.
-    TooLarge(u32),
+    TooLarge {
+        /// The announced length.
+        len: u32,
+        /// The header's opcode.
+        op: u16,
+        /// The header's tag.
+        tag: u32,
+    },
     /// The caller's `keep_waiting` said stop while idle between frames.
     Stopped,
     /// A socket error.
@@ -650,7 +657,9 @@ impl fmt::Display for RecvError {
             RecvError::Closed => write!(f, "connection closed"),
             RecvError::Truncated => write!(f, "connection closed in the middle of a frame"),
             RecvError::TimedOut => write!(f, "frame not completed in time"),
-            RecvError::TooLarge(n) => write!(f, "frame body of {n} bytes is over the limit"),
+            RecvError::TooLarge { len, .. } => {
+                write!(f, "frame body of {len} bytes is over the limit")
+            }
             RecvError::Stopped => write!(f, "stopped"),
             RecvError::Io(e) => write!(f, "{e}"),
         }
@@ -695,7 +704,7 @@ pub fn read_frame(
     let tag = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
     let n = usize::try_from(len).unwrap_or(usize::MAX);
     if n > max_body {
-        return Err(RecvError::TooLarge(len));
+        return Err(RecvError::TooLarge { len, op, tag });
     }
     let mut body = vec![0u8; n];
     fill(
@@ -948,7 +957,9 @@ mod tests {
         use std::io::Write;
         (&a).write_all(&header(u32::MAX, 1, op::HELLO, 0)).unwrap();
         match read_frame(&b, MAX_REQUEST_BODY, Duration::from_secs(1), &mut || true) {
-            Err(RecvError::TooLarge(n)) => assert_eq!(n, u32::MAX),
+            Err(RecvError::TooLarge { len, op, tag }) => {
+                assert_eq!((len, op, tag), (u32::MAX, op::HELLO, 0))
+            }
             other => panic!("{other:?}"),
         }
 

@@ -1,1 +1,28 @@
-fn main(){}
+//! `luod`: see the crate documentation and `docs/luod.md`.
+
+use std::process::ExitCode;
+
+use luod::options::{self, Parsed};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match options::parse(&args) {
+        Ok(Parsed::Run(o)) => o,
+        Ok(Parsed::Help) => {
+            print!("{}", options::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("luod: {e}\n{}", options::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let result = luod::Daemon::start(opts).and_then(|d| d.run());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luod: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

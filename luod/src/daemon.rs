@@ -1,0 +1,853 @@
+//! The daemon: startup and restore, the accept loop, one thread per connection, the session
+//! table and access control.
+//!
+//! Threads never hold a lock while they talk to a peer, so a client that stops reading or
+//! stalls mid-frame holds up its own thread only (and loses its connection after the frame
+//! timeout). The two locks, `table` and `upd`, are never held together except in the update
+//! path's reboot step, which takes `table` and then `upd` briefly.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use backend_user::LiveUpdate;
+use luo_client::sys::{self, PeerCred};
+use luo_client::wire::{
+    self, errno as werr, op, BackendKind, Dir, Frame, HandoutKind, Hello, Phase, Reader, RecvError,
+    SessionInfo, Status, UpdateRequest,
+};
+use luo_client::{Device, Session};
+
+use crate::manifest::{Manifest, MANIFEST_SESSION};
+use crate::options::Options;
+
+/// How often idle threads wake up to notice that luod is going away.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Logs a line to stderr (journald adds the timestamp).
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("luod[{}]: {}", std::process::id(), format_args!($($arg)*))
+    };
+}
+pub(crate) use log;
+
+/// An error reply: errno and explanation.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) errno: i32,
+    pub(crate) msg: String,
+}
+
+pub(crate) fn refuse(errno: i32, msg: impl Into<String>) -> Refusal {
+    Refusal {
+        errno,
+        msg: msg.into(),
+    }
+}
+
+/// A successful reply: payload and fds.
+pub(crate) type Reply = Result<(Vec<u8>, Vec<OwnedFd>), Refusal>;
+
+fn ok(payload: Vec<u8>) -> Reply {
+    Ok((payload, Vec::new()))
+}
+
+/// The write side of a connection, shared by its thread (replies) and the update path
+/// (events), which must not interleave their frames.
+pub(crate) struct Out {
+    sock: UnixStream,
+    lock: Mutex<()>,
+}
+
+impl Out {
+    pub(crate) fn send(&self, opc: u16, tag: u32, body: &[u8]) -> io::Result<()> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        wire::write_frame(&self.sock, opc, tag, body, &[])
+    }
+
+    pub(crate) fn reply(&self, opc: u16, tag: u32, r: Reply) -> io::Result<()> {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            Ok((payload, fds)) => {
+                let b: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+                wire::write_ok(&self.sock, opc, tag, &payload, &b)
+            }
+            Err(e) => wire::write_err(&self.sock, opc, tag, e.errno, &e.msg),
+        }
+    }
+}
+
+/// A session luod holds.
+pub(crate) struct Entry {
+    pub(crate) session: Arc<Session>,
+    /// An incoming session finished through luod's channel.
+    pub(crate) finished: Arc<AtomicBool>,
+    pub(crate) handed_out: bool,
+}
+
+/// Sessions by (owner, direction, client name).
+pub(crate) type Table = BTreeMap<(u32, Dir, String), Entry>;
+
+/// An update listener.
+pub(crate) struct Listener {
+    pub(crate) label: String,
+    pub(crate) uid: u32,
+    pub(crate) pid: i32,
+    pub(crate) out: Arc<Out>,
+    /// `(round, status)` of its last BARRIER.
+    pub(crate) answer: Option<(u64, i32)>,
+}
+
+/// The update machinery's state.
+pub(crate) struct UpdateCtl {
+    pub(crate) phase: Phase,
+    pub(crate) round: u64,
+    pub(crate) listeners: BTreeMap<u64, Listener>,
+    pub(crate) last: Option<(i32, String)>,
+}
+
+/// The daemon.
+pub struct Daemon {
+    pub(crate) opts: Options,
+    pub(crate) device: Device,
+    /// The in-process LUO (user backend), whose `reboot` an update calls.
+    pub(crate) lu: Option<LiveUpdate>,
+    pub(crate) generation: u64,
+    pub(crate) euid: u32,
+    pub(crate) next_image: PathBuf,
+    pub(crate) listener: UnixListener,
+    pub(crate) table: Mutex<Table>,
+    pub(crate) upd: Mutex<UpdateCtl>,
+    pub(crate) upd_cv: Condvar,
+    /// Set once a userspace reboot succeeded: every thread winds down before the exec.
+    pub(crate) stopping: AtomicBool,
+    /// Held by the accept loop around each accept, and by the update path from the reboot on,
+    /// so no connection is accepted by an image that is about to be replaced.
+    pub(crate) accept_gate: Mutex<()>,
+    conns: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking thread must not take the daemon down with it: the data behind these locks
+    // stays consistent between statements, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn lock_table(d: &Daemon) -> MutexGuard<'_, Table> {
+    lock(&d.table)
+}
+
+pub(crate) fn lock_upd(d: &Daemon) -> MutexGuard<'_, UpdateCtl> {
+    lock(&d.upd)
+}
+
+/// Counts a connection or channel for `--max-connections`; released on drop.
+struct Slot(Arc<Daemon>);
+
+impl Slot {
+    fn take(d: &Arc<Daemon>) -> Option<Slot> {
+        let n = d.conns.fetch_add(1, Ordering::AcqRel);
+        if n >= d.opts.max_connections {
+            d.conns.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(d.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.conns.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Takes ownership of an fd number this image inherited from the previous one.
+#[allow(unsafe_code)]
+fn adopt(fd: i32, what: &str) -> Result<OwnedFd, String> {
+    if fd <= 2 || !sys::fd_is_open(fd) {
+        return Err(format!(
+            "{what} fd {fd} is not open: --{what}-fd is passed by luod to its next image, not by hand"
+        ));
+    }
+    // SAFETY: the number is open (checked above) and above stdio; it was inherited across exec
+    // and this is the one place that adopts it, once, at startup, before anything else in this
+    // image could have taken ownership of it.
+    Ok(unsafe { sys::adopt_inherited(fd) })
+}
+
+fn bind(opts: &Options) -> Result<UnixListener, String> {
+    let path = &opts.socket;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket", path.display()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "{} is in use: another luod is running",
+                path.display()
+            ));
+        }
+        // A stale socket of a luod that is gone.
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(opts.socket_mode))
+        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    Ok(l)
+}
+
+/// Restores what the previous image handed over: luod's manifest, then every session it
+/// lists. Returns the previous generation (`None` on a cold start) and the sessions.
+fn restore(device: &Device) -> (Option<u64>, Table) {
+    let mut table = Table::new();
+    let ms = match device.retrieve_session(MANIFEST_SESSION) {
+        Ok(s) => s,
+        Err(e) if e.errno() == luo_core::errno::ENOENT => return (None, table),
+        Err(e) => {
+            log!("cannot retrieve the manifest session: {e}; restoring nothing");
+            return (None, table);
+        }
+    };
+    let manifest = ms
+        .retrieve_fd(0)
+        .map_err(|e| format!("cannot retrieve the manifest memfd: {e}"))
+        .and_then(|fd| {
+            let f = std::fs::File::from(fd);
+            let len = f.metadata().map_err(|e| e.to_string())?.len();
+            if len > crate::manifest::MAX_LEN {
+                return Err(format!("manifest of {len} bytes is too large"));
+            }
+            let mut buf = vec![0u8; len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0)
+                .map_err(|e| format!("cannot read the manifest: {e}"))?;
+            Manifest::decode(&buf)
+        });
+    // The manifest session has served its purpose either way.
+    if let Err(e) = ms.finish() {
+        log!("FINISH of the manifest session: {e}");
+    }
+    drop(ms);
+    let m = match manifest {
+        Ok(m) => m,
+        Err(e) => {
+            log!("{e}; restoring nothing (sessions are never handed out on a guess)");
+            return (None, table);
+        }
+    };
+    for (uid, name) in m.sessions {
+        let kname = wire::kernel_name(uid, &name);
+        match device.retrieve_session(&kname) {
+            Ok(s) => {
+                table.insert(
+                    (uid, Dir::Incoming, name),
+                    Entry {
+                        session: Arc::new(s),
+                        finished: Arc::new(AtomicBool::new(false)),
+                        handed_out: false,
+                    },
+                );
+            }
+            Err(e) => log!("session {kname:?} listed in the manifest: {e}"),
+        }
+    }
+    (Some(m.generation), table)
+}
+
+impl Daemon {
+    /// Opens the backend, restores the previous image's sessions, and binds (or inherits)
+    /// the socket.
+    pub fn start(opts: Options) -> Result<Arc<Daemon>, String> {
+        let (device, lu) = match opts.backend {
+            BackendKind::Kernel => {
+                if opts.handover_fd.is_some() {
+                    return Err("--handover-fd is for the user backend".into());
+                }
+                let d = Device::open_path(&opts.device)
+                    .map_err(|e| format!("cannot open {}: {e}", opts.device.display()))?;
+                (d, None)
+            }
+            BackendKind::User => {
+                let lu = match opts.handover_fd {
+                    Some(fd) => {
+                        let h = adopt(fd, "handover")?;
+                        backend_user::sys::set_cloexec(h.as_fd(), true)
+                            .map_err(|e| format!("handover fd: {e}"))?;
+                        LiveUpdate::boot(&h)
+                            .map_err(|e| format!("cannot boot from the handover: {e}"))?
+                    }
+                    None => LiveUpdate::new().map_err(|e| format!("cannot start LUO: {e}"))?,
+                };
+                // Also marks inherited memfds close-on-exec until retrieved.
+                luo_handlers::MemfdHandler::register(&lu)
+                    .map_err(|e| format!("cannot register the memfd handler: {e}"))?;
+                let d = Device::in_process(&lu)
+                    .map_err(|e| format!("cannot restore the incoming sessions: {e}"))?;
+                (d, Some(lu))
+            }
+        };
+        let listener = match opts.listen_fd {
+            Some(fd) => {
+                let l = adopt(fd, "listen")?;
+                backend_user::sys::set_cloexec(l.as_fd(), true)
+                    .map_err(|e| format!("listen fd: {e}"))?;
+                UnixListener::from(l)
+            }
+            None => bind(&opts)?,
+        };
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("listen socket: {e}"))?;
+        let (prev, table) = restore(&device);
+        let generation = prev.map_or(0, |g| g.saturating_add(1));
+        let next_image = match &opts.next_image {
+            Some(p) => p.clone(),
+            None => {
+                std::env::current_exe().map_err(|e| format!("cannot find luod's binary: {e}"))?
+            }
+        };
+        log!(
+            "{} backend, generation {generation}, {} session(s) restored, listening on {}",
+            opts.backend.as_str(),
+            table.len(),
+            opts.socket.display()
+        );
+        Ok(Arc::new(Daemon {
+            opts,
+            device,
+            lu,
+            generation,
+            euid: sys::geteuid(),
+            next_image,
+            listener,
+            table: Mutex::new(table),
+            upd: Mutex::new(UpdateCtl {
+                phase: Phase::Idle,
+                round: 0,
+                listeners: BTreeMap::new(),
+                last: None,
+            }),
+            upd_cv: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            accept_gate: Mutex::new(()),
+            conns: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+        }))
+    }
+
+    /// The listening socket's fd (kept open across a userspace update).
+    pub(crate) fn listen_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// True for the uids that may update and see every session: root and luod's own.
+    pub(crate) fn is_admin(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.euid
+    }
+
+    /// Accepts connections forever.
+    pub fn run(self: &Arc<Self>) -> Result<(), String> {
+        loop {
+            match sys::poll_readable(self.listener.as_fd(), POLL.as_millis() as i32) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => return Err(format!("poll: {e}")),
+            }
+            let _gate = lock(&self.accept_gate);
+            if self.stopping.load(Ordering::Acquire) {
+                // The exec is imminent; leave new connections in the backlog for the next image.
+                drop(_gate);
+                std::thread::sleep(POLL);
+                continue;
+            }
+            match self.listener.accept() {
+                Ok((sock, _)) => self.spawn_conn(sock),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    log!("accept: {e}");
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+    }
+
+    fn spawn_conn(self: &Arc<Self>, sock: UnixStream) {
+        let Some(slot) = Slot::take(self) else {
+            let _ = sock.set_write_timeout(Some(self.opts.frame_timeout));
+            let _ = wire::write_err(&sock, 0, 0, libc::EAGAIN, "too many connections");
+            return;
+        };
+        let d = self.clone();
+        let r = std::thread::Builder::new()
+            .name("luod-conn".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let _slot = slot;
+                d.serve(sock);
+            });
+        if let Err(e) = r {
+            log!("cannot start a connection thread: {e}");
+        }
+    }
+
+    fn setup(&self, sock: &UnixStream) -> io::Result<()> {
+        sock.set_nonblocking(false)?;
+        sock.set_read_timeout(Some(POLL))?;
+        sock.set_write_timeout(Some(self.opts.frame_timeout))
+    }
+
+    fn keep_waiting(&self) -> bool {
+        !self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Reads the next frame; `None` when the connection is over (after telling the peer why,
+    /// if it can still hear it).
+    fn next_frame(&self, sock: &UnixStream, out: &Out) -> Option<Frame> {
+        match wire::read_frame(
+            sock,
+            wire::MAX_REQUEST_BODY,
+            self.opts.frame_timeout,
+            &mut || self.keep_waiting(),
+        ) {
+            Ok(f) => Some(f),
+            Err(RecvError::TooLarge { len, op, tag }) => {
+                let msg = format!(
+                    "frame body of {len} bytes is over the limit of {}",
+                    wire::MAX_REQUEST_BODY
+                );
+                let _ = out.reply(op, tag, Err(refuse(werr::EMSGSIZE, msg)));
+                None
+            }
+            Err(RecvError::TimedOut) => {
+                let msg = format!(
+                    "frame not completed within {} ms",
+                    self.opts.frame_timeout.as_millis()
+                );
+                let _ = out.reply(0, 0, Err(refuse(werr::ETIMEDOUT, msg)));
+                None
+            }
+            Err(RecvError::Stopped) => {
+                let _ = out.reply(
+                    0,
+                    0,
+                    Err(refuse(libc::ESHUTDOWN, "luod is restarting for an update")),
+                );
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Checks what every frame must satisfy before its opcode is looked at.
+    fn precheck(f: &Frame, fds_expected: usize) -> Result<(), Refusal> {
+        if f.version != wire::PROTOCOL_VERSION {
+            return Err(refuse(
+                werr::EPROTONOSUPPORT,
+                format!(
+                    "protocol version {} is not supported; luod speaks {}",
+                    f.version,
+                    wire::PROTOCOL_VERSION
+                ),
+            ));
+        }
+        if f.fds_truncated || f.fds.len() != fds_expected {
+            return Err(refuse(
+                libc::EINVAL,
+                format!(
+                    "this request carries {fds_expected} fd(s), not {}{}",
+                    f.fds.len(),
+                    if f.fds_truncated { "+" } else { "" }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// One client connection.
+    fn serve(self: &Arc<Self>, sock: UnixStream) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cred = match self
+            .setup(&sock)
+            .and_then(|()| sys::peer_cred(sock.as_fd()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                log!("connection {id}: {e}");
+                return;
+            }
+        };
+        let out = match sock.try_clone() {
+            Ok(s) => Arc::new(Out {
+                sock: s,
+                lock: Mutex::new(()),
+            }),
+            Err(e) => {
+                log!("connection {id}: {e}");
+                return;
+            }
+        };
+        while let Some(f) = self.next_frame(&sock, &out) {
+            let (opc, tag) = (f.op, f.tag);
+            let r = self.dispatch(id, cred, &out, f);
+            let Some(r) = r else {
+                // The update path answered itself.
+                continue;
+            };
+            if out.reply(opc, tag, r).is_err() {
+                break;
+            }
+        }
+        let mut upd = lock_upd(self);
+        if upd.listeners.remove(&id).is_some() {
+            self.upd_cv.notify_all();
+        }
+    }
+
+    fn dispatch(
+        self: &Arc<Self>,
+        id: u64,
+        cred: PeerCred,
+        out: &Arc<Out>,
+        f: Frame,
+    ) -> Option<Reply> {
+        let fds = match f.op {
+            op::UPDATE => UpdateRequest::decode(&f.body).map_or(0, |u| u.fd_count()),
+            _ => 0,
+        };
+        if let Err(e) = Self::precheck(&f, fds) {
+            return Some(Err(e));
+        }
+        if self.stopping.load(Ordering::Acquire) {
+            return Some(Err(refuse(
+                libc::ESHUTDOWN,
+                "luod is restarting for an update",
+            )));
+        }
+        let uid = cred.uid;
+        Some(match f.op {
+            op::HELLO => self.hello(uid, &f.body),
+            op::CREATE => self.create(uid, &f.body),
+            op::OPEN => self.lookup(uid, Dir::Outgoing, &f.body),
+            op::RETRIEVE => self.lookup(uid, Dir::Incoming, &f.body),
+            op::RELEASE => self.release(uid, &f.body),
+            op::STATUS => self.status(uid, &f.body),
+            op::REGISTER => self.register(id, cred, out, &f.body),
+            op::BARRIER => self.barrier(id, &f.body),
+            op::UPDATE => return crate::update::run(self, cred, out, f),
+            op::S_PRESERVE | op::S_RETRIEVE_FD | op::S_FINISH | op::S_GET_NAME => Err(refuse(
+                werr::EBADRQC,
+                "session requests go to a session channel, not luod's socket",
+            )),
+            other => Err(refuse(werr::EBADRQC, format!("unknown request {other:#x}"))),
+        })
+    }
+
+    fn hello(&self, uid: u32, body: &[u8]) -> Reply {
+        if !body.is_empty() {
+            return Err(refuse(werr::EBADMSG, "HELLO has no body"));
+        }
+        ok(Hello {
+            version: wire::PROTOCOL_VERSION,
+            backend: self.opts.backend,
+            uid,
+            pid: std::process::id(),
+            generation: self.generation,
+        }
+        .encode())
+    }
+
+    fn name(body: &[u8]) -> Result<String, Refusal> {
+        wire::check_name(body).map_err(|m| refuse(libc::EINVAL, m))?;
+        // check_name admits ASCII only.
+        Ok(String::from_utf8_lossy(body).into_owned())
+    }
+
+    fn create(self: &Arc<Self>, uid: u32, body: &[u8]) -> Reply {
+        let name = Self::name(body)?;
+        let mut t = lock_table(self);
+        let key = (uid, Dir::Outgoing, name);
+        if t.contains_key(&key) {
+            return Err(refuse(
+                libc::EEXIST,
+                format!("you already have an outgoing session {:?}", key.2),
+            ));
+        }
+        let mine = t
+            .keys()
+            .filter(|(u, d, _)| *u == uid && *d == Dir::Outgoing)
+            .count();
+        if mine >= self.opts.max_sessions_per_uid {
+            return Err(refuse(
+                libc::ENOSPC,
+                format!(
+                    "uid {uid} has {mine} outgoing sessions, the limit (--max-sessions-per-uid)"
+                ),
+            ));
+        }
+        let kname = wire::kernel_name(uid, &key.2);
+        let s = self
+            .device
+            .create_session(&kname)
+            .map_err(|e| refuse(e.errno().get(), format!("CREATE_SESSION {kname:?}: {e}")))?;
+        let entry = t.entry(key.clone()).or_insert(Entry {
+            session: Arc::new(s),
+            finished: Arc::new(AtomicBool::new(false)),
+            handed_out: false,
+        });
+        let r = self.hand_out(entry);
+        if r.is_ok() {
+            entry.handed_out = true;
+        }
+        r
+    }
+
+    fn lookup(self: &Arc<Self>, uid: u32, dir: Dir, body: &[u8]) -> Reply {
+        let name = Self::name(body)?;
+        let mut t = lock_table(self);
+        // Only the caller's own namespace is searched: another uid's session of the same name
+        // is simply not there for it (ENOENT, not EPERM, so names do not leak either).
+        let Some(entry) = t.get_mut(&(uid, dir, name.clone())) else {
+            return Err(refuse(
+                libc::ENOENT,
+                format!("you have no {} session {name:?}", dir.as_str()),
+            ));
+        };
+        let r = self.hand_out(entry);
+        if r.is_ok() {
+            entry.handed_out = true;
+        }
+        r
+    }
+
+    /// The reply that gives a client its handle: a dup of the kernel session fd, or a new
+    /// session channel (user backend).
+    fn hand_out(self: &Arc<Self>, entry: &Entry) -> Reply {
+        if let Some(fd) = entry.session.kernel_fd() {
+            let dup = fd
+                .try_clone_to_owned()
+                .map_err(|e| refuse(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
+            return Ok((vec![HandoutKind::KernelFd.to_u8()], vec![dup]));
+        }
+        let (mine, theirs) = UnixStream::pair()
+            .map_err(|e| refuse(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
+        let Some(slot) = Slot::take(self) else {
+            return Err(refuse(libc::EAGAIN, "too many connections"));
+        };
+        let d = self.clone();
+        let session = entry.session.clone();
+        let finished = entry.finished.clone();
+        std::thread::Builder::new()
+            .name("luod-chan".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let _slot = slot;
+                d.serve_channel(mine, &session, &finished);
+            })
+            .map_err(|e| refuse(libc::EAGAIN, format!("cannot start a channel thread: {e}")))?;
+        Ok((vec![HandoutKind::Channel.to_u8()], vec![theirs.into()]))
+    }
+
+    fn release(&self, uid: u32, body: &[u8]) -> Reply {
+        let mut r = Reader::new(body);
+        let dir = r
+            .u8("direction")
+            .and_then(Dir::from_u8)
+            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
+        let name = Self::name(r.rest())?;
+        let removed = lock_table(self).remove(&(uid, dir, name.clone()));
+        match removed {
+            // Dropped outside the lock: closing an incoming session finishes it, which runs
+            // handler callbacks.
+            Some(e) => {
+                drop(e);
+                ok(Vec::new())
+            }
+            None => Err(refuse(
+                libc::ENOENT,
+                format!("you have no {} session {name:?}", dir.as_str()),
+            )),
+        }
+    }
+
+    fn status(&self, uid: u32, body: &[u8]) -> Reply {
+        if !body.is_empty() {
+            return Err(refuse(werr::EBADMSG, "STATUS has no body"));
+        }
+        let (phase, listeners, last_update) = {
+            let u = lock_upd(self);
+            (u.phase, u.listeners.len() as u32, u.last.clone())
+        };
+        let all = self.is_admin(uid);
+        let sessions = lock_table(self)
+            .iter()
+            .filter(|((u, _, _), _)| all || *u == uid)
+            .map(|((u, dir, name), e)| SessionInfo {
+                uid: *u,
+                dir: *dir,
+                name: name.clone(),
+                files: e
+                    .session
+                    .file_count()
+                    .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+                finished: e.finished.load(Ordering::Relaxed),
+                handed_out: e.handed_out,
+            })
+            .collect();
+        ok(Status {
+            backend: self.opts.backend,
+            phase,
+            pid: std::process::id(),
+            generation: self.generation,
+            listeners,
+            last_update,
+            sessions,
+        }
+        .encode())
+    }
+
+    fn register(&self, id: u64, cred: PeerCred, out: &Arc<Out>, body: &[u8]) -> Reply {
+        wire::check_label(body).map_err(|m| refuse(libc::EINVAL, m))?;
+        let label = String::from_utf8_lossy(body).into_owned();
+        let mut u = lock_upd(self);
+        if u.listeners.contains_key(&id) {
+            return Err(refuse(
+                libc::EINVAL,
+                "this connection is already a listener",
+            ));
+        }
+        u.listeners.insert(
+            id,
+            Listener {
+                label,
+                uid: cred.uid,
+                pid: cred.pid,
+                out: out.clone(),
+                answer: None,
+            },
+        );
+        ok(Vec::new())
+    }
+
+    fn barrier(&self, id: u64, body: &[u8]) -> Reply {
+        let mut r = Reader::new(body);
+        let status = r
+            .i32("status")
+            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
+        r.end("BARRIER length")
+            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
+        if status < 0 {
+            return Err(refuse(werr::EBADMSG, "a barrier status is 0 or an errno"));
+        }
+        let mut u = lock_upd(self);
+        let (phase, round) = (u.phase, u.round);
+        let Some(l) = u.listeners.get_mut(&id) else {
+            return Err(refuse(
+                libc::EINVAL,
+                "this connection is not a listener (REGISTER first)",
+            ));
+        };
+        if phase != Phase::Barrier {
+            return Err(refuse(libc::EINVAL, "no update is waiting at the barrier"));
+        }
+        l.answer = Some((round, status));
+        self.upd_cv.notify_all();
+        ok(Vec::new())
+    }
+
+    /// A session channel (user backend): each frame is one session ioctl on `session`.
+    fn serve_channel(&self, sock: UnixStream, session: &Session, finished: &AtomicBool) {
+        if let Err(e) = self.setup(&sock) {
+            log!("channel: {e}");
+            return;
+        }
+        let out = match sock.try_clone() {
+            Ok(s) => Out {
+                sock: s,
+                lock: Mutex::new(()),
+            },
+            Err(e) => {
+                log!("channel: {e}");
+                return;
+            }
+        };
+        while let Some(f) = self.next_frame(&sock, &out) {
+            let (opc, tag) = (f.op, f.tag);
+            let r = self.channel_request(session, finished, f);
+            if out.reply(opc, tag, r).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn channel_request(&self, session: &Session, finished: &AtomicBool, mut f: Frame) -> Reply {
+        let fds = usize::from(f.op == op::S_PRESERVE);
+        Self::precheck(&f, fds)?;
+        let luo = |e: luo_client::Error| refuse(e.errno().get(), String::new());
+        let token = |body: &[u8]| {
+            let mut r = Reader::new(body);
+            let t = r.u64("token");
+            r.end("token length")
+                .and(t)
+                .map_err(|e| refuse(werr::EBADMSG, e.to_string()))
+        };
+        match f.op {
+            op::S_PRESERVE => {
+                let t = token(&f.body)?;
+                let fd = f.fds.pop().ok_or_else(|| refuse(libc::EBADF, "no fd"))?;
+                session.preserve_fd(&fd, t).map_err(luo)?;
+                ok(Vec::new())
+            }
+            op::S_RETRIEVE_FD => {
+                let fd = session.retrieve_fd(token(&f.body)?).map_err(luo)?;
+                Ok((Vec::new(), vec![fd]))
+            }
+            op::S_FINISH => {
+                if !f.body.is_empty() {
+                    return Err(refuse(werr::EBADMSG, "FINISH has no body"));
+                }
+                session.finish().map_err(luo)?;
+                finished.store(true, Ordering::Relaxed);
+                ok(Vec::new())
+            }
+            op::S_GET_NAME => {
+                if !f.body.is_empty() {
+                    return Err(refuse(werr::EBADMSG, "GET_NAME has no body"));
+                }
+                ok(session.name().map_err(luo)?.into_bytes())
+            }
+            other => Err(refuse(
+                werr::EBADRQC,
+                format!("unknown session channel request {other:#x}"),
+            )),
+        }
+    }
+}
+
+/// Opens a memfd holding `bytes`.
+pub(crate) fn memfd_with(bytes: &[u8]) -> io::Result<OwnedFd> {
+    let fd = backend_user::sys::memfd_create(c"luod-manifest", libc::MFD_CLOEXEC)?;
+    backend_user::sys::pwrite_all(fd.as_fd(), bytes, 0)?;
+    Ok(fd)
+}
+
+/// A one-line account of what luod holds, for update failures: what was not lost.
+pub(crate) fn holdings(t: &Table) -> String {
+    let out: Vec<_> = t.iter().filter(|(k, _)| k.1 == Dir::Outgoing).collect();
+    let files: Option<usize> = out
+        .iter()
+        .map(|(_, e)| e.session.file_count())
+        .sum::<Option<usize>>();
+    let files = files.map_or(String::new(), |f| format!(" with {f} preserved file(s)"));
+    format!(
+        "luod still holds {} outgoing session(s){files}, all intact",
+        out.len()
+    )
+}
