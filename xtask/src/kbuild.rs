@@ -81,6 +81,13 @@ fn fragments(paths: &Paths, core: Core, debug: bool) -> Result<Fragments> {
         names.push("debug.config".to_string());
     }
     names.push(format!("core-{core}.config"));
+    // Extra fragments from config/ by name, e.g. LUO_EXTRA_CONFIG=kasan for kasan.config
+    // (part of the build key, so they get their own build directory).
+    if let Some(extra) = std::env::var_os("LUO_EXTRA_CONFIG") {
+        for n in extra.to_string_lossy().split(',').filter(|n| !n.is_empty()) {
+            names.push(format!("{n}.config"));
+        }
+    }
     for name in names {
         let p = dir.join(&name);
         let t = fs::read_to_string(&p).context(|| format!("cannot read {}", p.display()))?;

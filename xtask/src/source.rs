@@ -160,35 +160,6 @@ impl Patches {
 /// copies from the pristine tree (new mtime, so make notices even a revert), then the
 /// new series is applied to files whose links were broken first.
 pub(crate) fn ensure_tree(paths: &Paths, pristine: &Path, patches: &Patches) -> Result<PathBuf> {
-    let tree = ensure_patched(paths, pristine, patches)?;
-    link_repo_sources(paths, &tree)?;
-    Ok(tree)
-}
-
-/// Directories of the tree that are the repository's own sources (`(in tree, in repo)`):
-/// the Rust LUO core (`CONFIG_LIVEUPDATE_RUST`) is built from the workspace's luo-core and
-/// backend-linux sources through these symlinks, never from a copy. The patch series hooks
-/// them into Kbuild (see backend-linux/kernel/README.md).
-pub(crate) const REPO_LINKS: &[(&str, &str)] = &[
-    ("rust/luo_core", "luo-core/src"),
-    ("kernel/liveupdate/luo_rust", "backend-linux/src"),
-];
-
-fn link_repo_sources(paths: &Paths, tree: &Path) -> Result<()> {
-    for (in_tree, in_repo) in REPO_LINKS {
-        let link = tree.join(in_tree);
-        let target = paths.repo.join(in_repo);
-        if fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
-            continue;
-        }
-        remove(&link)?;
-        std::os::unix::fs::symlink(&target, &link)
-            .context(|| format!("cannot link {} -> {}", link.display(), target.display()))?;
-    }
-    Ok(())
-}
-
-fn ensure_patched(paths: &Paths, pristine: &Path, patches: &Patches) -> Result<PathBuf> {
     let name = pristine.file_name().unwrap_or_default();
     let tree = paths.tree().join(name);
     let state_file = paths
