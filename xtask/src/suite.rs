@@ -491,8 +491,19 @@ pub(crate) fn judge_kexec(t: &VmTest, run: &Run, pass: &str) -> (Case, Metrics) 
     // Blackout: from init's reboot(RB_KEXEC) (it prints S1_DONE right before) to the new
     // kernel's init running, as the host sees the serial line.
     push("kexec blackout", at[1], at[3]);
-    let banner2 = boot_starts(&run.lines).get(1).map(|&i| run.lines[i].t);
-    push("reboot(RB_KEXEC) -> new kernel banner", at[1], banner2);
+    // The blackout in four parts: `down` = the old kernel going down (LUO freeze and
+    // serialization, KHO, kexec) up to "kexec_core: Starting new kernel"; `jump` = to the
+    // new kernel's banner (purgatory, decompression, and the serial line's own latency);
+    // `boot` = banner to "Run /init"; `init` = init.c starting and printing its stage.
+    let b2 = boot_starts(&run.lines).get(1).copied();
+    let banner2 = b2.map(|i| run.lines[i].t);
+    let init2 = b2
+        .and_then(|i| find(&run.lines, i, RUN_INIT))
+        .map(|i| run.lines[i].t);
+    push("blackout.down", at[1], at[2]);
+    push("blackout.jump", at[2], banner2);
+    push("blackout.boot", banner2, init2);
+    push("blackout.init", init2, at[3]);
     push("stage 2", at[3], at[5]);
     for s in t.spans {
         match span_between(&run.lines, s.from, s.to) {
