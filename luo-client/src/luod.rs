@@ -303,6 +303,7 @@ impl Luod {
         Ok(UpdateListener {
             conn: self.conn,
             pending: Vec::new(),
+            round: 0,
         })
     }
 }
@@ -315,6 +316,10 @@ pub enum UpdateEvent {
     Prepare {
         /// The barrier timeout.
         timeout: Duration,
+        /// Which update this is. [`UpdateListener::reach_barrier`] answers the latest Prepare
+        /// that `next_event` returned, so a late answer to an abandoned update can never count
+        /// for the next one.
+        round: u64,
     },
     /// The update was abandoned (a listener was late or refused, or the kernel refused the
     /// reboot): resume. Nothing preserved was lost.
@@ -334,6 +339,8 @@ pub enum UpdateEvent {
 pub struct UpdateListener {
     conn: Conn,
     pending: Vec<UpdateEvent>,
+    /// The round of the latest Prepare handed to the caller.
+    round: u64,
 }
 
 impl UpdateListener {
@@ -349,6 +356,7 @@ impl UpdateListener {
         Ok(match f.op {
             op::EV_PREPARE => UpdateEvent::Prepare {
                 timeout: Duration::from_millis(u64::from(r.u32("timeout").map_err(bad)?)),
+                round: r.u64("round").map_err(bad)?,
             },
             op::EV_ABORTED => UpdateEvent::Aborted {
                 errno: Errno::new(r.i32("errno").map_err(bad)?),
@@ -361,6 +369,14 @@ impl UpdateListener {
 
     /// The next event, waiting up to `timeout` (`None`: forever). `Ok(None)` on timeout.
     pub fn next_event(&mut self, timeout: Option<Duration>) -> Result<Option<UpdateEvent>> {
+        let ev = self.read_event(timeout)?;
+        if let Some(UpdateEvent::Prepare { round, .. }) = ev {
+            self.round = round;
+        }
+        Ok(ev)
+    }
+
+    fn read_event(&mut self, timeout: Option<Duration>) -> Result<Option<UpdateEvent>> {
         if !self.pending.is_empty() {
             return Ok(Some(self.pending.remove(0)));
         }
@@ -387,7 +403,7 @@ impl UpdateListener {
     fn barrier(&mut self, status: i32) -> Result<()> {
         let _g = self.conn.lock.lock().unwrap_or_else(|e| e.into_inner());
         let tag = self.conn.tag.fetch_add(1, Ordering::Relaxed);
-        let body = wire::Writer::new().i32(status).finish();
+        let body = wire::Writer::new().i32(status).u64(self.round).finish();
         wire::write_frame(&self.conn.sock, op::BARRIER, tag, &body, &[]).map_err(Error::Io)?;
         let deadline = Instant::now() + self.conn.timeout;
         loop {
@@ -406,8 +422,9 @@ impl UpdateListener {
         }
     }
 
-    /// Tells luod this client reached the barrier: it may reboot as far as this client is
-    /// concerned. `EINVAL` if no update is waiting for it.
+    /// Tells luod this client reached the barrier of the latest Prepare: it may reboot as far
+    /// as this client is concerned. `EINVAL` if that update is no longer waiting (it was
+    /// abandoned meanwhile: an `Aborted` event follows).
     pub fn reach_barrier(&mut self) -> Result<()> {
         self.barrier(0)
     }

@@ -570,7 +570,7 @@ fn listen(socket: &PathBuf, a: &Args) -> Result<(), Fail> {
             .next_event(None)
             .map_err(|e| fail(format!("listener: {e}")))?;
         match ev {
-            Some(UpdateEvent::Prepare { timeout }) => {
+            Some(UpdateEvent::Prepare { timeout, .. }) => {
                 out(&format!("prepare {}\n", timeout.as_millis()));
                 if never {
                     continue;

@@ -741,6 +741,9 @@ impl Daemon {
         let status = r
             .i32("status")
             .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
+        let answered = r
+            .u64("round")
+            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
         r.end("BARRIER length")
             .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
         if status < 0 {
@@ -754,8 +757,12 @@ impl Daemon {
                 "this connection is not a listener (REGISTER first)",
             ));
         };
-        if phase != Phase::Barrier {
-            return Err(refuse(libc::EINVAL, "no update is waiting at the barrier"));
+        if phase != Phase::Barrier || answered != round {
+            // Also a late answer to an abandoned update: it must not count for this one.
+            return Err(refuse(
+                libc::EINVAL,
+                "no update is waiting at the barrier for this answer",
+            ));
         }
         l.answer = Some((round, status));
         self.upd_cv.notify_all();

@@ -264,7 +264,7 @@ fn barrier(
     timeout: Duration,
 ) -> Result<Vec<String>, (i32, String)> {
     let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-    let body = Writer::new().u32(ms).finish();
+    let body = Writer::new().u32(ms).u64(round).finish();
     let mut gone = BTreeSet::new();
     for p in parts {
         if p.out.send(op::EV_PREPARE, 0, &body).is_err() {

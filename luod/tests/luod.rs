@@ -1,0 +1,678 @@
+//! luod end to end, over the real socket protocol, with the user backend: each test starts a
+//! luod of its own in a temp dir. An update there is `LiveUpdate::reboot` plus an exec of luod
+//! (same pid, the socket kept open), so the whole flow runs without a LUO kernel.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use luo_client::wire::{self, op};
+use luo_client::{Dir, UpdateEvent};
+use luo_core::errno;
+
+#[test]
+fn full_userspace_update_restores_a_memfd_by_name() {
+    let d = Daemon::start(&[]);
+    let ram = pattern(1, 1 << 20);
+    {
+        let c = d.connect();
+        assert_eq!(c.hello().generation, 0);
+        let s = c.create_session("vm0").unwrap();
+        assert_eq!(s.name().unwrap(), "0/vm0");
+        let m = memfd(&ram);
+        s.preserve_fd(&m, 7).unwrap();
+        s.preserve_fd(memfd(b"device state"), 8).unwrap();
+        assert_eq!(s.preserve_fd(&m, 9).unwrap_err().errno(), errno::EBUSY);
+        // The client goes away: luod holds the session.
+    }
+    let st = d.connect().status().unwrap();
+    assert_eq!(st.sessions.len(), 1);
+    assert_eq!(
+        (st.sessions[0].dir, st.sessions[0].files),
+        (Dir::Outgoing, Some(2))
+    );
+
+    let o = d.luoctl(&["update"]);
+    assert!(o.status.success(), "{}\n{}", stderr(&o), d.log());
+    assert!(stdout(&o).contains("generation 0 -> 1"), "{}", stdout(&o));
+    let c = d.wait_generation(1);
+    assert_eq!(c.hello().pid, d.pid(), "an update execs luod in place");
+
+    assert_eq!(
+        c.retrieve_session("nothere").unwrap_err().errno(),
+        errno::ENOENT
+    );
+    assert_eq!(c.open_session("vm0").unwrap_err().errno(), errno::ENOENT);
+    let s = c.retrieve_session("vm0").unwrap();
+    assert_eq!(s.name().unwrap(), "0/vm0");
+    assert_eq!(contents(s.retrieve_fd(7).unwrap()), ram);
+    assert_eq!(contents(s.retrieve_fd(8).unwrap()), b"device state");
+    assert_eq!(s.retrieve_fd(9).unwrap_err().errno(), errno::ENOENT);
+    assert_eq!(
+        s.preserve_fd(memfd(b"x"), 1).unwrap_err().errno(),
+        errno::EINVAL
+    );
+    s.finish().unwrap();
+    let st = c.status().unwrap();
+    assert!(st.sessions[0].finished && st.sessions[0].dir == Dir::Incoming);
+    // luod keeps its copy until released: the session is still there, empty.
+    let again = c.retrieve_session("vm0").unwrap();
+    assert_eq!(again.retrieve_fd(7).unwrap_err().errno(), errno::ENOENT);
+    c.release_session(Dir::Incoming, "vm0").unwrap();
+    assert_eq!(
+        c.release_session(Dir::Incoming, "vm0").unwrap_err().errno(),
+        errno::ENOENT
+    );
+    assert!(c.status().unwrap().sessions.is_empty());
+
+    // And once more, through the library's update call: the flow repeats.
+    c.create_session("vm0")
+        .unwrap()
+        .preserve_fd(memfd(b"second"), 1)
+        .unwrap();
+    assert_eq!(c.update(None, None, b"", Duration::ZERO).unwrap(), 2);
+    let c = d.wait_generation(2);
+    let s = c.retrieve_session("vm0").unwrap();
+    assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"second");
+    s.finish().unwrap();
+}
+
+#[test]
+fn several_clients_at_once_and_a_stalled_one_blocks_nobody() {
+    let d = Daemon::start(&[]);
+    // A client that sends half a header and stalls.
+    let stalled = d.raw();
+    (&stalled).write_all_ok(&[9, 0, 0]);
+    let t = Instant::now();
+    d.connect().status().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    let sock = d.sock.clone();
+    let workers: Vec<_> = (0..4)
+        .map(|i| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let c = luo_client::Luod::connect(&sock).unwrap();
+                let s = c.create_session(&format!("c{i}")).unwrap();
+                for t in 0..3u64 {
+                    s.preserve_fd(memfd(&pattern(i * 10 + t, 4096 + t as usize)), t)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let c = d.connect();
+    let st = c.status().unwrap();
+    assert_eq!(st.sessions.len(), 4);
+    assert!(st.sessions.iter().all(|s| s.files == Some(3)));
+    // The stalled client was cut off after the frame timeout, with an explanation.
+    let f = read(&stalled).unwrap();
+    assert_eq!(
+        wire::parse_reply(&f.body).unwrap().unwrap_err().0,
+        libc::ETIMEDOUT
+    );
+    assert!(drains_to_eof(&stalled));
+
+    assert_eq!(c.update(None, None, b"", Duration::ZERO).unwrap(), 1);
+    d.wait_generation(1);
+    let workers: Vec<_> = (0..4u64)
+        .map(|i| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let c = luo_client::Luod::connect(&sock).unwrap();
+                let s = c.retrieve_session(&format!("c{i}")).unwrap();
+                for t in 0..3u64 {
+                    assert_eq!(
+                        contents(s.retrieve_fd(t).unwrap()),
+                        pattern(i * 10 + t, 4096 + t as usize)
+                    );
+                }
+                s.finish().unwrap();
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+trait WriteAllOk {
+    fn write_all_ok(self, b: &[u8]);
+}
+
+impl WriteAllOk for &UnixStream {
+    fn write_all_ok(self, b: &[u8]) {
+        use std::io::Write;
+        let mut s = self;
+        s.write_all(b).unwrap();
+    }
+}
+
+#[test]
+fn a_killed_client_loses_nothing_and_can_come_back() {
+    let d = Daemon::start(&[]);
+    let data = pattern(3, 100_000);
+    let file = d.dir.join("data");
+    std::fs::write(&file, &data).unwrap();
+    let mut client = d
+        .luoctl_cmd(&[
+            "preserve",
+            "crash",
+            "1",
+            "--file",
+            path_str(&file),
+            "--hold",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("preserved 100000 byte(s)"), "{line:?}");
+    client.kill().unwrap(); // SIGKILL: no cleanup of any kind
+    client.wait().unwrap();
+
+    let c = d.connect();
+    let st = c.status().unwrap();
+    assert_eq!(st.sessions.len(), 1);
+    assert_eq!(st.sessions[0].files, Some(1));
+    // Reconnected: the same session, still holding the killed client's memfd.
+    assert_eq!(
+        c.create_session("crash").unwrap_err().errno(),
+        errno::EEXIST
+    );
+    let s = c.open_session("crash").unwrap();
+    assert_eq!(
+        s.preserve_fd(memfd(b"x"), 1).unwrap_err().errno(),
+        errno::EEXIST
+    );
+    s.preserve_fd(memfd(b"after the crash"), 2).unwrap();
+    drop(s);
+
+    let o = d.luoctl(&["update"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = d.wait_generation(1);
+    // A client that dies while restoring (before FINISH) may simply ask again.
+    let s = c.retrieve_session("crash").unwrap();
+    assert_eq!(contents(s.retrieve_fd(2).unwrap()), b"after the crash");
+    drop(s);
+    let o = d.luoctl(&["retrieve", "crash", "1", "--finish"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout, data);
+    assert!(c.status().unwrap().sessions[0].finished);
+}
+
+#[test]
+fn another_uid_can_neither_see_nor_take_a_session() {
+    if !is_root() {
+        eprintln!("SKIP: needs root to run clients as another uid");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let d = Daemon::start(&[]);
+    let c = d.connect();
+    let s = c.create_session("secret").unwrap();
+    s.preserve_fd(memfd(b"root's data"), 1).unwrap();
+
+    let run = |args: &[&str], input: &[u8]| d.luoctl_with_input(args, input, Some(NOBODY));
+    // luod sees the real uid: nothing of root's is visible or reachable.
+    let o = run(&["status", "--json"], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("secret"), "{}", stdout(&o));
+    let o = run(&["preserve", "secret", "2", "--open"], b"mine");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ENOENT"), "{}", stderr(&o));
+    for name in ["0/secret", "../0/secret", "luod", "secret\u{1}"] {
+        let o = run(&["preserve", name, "1"], b"x");
+        if name == "luod" {
+            // Allowed, but it is "65534/luod": it cannot pose as luod's manifest.
+            assert!(o.status.success(), "{}", stderr(&o));
+            continue;
+        }
+        assert!(!o.status.success(), "{name}");
+        assert!(stderr(&o).contains("EINVAL"), "{name}: {}", stderr(&o));
+    }
+    // Its own "secret" is a different session.
+    let o = run(&["preserve", "secret", "1"], b"nobody's data");
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The anti-hijack case: a fake manifest in its own "luod" session, naming root's session
+    // as its own.
+    let fake =
+        format!("luod-manifest 1\ngeneration 9\nsession {NOBODY} stolen\nsession 0 secret\nend\n");
+    let o = run(&["preserve", "luod", "0", "--open"], fake.as_bytes());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Only root updates.
+    let o = run(&["update"], b"");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("EPERM"), "{}", stderr(&o));
+    // A release by name touches its own namespace only.
+    let o = run(&["release", "nothing"], b"");
+    assert!(stderr(&o).contains("ENOENT"), "{}", stderr(&o));
+
+    let st = c.status().unwrap();
+    let mut names: Vec<_> = st
+        .sessions
+        .iter()
+        .map(|s| (s.uid, s.name.as_str()))
+        .collect();
+    names.sort();
+    assert_eq!(names, [(0, "secret"), (NOBODY, "luod"), (NOBODY, "secret")]);
+
+    assert!(d.luoctl(&["update"]).status.success());
+    let c = d.wait_generation(1);
+    assert_eq!(
+        c.hello().generation,
+        1,
+        "the real manifest was used, not the fake"
+    );
+    let o = run(&["retrieve", "secret", "1"], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout, b"nobody's data");
+    let o = run(&["retrieve", "stolen", "1"], b"");
+    assert!(stderr(&o).contains("ENOENT"), "{}", stderr(&o));
+    let o = run(&["retrieve", "luod", "0"], b"");
+    assert_eq!(stdout(&o), fake, "its own session, nothing more");
+    let s = c.retrieve_session("secret").unwrap();
+    assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"root's data");
+    let st = c.status().unwrap();
+    assert_eq!(st.sessions.len(), 3, "{st:?}");
+}
+
+#[test]
+fn hostile_and_malformed_messages_get_errors_and_never_crash_luod() {
+    let mut d = Daemon::start(&[]);
+    let fds_before = d.fd_count();
+
+    // Random bytes, deterministic per seed.
+    for seed in 0..40u64 {
+        let s = d.raw();
+        let junk = pattern(seed + 100, 1 + (seed as usize * 37) % 300);
+        let _ = std::io::Write::write_all(&mut &s, &junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        assert!(drains_to_eof(&s), "seed {seed}");
+    }
+    // Valid headers, random bodies, every opcode but UPDATE (a valid random UPDATE would
+    // really update). Each gets exactly one reply.
+    let s = d.raw();
+    let ops = [
+        op::HELLO,
+        op::CREATE,
+        op::OPEN,
+        op::RETRIEVE,
+        op::RELEASE,
+        op::STATUS,
+        op::REGISTER,
+        op::BARRIER,
+        op::S_PRESERVE,
+        op::S_RETRIEVE_FD,
+        op::S_FINISH,
+        op::S_GET_NAME,
+        op::EV_PREPARE,
+        op::EV_ABORTED,
+        op::EV_REBOOTING,
+        op::REPLY,
+        0,
+        0x7777,
+        0xffff,
+    ];
+    for (i, &o) in ops.iter().enumerate() {
+        for seed in 0..5u64 {
+            let body = pattern(seed * 31 + i as u64, (seed as usize * 13) % 70);
+            let tag = (i * 10) as u32 + seed as u32;
+            let (st, _) = call(&s, o, tag, &body);
+            if ![op::STATUS, op::REGISTER, op::HELLO].contains(&o) || !body.is_empty() {
+                assert_ne!(st, 0, "op {o:#x} body {body:?}");
+            }
+        }
+    }
+    drop(s);
+
+    let s = d.raw();
+    // Unknown version: refused, the connection goes on.
+    std::io::Write::write_all(&mut &s, &wire::header(0, 2, op::HELLO, 5)).unwrap();
+    let f = read(&s).unwrap();
+    assert_eq!(f.tag, 5);
+    assert_eq!(
+        wire::parse_reply(&f.body).unwrap().unwrap_err().0,
+        libc::EPROTONOSUPPORT
+    );
+    assert_eq!(call(&s, op::HELLO, 6, b"").0, 0);
+    assert_eq!(call(&s, 0x7777, 7, b"").0, libc::EBADRQC);
+    assert_eq!(call(&s, op::HELLO, 8, b"x").0, libc::EBADMSG);
+    assert_eq!(call(&s, op::S_FINISH, 9, b"").0, libc::EBADRQC);
+    for bad in [
+        &b""[..],
+        &[b'a'; 53],
+        b"a/b",
+        b"a b",
+        b"\xff",
+        b"q\"",
+        b"\0",
+    ] {
+        assert_eq!(call(&s, op::CREATE, 10, bad).0, libc::EINVAL, "{bad:?}");
+    }
+    assert_eq!(call(&s, op::RELEASE, 11, b"\x07vm").0, libc::EBADMSG);
+    assert_eq!(
+        call(&s, op::BARRIER, 12, &0i32.to_le_bytes()).0,
+        libc::EBADMSG
+    );
+    assert_eq!(call(&s, op::BARRIER, 12, &[0; 12]).0, libc::EINVAL);
+    assert_eq!(
+        call(&s, op::UPDATE, 13, &[9, 0, 0, 0, 0, 0, 0, 0]).0,
+        libc::EBADMSG
+    );
+    // UPDATE announcing a kernel fd without sending one.
+    assert_eq!(
+        call(&s, op::UPDATE, 14, &[1, 0, 0, 0, 0, 0, 0, 0]).0,
+        libc::EINVAL
+    );
+    // Fds where none belong, and more fds than luod keeps.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    for n in [1usize, 6] {
+        let fds: Vec<_> = (0..n).map(|_| null.as_fd()).collect();
+        wire::write_frame(&s, op::HELLO, 20, b"", &fds).unwrap();
+        let f = read(&s).unwrap();
+        assert_eq!(
+            wire::parse_reply(&f.body).unwrap().unwrap_err().0,
+            libc::EINVAL
+        );
+    }
+    drop(s);
+
+    // A session channel gets the same treatment.
+    let s = d.raw();
+    let (st, mut f) = call(&s, op::CREATE, 1, b"chan");
+    assert_eq!(st, 0);
+    let ch = UnixStream::from(f.fds.pop().unwrap());
+    ch.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    assert_eq!(
+        call(&ch, op::S_PRESERVE, 1, &7u64.to_le_bytes()).0,
+        libc::EINVAL,
+        "no fd"
+    );
+    wire::write_frame(&ch, op::S_PRESERVE, 2, &7u64.to_le_bytes(), &[null.as_fd()]).unwrap();
+    let f = read(&ch).unwrap();
+    assert_eq!(
+        wire::parse_reply(&f.body).unwrap().unwrap_err().0,
+        libc::ENOENT,
+        "no handler takes /dev/null"
+    );
+    assert_eq!(call(&ch, op::S_PRESERVE, 3, b"short").0, libc::EINVAL);
+    assert_eq!(
+        call(&ch, op::S_RETRIEVE_FD, 4, &7u64.to_le_bytes()).0,
+        libc::EINVAL
+    );
+    assert_eq!(call(&ch, op::S_FINISH, 5, b"").0, libc::EINVAL);
+    assert_eq!(call(&ch, op::S_GET_NAME, 6, b"x").0, libc::EBADMSG);
+    assert_eq!(call(&ch, op::HELLO, 7, b"").0, libc::EBADRQC);
+    let (st, f) = call(&ch, op::S_GET_NAME, 8, b"");
+    assert_eq!((st, &f.body[4..]), (0, &b"0/chan"[..]));
+    drop((ch, s));
+
+    // An oversized length: an error reply with the request's tag, then the connection ends.
+    let s = d.raw();
+    std::io::Write::write_all(&mut &s, &wire::header(u32::MAX, 1, op::STATUS, 77)).unwrap();
+    let f = read(&s).unwrap();
+    assert_eq!(f.tag, 77);
+    assert_eq!(
+        wire::parse_reply(&f.body).unwrap().unwrap_err().0,
+        libc::EMSGSIZE
+    );
+    assert!(drains_to_eof(&s));
+    // A truncated frame: the peer leaves mid-body.
+    let s = d.raw();
+    std::io::Write::write_all(&mut &s, &wire::header(100, 1, op::CREATE, 1)).unwrap();
+    std::io::Write::write_all(&mut &s, b"0123456789").unwrap();
+    drop(s);
+
+    assert!(d.alive(), "{}", d.log());
+    let c = d.connect();
+    let st = c.status().unwrap();
+    assert_eq!(st.sessions.len(), 1, "only the channel test's session");
+    drop(c);
+    // Every connection's fds went away with it (a few may still be closing).
+    let t = Instant::now();
+    while d.fd_count() > fds_before + 2 && t.elapsed() < DEADLINE {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        d.fd_count() <= fds_before + 2,
+        "{} > {fds_before}",
+        d.fd_count()
+    );
+}
+
+#[test]
+fn the_barrier_waits_for_listeners_and_a_late_one_cancels_the_update() {
+    let d = Daemon::start(&[]);
+    let c = d.connect();
+    c.create_session("vm")
+        .unwrap()
+        .preserve_fd(memfd(b"guest"), 1)
+        .unwrap();
+    let mut late = d.connect().register_for_update("vmm-a").unwrap();
+
+    let t = Instant::now();
+    let o = d.luoctl(&["update", "--barrier-timeout-ms", "300"]);
+    assert!(!o.status.success());
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    let e = stderr(&o);
+    assert!(
+        e.contains("ETIMEDOUT") && e.contains("\"vmm-a\"") && e.contains("nothing was lost"),
+        "{e}"
+    );
+    match late.next_event(Some(DEADLINE)).unwrap() {
+        Some(UpdateEvent::Prepare { timeout, .. }) => {
+            assert_eq!(timeout, Duration::from_millis(300))
+        }
+        other => panic!("{other:?}"),
+    }
+    match late.next_event(Some(DEADLINE)).unwrap() {
+        Some(UpdateEvent::Aborted { errno, .. }) => assert_eq!(errno.get(), libc::ETIMEDOUT),
+        other => panic!("{other:?}"),
+    }
+    // Too late now.
+    assert_eq!(late.reach_barrier().unwrap_err().errno(), errno::EINVAL);
+    let st = c.status().unwrap();
+    assert_eq!((st.generation, st.listeners), (0, 1));
+    assert_eq!(st.last_update.as_ref().map(|l| l.0), Some(libc::ETIMEDOUT));
+    assert_eq!(st.sessions[0].files, Some(1));
+
+    // A late answer never counts for the next update: the listener answers the first update
+    // while a second one waits at the barrier (it has not read the second Prepare yet).
+    let second = std::thread::spawn({
+        let sock = d.sock.clone();
+        move || {
+            luo_client::Luod::connect(&sock)
+                .unwrap()
+                .update(None, None, b"", DEADLINE)
+                .unwrap_err()
+        }
+    });
+    while c.status().unwrap().phase != luo_client::wire::Phase::Barrier {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(late.reach_barrier().unwrap_err().errno(), errno::EINVAL);
+    // Now it reads the second Prepare, and refuses.
+    match late.next_event(Some(DEADLINE)).unwrap() {
+        Some(UpdateEvent::Prepare { timeout, .. }) => assert_eq!(timeout, DEADLINE),
+        other => panic!("{other:?}"),
+    }
+    late.refuse(luo_client::Errno::new(libc::ECANCELED))
+        .unwrap();
+    let e = second.join().unwrap();
+    assert_eq!(e.errno().get(), libc::ECANCELED, "{e}");
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert!(matches!(
+        late.next_event(Some(DEADLINE)).unwrap(),
+        Some(UpdateEvent::Aborted { .. })
+    ));
+
+    // The listener answers from a thread this time, while another listener joins.
+    let answerer = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        loop {
+            match late.next_event(Some(DEADLINE)).unwrap() {
+                Some(UpdateEvent::Prepare { .. }) => late.reach_barrier().unwrap(),
+                Some(UpdateEvent::Closed) | None => return seen,
+                Some(ev) => seen.push(ev),
+            }
+        }
+    });
+    let mut other = d.connect().register_for_update("vmm-b").unwrap();
+    let other = std::thread::spawn(move || {
+        assert!(matches!(
+            other.next_event(Some(DEADLINE)).unwrap(),
+            Some(UpdateEvent::Prepare { .. })
+        ));
+        other.reach_barrier().unwrap();
+        other.next_event(Some(DEADLINE)).unwrap()
+    });
+    // Everyone ready: the update goes through.
+    assert_eq!(c.update(None, None, b"", DEADLINE).unwrap(), 1);
+    assert_eq!(answerer.join().unwrap(), [UpdateEvent::Rebooting]);
+    assert_eq!(other.join().unwrap(), Some(UpdateEvent::Rebooting));
+    let c = d.wait_generation(1);
+    let s = c.retrieve_session("vm").unwrap();
+    assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"guest");
+}
+
+#[test]
+fn a_refused_reboot_loses_nothing() {
+    let d = Daemon::start(&[]);
+    let c = d.connect();
+    let s = c.create_session("vm").unwrap();
+    let m = memfd(b"small");
+    s.preserve_fd(&m, 1).unwrap();
+    // Grow the memfd past what LUO can hand over (more than u32::MAX pages, sparse): freezing
+    // it at reboot fails with EFBIG, as the kernel's memfd handler would at preserve.
+    m.set_len((u64::from(u32::MAX) + 2) * 4096).unwrap();
+    let o = d.luoctl(&["update"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("EFBIG")
+            && e.contains("could not be frozen")
+            && e.contains("1 preserved file(s)"),
+        "{e}"
+    );
+    let st = c.status().unwrap();
+    assert_eq!(st.generation, 0);
+    assert_eq!(st.sessions.len(), 1);
+    assert_eq!(st.sessions[0].files, Some(1));
+    assert_eq!(st.last_update.as_ref().map(|l| l.0), Some(libc::EFBIG));
+
+    // Put it right and retry: the manifest session of the failed attempt is gone, so this works.
+    m.set_len(5).unwrap();
+    drop(m);
+    assert_eq!(c.update(None, None, b"", DEADLINE).unwrap(), 1);
+    let c = d.wait_generation(1);
+    let s = c.retrieve_session("vm").unwrap();
+    assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"small");
+}
+
+#[test]
+fn updates_that_cannot_start_are_refused_up_front() {
+    let d = Daemon::start(&["--next-image", "/nonexistent/luod"]);
+    let c = d.connect();
+    c.create_session("vm").unwrap();
+    let e = c.update(None, None, b"", DEADLINE).unwrap_err();
+    assert_eq!(e.errno().get(), libc::ENOEXEC, "{e}");
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let e = c
+        .update(Some(null.as_fd()), None, b"", DEADLINE)
+        .unwrap_err();
+    assert_eq!(e.errno(), errno::EINVAL, "{e}");
+    assert!(e.to_string().contains("takes no kernel"), "{e}");
+    let o = d.luoctl(&["update", "--initrd", "/dev/null"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    // One update at a time.
+    let d = Daemon::start(&[]);
+    let _l = d.connect().register_for_update("slow").unwrap();
+    let sock = d.sock.clone();
+    let first = std::thread::spawn(move || {
+        luo_client::Luod::connect(&sock)
+            .unwrap()
+            .update(None, None, b"", Duration::from_millis(1500))
+            .unwrap_err()
+            .errno()
+    });
+    let c = d.connect();
+    while c.status().unwrap().phase != luo_client::wire::Phase::Barrier {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let e = c.update(None, None, b"", DEADLINE).unwrap_err();
+    assert_eq!(e.errno(), errno::EBUSY, "{e}");
+    assert_eq!(first.join().unwrap().get(), libc::ETIMEDOUT);
+}
+
+#[test]
+fn luod_refuses_to_start_twice_or_without_a_device() {
+    let d = Daemon::start(&[]);
+    let o = std::process::Command::new(LUOD)
+        .args(["--backend", "user", "--socket"])
+        .arg(&d.sock)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("another luod is running"),
+        "{}",
+        stderr(&o)
+    );
+    let o = std::process::Command::new(LUOD)
+        .args([
+            "--backend",
+            "kernel",
+            "--device",
+            "/nonexistent/liveupdate",
+            "--socket",
+        ])
+        .arg(d.dir.join("k.sock"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ENOENT"), "{}", stderr(&o));
+    let o = std::process::Command::new(LUOD)
+        .arg("--bogus")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = std::process::Command::new(LUOD)
+        .args(["--backend", "user", "--handover-fd", "99", "--socket"])
+        .arg(d.dir.join("h.sock"))
+        .output()
+        .unwrap();
+    assert!(stderr(&o).contains("not open"), "{}", stderr(&o));
+}
+
+#[test]
+fn status_table_and_json() {
+    let d = Daemon::start(&[]);
+    let o = d.luoctl_with_input(&["preserve", "vm7", "0x10"], b"abc", None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = stdout(&d.luoctl(&["status"]));
+    assert!(t.contains("user backend, generation 0"), "{t}");
+    assert!(
+        t.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
+            == ["outgoing", "0", "vm7", "0/vm7", "1", "handed", "out"]),
+        "{t}"
+    );
+    let j = stdout(&d.luoctl(&["status", "--json"]));
+    assert!(j.contains("\"sessions\":[{\"direction\":\"outgoing\",\"uid\":0,\"name\":\"vm7\",\"kernel_name\":\"0/vm7\",\"files\":1,"), "{j}");
+    let o = d.luoctl(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+}
