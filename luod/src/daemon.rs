@@ -6,13 +6,13 @@
 //! timeout). The two locks, `table` and `upd`, are never held together except in the update
 //! path's reboot step, which takes `table` and then `upd` briefly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -131,7 +131,8 @@ pub struct Daemon {
     /// Held by the accept loop around each accept, and by the update path from the reboot on,
     /// so no connection is accepted by an image that is about to be replaced.
     pub(crate) accept_gate: Mutex<()>,
-    conns: AtomicUsize,
+    /// Open connections and channels: in total, and per uid.
+    conns: Mutex<(usize, HashMap<u32, usize>)>,
     next_id: AtomicU64,
 }
 
@@ -149,23 +150,43 @@ pub(crate) fn lock_upd(d: &Daemon) -> MutexGuard<'_, UpdateCtl> {
     lock(&d.upd)
 }
 
-/// Counts a connection or channel for `--max-connections`; released on drop.
-struct Slot(Arc<Daemon>);
+/// Counts a connection or channel for `--max-connections` and `--max-connections-per-uid`;
+/// released on drop. The per-uid cap keeps one user from starving the others (and root's
+/// luoctl) of connections.
+struct Slot {
+    d: Arc<Daemon>,
+    uid: u32,
+}
 
 impl Slot {
-    fn take(d: &Arc<Daemon>) -> Option<Slot> {
-        let n = d.conns.fetch_add(1, Ordering::AcqRel);
-        if n >= d.opts.max_connections {
-            d.conns.fetch_sub(1, Ordering::AcqRel);
-            return None;
+    fn take(d: &Arc<Daemon>, uid: u32) -> Result<Slot, Refusal> {
+        let mut c = lock(&d.conns);
+        if c.0 >= d.opts.max_connections {
+            return Err(refuse(libc::EAGAIN, "too many connections"));
         }
-        Some(Slot(d.clone()))
+        let mine = c.1.entry(uid).or_insert(0);
+        if *mine >= d.opts.max_connections_per_uid {
+            return Err(refuse(
+                libc::EAGAIN,
+                format!("uid {uid} has too many connections and session channels open"),
+            ));
+        }
+        *mine += 1;
+        c.0 += 1;
+        Ok(Slot { d: d.clone(), uid })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.conns.fetch_sub(1, Ordering::AcqRel);
+        let mut c = lock(&self.d.conns);
+        c.0 = c.0.saturating_sub(1);
+        if let Some(n) = c.1.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.1.remove(&self.uid);
+            }
+        }
     }
 }
 
@@ -337,7 +358,7 @@ impl Daemon {
             upd_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
             accept_gate: Mutex::new(()),
-            conns: AtomicUsize::new(0),
+            conns: Mutex::new((0, HashMap::new())),
             next_id: AtomicU64::new(1),
         }))
     }
@@ -380,10 +401,21 @@ impl Daemon {
     }
 
     fn spawn_conn(self: &Arc<Self>, sock: UnixStream) {
-        let Some(slot) = Slot::take(self) else {
-            let _ = sock.set_write_timeout(Some(self.opts.frame_timeout));
-            let _ = wire::write_err(&sock, 0, 0, libc::EAGAIN, "too many connections");
-            return;
+        // The kernel recorded the peer's credentials at connect; they cannot be forged.
+        let cred = match sys::peer_cred(sock.as_fd()) {
+            Ok(c) => c,
+            Err(e) => {
+                log!("SO_PEERCRED: {e}");
+                return;
+            }
+        };
+        let slot = match Slot::take(self, cred.uid) {
+            Ok(s) => s,
+            Err(r) => {
+                let _ = sock.set_write_timeout(Some(self.opts.frame_timeout));
+                let _ = wire::write_err(&sock, 0, 0, r.errno, &r.msg);
+                return;
+            }
         };
         let d = self.clone();
         let r = std::thread::Builder::new()
@@ -391,7 +423,7 @@ impl Daemon {
             .stack_size(256 << 10)
             .spawn(move || {
                 let _slot = slot;
-                d.serve(sock);
+                d.serve(sock, cred);
             });
         if let Err(e) = r {
             log!("cannot start a connection thread: {e}");
@@ -472,18 +504,12 @@ impl Daemon {
     }
 
     /// One client connection.
-    fn serve(self: &Arc<Self>, sock: UnixStream) {
+    fn serve(self: &Arc<Self>, sock: UnixStream, cred: PeerCred) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cred = match self
-            .setup(&sock)
-            .and_then(|()| sys::peer_cred(sock.as_fd()))
-        {
-            Ok(c) => c,
-            Err(e) => {
-                log!("connection {id}: {e}");
-                return;
-            }
-        };
+        if let Err(e) = self.setup(&sock) {
+            log!("connection {id}: {e}");
+            return;
+        }
         let out = match sock.try_clone() {
             Ok(s) => Arc::new(Out {
                 sock: s,
@@ -597,16 +623,16 @@ impl Daemon {
             .device
             .create_session(&kname)
             .map_err(|e| refuse(e.errno().get(), format!("CREATE_SESSION {kname:?}: {e}")))?;
-        let entry = t.entry(key.clone()).or_insert(Entry {
+        let entry = Entry {
             session: Arc::new(s),
             finished: Arc::new(AtomicBool::new(false)),
-            handed_out: false,
-        });
-        let r = self.hand_out(entry);
-        if r.is_ok() {
-            entry.handed_out = true;
-        }
-        r
+            handed_out: true,
+        };
+        // A session the client never received is closed again (and so gone from the
+        // kernel), so that a retry is a plain CREATE, not an EEXIST.
+        let r = self.hand_out(uid, &entry)?;
+        t.insert(key, entry);
+        Ok(r)
     }
 
     fn lookup(self: &Arc<Self>, uid: u32, dir: Dir, body: &[u8]) -> Reply {
@@ -620,7 +646,7 @@ impl Daemon {
                 format!("you have no {} session {name:?}", dir.as_str()),
             ));
         };
-        let r = self.hand_out(entry);
+        let r = self.hand_out(uid, entry);
         if r.is_ok() {
             entry.handed_out = true;
         }
@@ -629,7 +655,7 @@ impl Daemon {
 
     /// The reply that gives a client its handle: a dup of the kernel session fd, or a new
     /// session channel (user backend).
-    fn hand_out(self: &Arc<Self>, entry: &Entry) -> Reply {
+    fn hand_out(self: &Arc<Self>, uid: u32, entry: &Entry) -> Reply {
         if let Some(fd) = entry.session.kernel_fd() {
             let dup = fd
                 .try_clone_to_owned()
@@ -638,9 +664,7 @@ impl Daemon {
         }
         let (mine, theirs) = UnixStream::pair()
             .map_err(|e| refuse(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
-        let Some(slot) = Slot::take(self) else {
-            return Err(refuse(libc::EAGAIN, "too many connections"));
-        };
+        let slot = Slot::take(self, uid)?;
         let d = self.clone();
         let session = entry.session.clone();
         let finished = entry.finished.clone();

@@ -24,6 +24,8 @@ pub struct Options {
     pub frame_timeout: Duration,
     /// `--max-connections N`: connections plus session channels.
     pub max_connections: usize,
+    /// `--max-connections-per-uid N`.
+    pub max_connections_per_uid: usize,
     /// `--max-sessions-per-uid N`.
     pub max_sessions_per_uid: usize,
     /// `--next-image PATH` (user backend): what an update execs; default: luod's own binary.
@@ -44,6 +46,7 @@ impl Default for Options {
             barrier_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(5),
             max_connections: 256,
+            max_connections_per_uid: 64,
             max_sessions_per_uid: 64,
             next_image: None,
             handover_fd: None,
@@ -56,7 +59,7 @@ impl Default for Options {
 pub const USAGE: &str = "\
 usage: luod [--backend kernel|user] [--socket PATH] [--device PATH] [--socket-mode OCTAL]
             [--barrier-timeout-ms N] [--frame-timeout-ms N] [--max-connections N]
-            [--max-sessions-per-uid N] [--next-image PATH]
+            [--max-connections-per-uid N] [--max-sessions-per-uid N] [--next-image PATH]
 
 Owns /dev/liveupdate (or, with --backend user, an in-process LUO whose reboot is an exec of
 --next-image), hands LUO sessions to clients over a Unix socket, and runs updates (luoctl).
@@ -127,6 +130,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 o.frame_timeout = Duration::from_millis(ms);
             }
             "--max-connections" => o.max_connections = num(flag, &value()?)?,
+            "--max-connections-per-uid" => o.max_connections_per_uid = num(flag, &value()?)?,
             "--max-sessions-per-uid" => o.max_sessions_per_uid = num(flag, &value()?)?,
             "--next-image" => o.next_image = Some(PathBuf::from(value()?)),
             "--handover-fd" => o.handover_fd = Some(num(flag, &value()?)?),
@@ -156,6 +160,8 @@ impl Options {
             self.frame_timeout.as_millis().to_string(),
             "--max-connections".into(),
             self.max_connections.to_string(),
+            "--max-connections-per-uid".into(),
+            self.max_connections_per_uid.to_string(),
             "--max-sessions-per-uid".into(),
             self.max_sessions_per_uid.to_string(),
         ];

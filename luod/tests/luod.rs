@@ -676,3 +676,29 @@ fn status_table_and_json() {
     let o = d.luoctl(&["frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn one_uid_cannot_use_up_every_connection() {
+    let d = Daemon::start(&["--max-connections-per-uid", "3"]);
+    let held: Vec<_> = (0..3).map(|_| d.connect()).collect();
+    let e = luo_client::Luod::connect(&d.sock).unwrap_err();
+    assert_eq!(e.errno().get(), libc::EAGAIN, "{e}");
+    // A session channel counts too (user backend).
+    let e = held[0].create_session("c").unwrap_err();
+    assert_eq!(e.errno().get(), libc::EAGAIN, "{e}");
+    assert!(
+        held[0].status().unwrap().sessions.is_empty(),
+        "a session the client never got is not kept"
+    );
+    if is_root() {
+        // Another uid is not affected.
+        let o = d.luoctl_with_input(&["status"], b"", Some(65534));
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    drop(held);
+    let t = Instant::now();
+    while luo_client::Luod::connect(&d.sock).is_err() {
+        assert!(t.elapsed() < DEADLINE, "slots were not given back");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
