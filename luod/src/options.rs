@@ -79,7 +79,7 @@ fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
         .map_err(|_| format!("{flag}: not a valid number: {v:?}"))
 }
 
-/// Parses luod's arguments (without argv[0]).
+/// Parses luod's arguments (without `argv[0]`).
 pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut o = Options::default();
     let mut it = args.iter();
