@@ -87,7 +87,7 @@ fn several_clients_at_once_and_a_stalled_one_blocks_nobody() {
     let d = Daemon::start(&[]);
     // A client that sends half a header and stalls.
     let stalled = d.raw();
-    (&stalled).write_all_ok(&[9, 0, 0]);
+    std::io::Write::write_all(&mut &stalled, &[9, 0, 0]).unwrap();
     let t = Instant::now();
     d.connect().status().unwrap();
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
@@ -141,18 +141,6 @@ fn several_clients_at_once_and_a_stalled_one_blocks_nobody() {
         .collect();
     for w in workers {
         w.join().unwrap();
-    }
-}
-
-trait WriteAllOk {
-    fn write_all_ok(self, b: &[u8]);
-}
-
-impl WriteAllOk for &UnixStream {
-    fn write_all_ok(self, b: &[u8]) {
-        use std::io::Write;
-        let mut s = self;
-        s.write_all(b).unwrap();
     }
 }
 
