@@ -80,7 +80,20 @@ impl Conn {
     ) -> Result<Reply> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let tag = self.tag.fetch_add(1, Ordering::Relaxed);
-        wire::write_frame(&self.sock, opc, tag, body, fds).map_err(Error::Io)?;
+        if let Err(e) = wire::write_frame(&self.sock, opc, tag, body, fds) {
+            // luod may have refused the connection (too many) and closed it before our
+            // request went out: its explanation is waiting to be read.
+            return match self.read(Instant::now() + POLL) {
+                Ok(f) if f.op == op::REPLY && f.tag == 0 => match wire::parse_reply(&f.body) {
+                    Ok(Err((errno, message))) => Err(Error::Luod {
+                        errno: Errno::new(errno),
+                        message,
+                    }),
+                    _ => Err(Error::Io(e)),
+                },
+                _ => Err(Error::Io(e)),
+            };
+        }
         let deadline = Instant::now() + timeout.unwrap_or(self.timeout);
         let f = self.read(deadline)?;
         // luod answers a request it could not even read (too large, too slow, too many

@@ -566,7 +566,7 @@ impl Daemon {
             op::RELEASE => self.release(uid, &f.body),
             op::STATUS => self.status(uid, &f.body),
             op::REGISTER => self.register(id, cred, out, &f.body),
-            op::BARRIER => self.barrier(id, &f.body),
+            op::BARRIER => return self.barrier(id, out, f.tag, &f.body),
             op::UPDATE => return crate::update::run(self, cred, out, f),
             op::S_PRESERVE | op::S_RETRIEVE_FD | op::S_FINISH | op::S_GET_NAME => Err(refuse(
                 werr::EBADRQC,
@@ -760,37 +760,57 @@ impl Daemon {
         ok(Vec::new())
     }
 
-    fn barrier(&self, id: u64, body: &[u8]) -> Reply {
+    /// BARRIER. The reply goes out *before* the answer counts: once the last answer counts,
+    /// the update may reboot (or exec) at once, and the listener must not lose its reply to
+    /// that. `None`: the reply was sent here.
+    fn barrier(&self, id: u64, out: &Out, tag: u32, body: &[u8]) -> Option<Reply> {
         let mut r = Reader::new(body);
-        let status = r
-            .i32("status")
-            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
-        let answered = r
-            .u64("round")
-            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
-        r.end("BARRIER length")
-            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
+        let parsed = r.i32("status").and_then(|status| {
+            let answered = r.u64("round")?;
+            r.end("BARRIER length")?;
+            Ok((status, answered))
+        });
+        let (status, answered) = match parsed {
+            Ok(v) => v,
+            Err(e) => return Some(Err(refuse(werr::EBADMSG, e.to_string()))),
+        };
         if status < 0 {
-            return Err(refuse(werr::EBADMSG, "a barrier status is 0 or an errno"));
+            return Some(Err(refuse(
+                werr::EBADMSG,
+                "a barrier status is 0 or an errno",
+            )));
+        }
+        let waiting = |u: &UpdateCtl| {
+            u.listeners.contains_key(&id) && u.phase == Phase::Barrier && u.round == answered
+        };
+        {
+            let u = lock_upd(self);
+            if !u.listeners.contains_key(&id) {
+                return Some(Err(refuse(
+                    libc::EINVAL,
+                    "this connection is not a listener (REGISTER first)",
+                )));
+            }
+            if !waiting(&u) {
+                // Also a late answer to an abandoned update: it must not count for this one.
+                return Some(Err(refuse(
+                    libc::EINVAL,
+                    "no update is waiting at the barrier for this answer",
+                )));
+            }
+        }
+        if out.reply(op::BARRIER, tag, ok(Vec::new())).is_err() {
+            return None;
         }
         let mut u = lock_upd(self);
-        let (phase, round) = (u.phase, u.round);
-        let Some(l) = u.listeners.get_mut(&id) else {
-            return Err(refuse(
-                libc::EINVAL,
-                "this connection is not a listener (REGISTER first)",
-            ));
-        };
-        if phase != Phase::Barrier || answered != round {
-            // Also a late answer to an abandoned update: it must not count for this one.
-            return Err(refuse(
-                libc::EINVAL,
-                "no update is waiting at the barrier for this answer",
-            ));
+        // If the deadline passed meanwhile, the answer is lost and EV_ABORTED follows.
+        if waiting(&u) {
+            if let Some(l) = u.listeners.get_mut(&id) {
+                l.answer = Some((answered, status));
+            }
+            self.upd_cv.notify_all();
         }
-        l.answer = Some((round, status));
-        self.upd_cv.notify_all();
-        ok(Vec::new())
+        None
     }
 
     /// A session channel (user backend): each frame is one session ioctl on `session`.
