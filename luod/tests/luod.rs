@@ -699,3 +699,39 @@ fn one_uid_cannot_use_up_every_connection() {
     drop(held);
     connect();
 }
+
+#[test]
+fn a_listener_killed_during_the_barrier_is_not_waited_for() {
+    let d = Daemon::start(&[]);
+    let c = d.connect();
+    c.create_session("vm")
+        .unwrap()
+        .preserve_fd(memfd(b"kept"), 1)
+        .unwrap();
+    let mut listener = d
+        .luoctl_cmd(&["listen", "--label", "doomed", "--never"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(listener.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "listening\n");
+    let sock = d.sock.clone();
+    let t = Instant::now();
+    let update = std::thread::spawn(move || {
+        luo_client::Luod::connect(&sock)
+            .unwrap()
+            .update(None, None, b"", DEADLINE)
+    });
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("prepare"), "{line:?}");
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+    assert_eq!(update.join().unwrap().unwrap(), 1);
+    assert!(t.elapsed() < DEADLINE / 2, "{:?}", t.elapsed());
+    let c = d.wait_generation(1);
+    let s = c.retrieve_session("vm").unwrap();
+    assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"kept");
+}
