@@ -28,6 +28,9 @@ pub(crate) struct Toolchain {
     pub(crate) libclang: String,
     pub(crate) gcc: String,
     pub(crate) ld: String,
+    /// `LUO_LLVM` (e.g. `-19`): build with `make LLVM=<it>` (clang, ld.lld) instead of gcc;
+    /// KASAN with Rust needs a clang-built kernel. With the `clang --version` it names.
+    llvm: Option<(String, String)>,
 }
 
 impl Toolchain {
@@ -67,6 +70,10 @@ impl Toolchain {
             libclang: format!("{LIBCLANG_PKG} {libclang}"),
             gcc: first_line(Command::new("gcc").arg("--version")),
             ld: first_line(Command::new("ld").arg("--version")),
+            llvm: env::var("LUO_LLVM").ok().filter(|l| !l.is_empty()).map(|l| {
+                let clang = first_line(Command::new(format!("clang{l}")).arg("--version"));
+                (l, clang)
+            }),
         })
     }
 
@@ -79,6 +86,7 @@ impl Toolchain {
             .str(&self.libclang)
             .str(&self.gcc)
             .str(&self.ld)
+            .str(&self.llvm.as_ref().map_or(String::new(), |(l, c)| format!("llvm {l} {c}")))
             .hex()
     }
 
@@ -89,7 +97,7 @@ impl Toolchain {
             .lines()
             .find_map(|l| l.strip_prefix("LLVM version: "))
             .unwrap_or("?");
-        vec![
+        let mut v = vec![
             ("rustc", format!("{} (LLVM {llvm})", self.rustc_release)),
             ("rustc path", self.rustc.display().to_string()),
             (
@@ -100,7 +108,11 @@ impl Toolchain {
             ("libclang", self.libclang.clone()),
             ("gcc", self.gcc.clone()),
             ("ld", self.ld.clone()),
-        ]
+        ];
+        if let Some((l, clang)) = &self.llvm {
+            v.push(("LLVM", format!("LLVM={l}: {clang}")));
+        }
+        v
     }
 
     /// Environment and make variables for every kernel `make` call.
@@ -123,6 +135,9 @@ impl Toolchain {
             .arg(format!("RUSTC={}", self.rustc.display()))
             .arg(format!("HOSTRUSTC={}", self.rustc.display()))
             .arg(format!("RUSTDOC={}", self.rustdoc.display()));
+        if let Some((llvm, _)) = &self.llvm {
+            cmd.arg(format!("LLVM={llvm}"));
+        }
     }
 }
 
