@@ -70,10 +70,13 @@ impl Toolchain {
             libclang: format!("{LIBCLANG_PKG} {libclang}"),
             gcc: first_line(Command::new("gcc").arg("--version")),
             ld: first_line(Command::new("ld").arg("--version")),
-            llvm: env::var("LUO_LLVM").ok().filter(|l| !l.is_empty()).map(|l| {
-                let clang = first_line(Command::new(format!("clang{l}")).arg("--version"));
-                (l, clang)
-            }),
+            llvm: env::var("LUO_LLVM")
+                .ok()
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    let clang = first_line(Command::new(format!("clang{l}")).arg("--version"));
+                    (l, clang)
+                }),
         })
     }
 
@@ -86,7 +89,12 @@ impl Toolchain {
             .str(&self.libclang)
             .str(&self.gcc)
             .str(&self.ld)
-            .str(&self.llvm.as_ref().map_or(String::new(), |(l, c)| format!("llvm {l} {c}")))
+            .str(
+                &self
+                    .llvm
+                    .as_ref()
+                    .map_or(String::new(), |(l, c)| format!("llvm {l} {c}")),
+            )
             .hex()
     }
 

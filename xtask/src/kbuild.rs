@@ -200,6 +200,7 @@ pub(crate) fn ensure(
         util::write(&meta.join("info"), full)?;
     }
     util::step(&format!("kernel ({core} core): {}", dir.display()));
+    prune(paths, &dir);
 
     let cfg_stamp = meta.join("config.hash");
     if util::read_opt(&cfg_stamp).as_deref() != Some(frags.hash.as_str())
@@ -261,6 +262,34 @@ pub(crate) fn ensure(
         rebuilt,
         release,
     })
+}
+
+/// Build directories kept (the most recently built ones). Every patch or config edit
+/// makes a new key and about 400 MB of objects; a handful covers c/rust x debug/no-debug.
+const KEEP_BUILDS: usize = 8;
+
+/// Remove the least recently built directories beyond [`KEEP_BUILDS`] (never `keep`).
+/// Runs under the cache lock, so no other xtask is using them.
+fn prune(paths: &Paths, keep: &Path) {
+    let Ok(rd) = fs::read_dir(paths.build()) else {
+        return;
+    };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && p != keep)
+        .map(|p| {
+            let t = util::mtime(&p.join("luo/built"))
+                .or_else(|| util::mtime(&p))
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (t, p)
+        })
+        .collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
+    for (_, d) in dirs.into_iter().skip(KEEP_BUILDS - 1) {
+        note(&format!("removing old build directory {}", d.display()));
+        let _ = remove(&d);
+    }
 }
 
 /// A new build key usually differs from an existing build directory by a config or patch
