@@ -165,7 +165,12 @@ fn ensure_rust_src(paths: &Paths, release: &str) -> Result<(PathBuf, String)> {
         }
     }
     util::step(&format!("rust-src {release} from Debian {FOREIGN_SUITE}"));
-    let deb = fetch_deb(paths, "rust-src", &["--upstream", release])?;
+    let deb = fetch_deb(paths, "rust-src", &["--upstream", release]).context(|| {
+        format!(
+            "rustc {release} needs rust-src of exactly that release (a mismatch breaks \
+             rust/core.o); use a rustc that Debian {FOREIGN_SUITE} has rust-src for"
+        )
+    })?;
     let deb_version = deb_version_of(&deb, "rust-src")?;
     let tmp = paths.toolchain().join(format!("rust-src-{release}.tmp"));
     remove(&tmp)?;
