@@ -222,94 +222,62 @@ pub const fn c_strlen(field: &[u8]) -> Option<usize> {
     None
 }
 
-/// A compatible string (handler or FLB): 1..=47 bytes, stored NUL-padded in 48 bytes.
+/// A NUL-terminated string in a fixed `N`-byte field, as the C structs store names: 1..=N-1
+/// bytes (any byte but NUL), NUL-padded. Bytes after the first NUL of a field read from memory
+/// are ignored (upstream compares with `strcmp`/`strncmp`) and never kept.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Compat([u8; HNDL_COMPAT_LEN]);
+pub struct FixedStr<const N: usize>([u8; N]);
 
-impl Compat {
-    /// Validates a compatible string given without NUL (registration).
+/// A compatible string (handler or FLB): 1..=47 bytes in 48.
+pub type Compat = FixedStr<HNDL_COMPAT_LEN>;
+
+/// A session name: 1..=63 bytes in 64.
+pub type SessionName = FixedStr<SESSION_NAME_LEN>;
+
+impl<const N: usize> FixedStr<N> {
+    /// Validates a string given without NUL (registration, names from callers).
     pub fn new(s: &[u8]) -> Option<Self> {
-        if s.is_empty() || s.len() >= HNDL_COMPAT_LEN || s.contains(&0) {
+        if s.is_empty() || s.len() >= N || s.contains(&0) {
             return None;
         }
-        let mut b = [0u8; HNDL_COMPAT_LEN];
+        let mut b = [0u8; N];
         b[..s.len()].copy_from_slice(s);
-        Some(Compat(b))
+        Some(FixedStr(b))
     }
 
-    /// Validates a NUL-terminated field read from handover memory; bytes after the NUL are
-    /// ignored (upstream compares with `strcmp`).
-    pub fn from_field(field: &[u8; HNDL_COMPAT_LEN]) -> Option<Self> {
-        let len = c_strlen(field)?;
-        Compat::new(&field[..len])
-    }
-
-    /// The bytes without NUL.
-    pub fn as_bytes(&self) -> &[u8] {
-        let len = c_strlen(&self.0).unwrap_or(HNDL_COMPAT_LEN);
-        &self.0[..len]
-    }
-
-    /// The NUL-padded field as written to handover memory.
-    pub const fn field(&self) -> [u8; HNDL_COMPAT_LEN] {
-        self.0
-    }
-}
-
-impl core::fmt::Debug for Compat {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "\"{}\"", self.as_bytes().escape_ascii())
-    }
-}
-
-/// A validated session name: 1..=63 bytes (any byte but NUL), stored NUL-padded in 64 bytes.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SessionName([u8; SESSION_NAME_LEN]);
-
-impl SessionName {
-    /// Validates a name given without NUL.
-    pub fn new(s: &[u8]) -> Option<Self> {
-        if s.is_empty() || s.len() >= SESSION_NAME_LEN || s.contains(&0) {
-            return None;
-        }
-        let mut b = [0u8; SESSION_NAME_LEN];
-        b[..s.len()].copy_from_slice(s);
-        Some(SessionName(b))
-    }
-
-    /// Validates a 64-byte field as upstream CREATE_SESSION does: the name ends at the first NUL
-    /// (bytes after it are ignored); empty or unterminated names are refused.
-    pub fn from_field(field: &[u8; SESSION_NAME_LEN]) -> core::result::Result<Self, NameError> {
+    /// Validates a field: the string ends at the first NUL; empty or unterminated fields are
+    /// refused (CREATE_SESSION's rules, and the handover reader's).
+    pub fn from_field(field: &[u8; N]) -> core::result::Result<Self, NameError> {
         match c_strlen(field) {
             None => Err(NameError::Unterminated),
             Some(0) => Err(NameError::Empty),
             Some(len) => {
-                let mut b = [0u8; SESSION_NAME_LEN];
+                let mut b = [0u8; N];
                 b[..len].copy_from_slice(&field[..len]);
-                Ok(SessionName(b))
+                Ok(FixedStr(b))
             }
         }
     }
 
-    /// The name without NUL.
+    /// The string without NUL.
     pub fn as_bytes(&self) -> &[u8] {
-        let len = c_strlen(&self.0).unwrap_or(SESSION_NAME_LEN);
+        let len = c_strlen(&self.0).unwrap_or(N);
         &self.0[..len]
     }
 
-    /// The NUL-padded field.
-    pub const fn field(&self) -> [u8; SESSION_NAME_LEN] {
+    /// The NUL-padded field as written to memory.
+    pub const fn field(&self) -> [u8; N] {
         self.0
     }
 }
 
-impl core::fmt::Debug for SessionName {
+impl<const N: usize> core::fmt::Debug for FixedStr<N> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "\"{}\"", self.as_bytes().escape_ascii())
     }
 }
 
-impl core::fmt::Display for SessionName {
+impl<const N: usize> core::fmt::Display for FixedStr<N> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "{}", self.as_bytes().escape_ascii())
     }

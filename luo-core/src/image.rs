@@ -176,7 +176,7 @@ fn parse_files<P: Platform>(
             let f = LuoFileSer::read_from_bytes(bytes)
                 .map_err(|_| HandoverError::BadAddress { at: fat })?;
             let compat = Compat::from_field(&f.compatible)
-                .ok_or(HandoverError::BadCompatibleString { at: fat })?;
+                .map_err(|_| HandoverError::BadCompatibleString { at: fat })?;
             let token = f.token;
             if tokens.try_insert(token, ())?.is_some() {
                 return Err(HandoverError::DuplicateToken { at: fat, token });
@@ -229,8 +229,8 @@ fn parse_flbs<P: Platform>(
         p.read(eat, &mut eb)?;
         let e =
             LuoFlbSer::read_from_bytes(&eb).map_err(|_| HandoverError::BadAddress { at: eat })?;
-        let compat =
-            Compat::from_field(&e.name).ok_or(HandoverError::BadCompatibleString { at: eat })?;
+        let compat = Compat::from_field(&e.name)
+            .map_err(|_| HandoverError::BadCompatibleString { at: eat })?;
         if names.try_insert(compat, ())?.is_some() {
             return Err(HandoverError::DuplicateFlb { at: eat });
         }
