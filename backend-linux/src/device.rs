@@ -121,7 +121,7 @@ impl FdTable<KernelPlatform> for Fds {
         let raw = file.as_ptr();
         // SAFETY: The file was made by `new_session_file` and never installed in an fd table,
         // so this task holds the only reference and nothing else reads `private_data`.
-        let private = unsafe { core::mem::replace(&mut (*raw).private_data, ptr::null_mut()) };
+        let private = unsafe { core::mem::take(&mut (*raw).private_data) };
         if !private.is_null() {
             // SAFETY: `private` came from `into_foreign` in `new_session_file` and was just
             // detached from the file, so it is taken back exactly once.

@@ -92,6 +92,10 @@ fn neg(e: LuoError) -> c_int {
 }
 
 /// `early_initcall`: reads the incoming state. `requested` is the `liveupdate=` parameter.
+///
+/// # Safety
+///
+/// None: `unsafe` only because `#[export]` matches bindgen's declaration, which is unsafe.
 #[export]
 pub unsafe extern "C" fn luo_rust_early_init(requested: bool) -> c_int {
     platform::init_lock_classes();
@@ -118,6 +122,10 @@ pub unsafe extern "C" fn luo_rust_early_init(requested: bool) -> c_int {
 }
 
 /// `late_initcall`: publishes the outgoing state and registers `/dev/liveupdate`.
+///
+/// # Safety
+///
+/// None: `unsafe` only because `#[export]` matches bindgen's declaration, which is unsafe.
 #[export]
 pub unsafe extern "C" fn luo_rust_late_init() -> c_int {
     let Some(luo) = luo() else {
@@ -153,6 +161,10 @@ pub unsafe extern "C" fn luo_rust_late_init() -> c_int {
 }
 
 /// Is the live update orchestrator enabled (`liveupdate=on`, KHO on, outgoing state ready)?
+///
+/// # Safety
+///
+/// None: `unsafe` only because `#[export]` matches bindgen's declaration, which is unsafe.
 #[export]
 pub unsafe extern "C" fn liveupdate_enabled() -> bool {
     ENABLED.load(Acquire)
@@ -162,6 +174,10 @@ pub unsafe extern "C" fn liveupdate_enabled() -> bool {
 ///
 /// On failure everything is unfrozen and the errno returned, which aborts the reboot. On
 /// success every later LUO operation sleeps until the kexec.
+///
+/// # Safety
+///
+/// None: `unsafe` only because `#[export]` matches bindgen's declaration, which is unsafe.
 #[export]
 pub unsafe extern "C" fn liveupdate_reboot() -> c_int {
     let Some(luo) = luo() else {

@@ -269,8 +269,8 @@ impl<P: Platform> Luo<P> {
         };
         let r = p
             .write(root, ser.as_bytes())
-            .and_then(|_| p.write(flbs, header.as_bytes()))
-            .and_then(|_| p.publish_root(root, core::mem::size_of::<LuoSer>() as u64));
+            .and_then(|()| p.write(flbs, header.as_bytes()))
+            .and_then(|()| p.publish_root(root, core::mem::size_of::<LuoSer>() as u64));
         if let Err(e) = r {
             p.free_page(flbs);
             p.free_page(root);
