@@ -156,11 +156,13 @@ for log in sys.argv[1:]:
         rows.setdefault((core, "reboot_to_kexec"), []).append((float(m[2]) - float(m[1])) * 1e6)
 ops = ["create_sessions", "close_sessions", "preserve_memfds", "unpreserve_memfds",
        "reboot_to_kexec", "first_open", "retrieve_sessions", "finish_empty_sessions",
-       "close_incoming_sessions", "retrieve_memfds", "finish_memfds"]
+       "close_incoming_sessions", "retrieve_memfds", "finish_memfds",
+       "ioctl_rejected", "ioctl_get_name", "ioctl_finish_empty"]
 n = {"create_sessions": 2000, "close_sessions": 2000, "preserve_memfds": 500,
      "unpreserve_memfds": 500, "reboot_to_kexec": 1, "first_open": 1,
      "retrieve_sessions": 2000, "finish_empty_sessions": 2000, "close_incoming_sessions": 2000,
-     "retrieve_memfds": 500, "finish_memfds": 500}
+     "retrieve_memfds": 500, "finish_memfds": 500,
+     "ioctl_rejected": 20000, "ioctl_get_name": 20000, "ioctl_finish_empty": 20000}
 print("# %-24s %12s %12s %8s %s" % ("operation (median ms)", "C core", "Rust core", "Rust/C", "samples C/Rust"))
 for op in ops:
     c, r = rows.get(("c", op), []), rows.get(("rust", op), [])

@@ -638,6 +638,31 @@ static int bench_preserve(int luo, int keep)
 	return -1;
 }
 
+/* Per-ioctl cost without work: a rejected command, GET_NAME, and FINISH of an empty session. */
+static void bench_ioctls(int luo, int s)
+{
+	struct liveupdate_session_get_name gn = { .size = sizeof(gn) };
+	enum { N = 20000 };
+	double t;
+	int i;
+
+	t = now_us();
+	for (i = 0; i < N; i++)
+		if (ioctl(luo, _IO(LIVEUPDATE_IOCTL_TYPE, 0x20), &gn) != -1 || errno != EINVAL)
+			fail("bad command");
+	report("ioctl_rejected", now_us() - t, N);
+	t = now_us();
+	for (i = 0; i < N; i++)
+		if (ioctl(s, LIVEUPDATE_SESSION_GET_NAME, &gn) < 0)
+			fail("get_name");
+	report("ioctl_get_name", now_us() - t, N);
+	t = now_us();
+	for (i = 0; i < N; i++)
+		if (finish_session(s))
+			fail("finish");
+	report("ioctl_finish_empty", now_us() - t, N);
+}
+
 static void bench_retrieve(void)
 {
 	char name[64], text[64];
@@ -662,6 +687,7 @@ static void bench_retrieve(void)
 		}
 	}
 	report("retrieve_sessions", now_us() - t, BENCH_SESSIONS);
+	bench_ioctls(luo, bench_sessions[0]);
 	t = now_us();
 	for (i = 0; i < BENCH_SESSIONS; i++)
 		if (finish_session(bench_sessions[i]))

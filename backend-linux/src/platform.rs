@@ -752,12 +752,20 @@ impl FileHandler<KernelPlatform> for CHandler {
         // SAFETY: `args` is filled as the C core fills it for `retrieve`: the handler and the
         // data its `preserve`/`freeze` produced in the previous kernel.
         let ret = unsafe { f(&mut args) };
-        // The handler passes ownership of one reference to `args.file` on success.
-        let file = NonNull::new(args.file.cast::<File>()).map(|p| {
-            // SAFETY: A non-NULL `file` set by `retrieve` is an open file whose reference the
-            // handler hands to its caller; `File` is a transparent wrapper of `struct file`.
-            unsafe { ARef::from_raw(p) }
-        });
+        // A handler that did not fail hands one reference to `args.file` to its caller
+        // (upstream installs it even for a positive return); after a failure `file` is not
+        // set, and is not touched.
+        let file = if ret >= 0 {
+            NonNull::new(args.file.cast::<File>()).map(|p| {
+                // SAFETY: A non-NULL `file` set by a `retrieve` that did not fail is an open
+                // file whose reference the handler hands to its caller; `File` is a
+                // transparent wrapper of `struct file`.
+                unsafe { ARef::from_raw(p) }
+            })
+        } else {
+            None
+        };
+        // A positive return is refused: the reference taken over above is dropped.
         op_result("retrieve", self.compatible(), ret)?;
         match file {
             Some(file) => Ok(file),
