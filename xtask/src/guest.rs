@@ -213,3 +213,44 @@ pub(crate) fn pack(gen_init_cpio: &Path, entries: &[Entry], out: &Path) -> Resul
     }
     util::write(out, &cpio.stdout)
 }
+
+/// `luod` and `luoctl` for the guest: a static glibc build of the workspace's `luod` crate
+/// (`-C target-feature=+crt-static`, libc6-dev's libc.a), stripped into `dir`. cargo decides
+/// what to rebuild; its target directory keeps the host builds apart (`--target`).
+pub(crate) fn build_luod(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let Some(root) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() else {
+        bail!("xtask has no parent directory");
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "luod",
+            "--target",
+            TARGET,
+        ])
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    output(&mut cmd).context(|| "cannot build luod for the guest".to_string())?;
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    mkdirs(dir)?;
+    let mut out = Vec::new();
+    for name in ["luod", "luoctl"] {
+        let built = target_dir.join(TARGET).join("release").join(name);
+        let dst = dir.join(name);
+        output(Command::new("strip").arg("-o").arg(&dst).arg(&built))
+            .context(|| format!("cannot strip {}", built.display()))?;
+        let file = output(Command::new("file").arg("-b").arg(&dst)).unwrap_or_default();
+        if file.contains("dynamically linked") {
+            bail!("{} is not static: {}", dst.display(), file.trim());
+        }
+        out.push(dst);
+    }
+    Ok((out.remove(0), out.remove(0)))
+}

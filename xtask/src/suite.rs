@@ -18,6 +18,10 @@ pub(crate) enum Kind {
         pass: &'static str,
         stage2: Stage2,
     },
+    /// luod on the kernel backend across a real kexec (`xtask/scripts/luod-init.sh` as
+    /// `/init`, busybox, static luod and luoctl; `luoctl update` does the kexec). The script
+    /// prints init.c's stage markers, so it is judged like `Kexec`; `pass` ends stage 2.
+    Luod { pass: &'static str },
 }
 
 /// Which bzImage the outer initramfs carries as `/kernel` for the kexec.
@@ -45,6 +49,8 @@ pub(crate) struct Expect {
 
 pub(crate) struct VmTest {
     pub(crate) name: &'static str,
+    /// Run only when named in `--tests`, not by a plain `cargo xtask vm test`.
+    pub(crate) opt_in: bool,
     pub(crate) kind: Kind,
     pub(crate) spans: &'static [Span],
     pub(crate) expect: &'static [Expect],
@@ -128,6 +134,7 @@ const KEXEC_FLB: &[Expect] = &[
 /// The whole suite, in run order.
 pub(crate) const TESTS: &[VmTest] = &[
     VmTest {
+        opt_in: false,
         name: "liveupdate",
         kind: Kind::Harness {
             program: "liveupdate",
@@ -147,6 +154,7 @@ pub(crate) const TESTS: &[VmTest] = &[
         ],
     },
     VmTest {
+        opt_in: false,
         name: "luo_kexec_simple",
         kind: Kind::Kexec {
             program: "luo_kexec_simple",
@@ -157,6 +165,7 @@ pub(crate) const TESTS: &[VmTest] = &[
         expect: KEXEC_FLB,
     },
     VmTest {
+        opt_in: false,
         name: "luo_multi_session",
         kind: Kind::Kexec {
             program: "luo_multi_session",
@@ -167,6 +176,7 @@ pub(crate) const TESTS: &[VmTest] = &[
         expect: KEXEC_FLB,
     },
     VmTest {
+        opt_in: false,
         name: "luo_stress_files",
         kind: Kind::Kexec {
             program: "luo_stress_files",
@@ -193,6 +203,7 @@ pub(crate) const TESTS: &[VmTest] = &[
         expect: KEXEC_FLB,
     },
     VmTest {
+        opt_in: false,
         name: "luo_stress_sessions",
         kind: Kind::Kexec {
             program: "luo_stress_sessions",
@@ -211,6 +222,28 @@ pub(crate) const TESTS: &[VmTest] = &[
                 to: "[STAGE 2] Finalizing state session...",
             },
         ],
+        expect: KEXEC_FLB,
+    },
+    VmTest {
+        opt_in: false,
+        name: "luod_update",
+        kind: Kind::Luod {
+            pass: "--- LUOD UPDATE TEST PASSED ---",
+        },
+        spans: &[
+            Span {
+                label: "refused update (EBUSY)",
+                from: "preserved 1048576 byte(s) in \"0/vm0\"",
+                to: "LUOD-VM: refused update: EBUSY, kexec_loaded 0",
+            },
+            Span {
+                label: "luod restore + retrieve + verify + finish",
+                from: S2_START,
+                to: "LUOD-VM: retrieved ",
+            },
+        ],
+        // luod preserves the client's memfd and its own manifest memfd, and FINISHes
+        // both after the reboot: the same FLB lines as the kexec selftests.
         expect: KEXEC_FLB,
     },
 ];

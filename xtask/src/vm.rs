@@ -129,8 +129,10 @@ pub(crate) fn build(paths: &Paths, opts: &Options) -> Result<()> {
 fn select(opts: &Options) -> Result<BTreeMap<usize, Option<Vec<String>>>> {
     let mut sel: BTreeMap<usize, Option<Vec<String>>> = BTreeMap::new();
     if opts.tests.is_empty() {
-        for i in 0..TESTS.len() {
-            sel.insert(i, None);
+        for (i, t) in TESTS.iter().enumerate() {
+            if !t.opt_in {
+                sel.insert(i, None);
+            }
         }
         return Ok(sel);
     }
@@ -152,7 +154,7 @@ fn select(opts: &Options) -> Result<BTreeMap<usize, Option<Vec<String>>>> {
                     v.push(c.to_string());
                 }
             }
-            (Some(_), Kind::Kexec { .. }) => {
+            (Some(_), Kind::Kexec { .. } | Kind::Luod { .. }) => {
                 bail!("`{want}`: kexec tests have no cases; use `{vm}`")
             }
         }
@@ -183,6 +185,12 @@ pub(crate) fn list(paths: &Paths) {
                     t.name
                 )
             }
+            Kind::Luod { .. } => println!(
+                "{}  (one VM, two boots: luod + luoctl preserve, luoctl update kexecs, \
+                 luoctl retrieve{})",
+                t.name,
+                if t.opt_in { "; opt-in" } else { "" }
+            ),
         }
     }
 }
@@ -260,6 +268,19 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
                     Stage2::Same => b.kernel.bzimage.clone(),
                 };
                 let image = kexec_image(&b, t.name, program, &stage2_kernel)?;
+                let run = qemu::boot(&Vm {
+                    kernel: &b.kernel.bzimage,
+                    initrd: &image,
+                    append: String::new(),
+                    timeout: opts.timeout,
+                    log: &log,
+                    echo: opts.verbose,
+                })?;
+                let (c, m) = suite::judge_kexec(t, &run, pass);
+                (vec![c], m)
+            }
+            Kind::Luod { pass } => {
+                let image = luod_image(&b, t.name)?;
                 let run = qemu::boot(&Vm {
                     kernel: &b.kernel.bzimage,
                     initrd: &image,
@@ -434,6 +455,64 @@ fn kexec_image(b: &Built, name: &str, program: &str, stage2_kernel: &Path) -> Re
     entries.push(Entry::File {
         guest: "/kernel".into(),
         host: stage2_kernel.to_path_buf(),
+        mode: 0o644,
+    });
+    entries.push(Entry::File {
+        guest: "/initrd.img".into(),
+        host: inner,
+        mode: 0o644,
+    });
+    let outer = dir.join(format!("{name}.cpio"));
+    guest::pack(&b.kernel.gen_init_cpio, &entries, &outer)?;
+    Ok(outer)
+}
+
+/// The luod VM: busybox, static luod and luoctl, `xtask/scripts/luod-init.sh` as `/init`.
+/// As in `kexec_image`, the outer image adds `/kernel` and the inner image as
+/// `/initrd.img`, which `luoctl update --kernel /kernel --initrd /initrd.img` loads.
+fn luod_image(b: &Built, name: &str) -> Result<PathBuf> {
+    let dir = b.kernel.dir.join("luo/initramfs");
+    mkdirs(&dir)?;
+    let (luod, luoctl) = guest::build_luod(&b.kernel.dir.join("luo/luod"))?;
+    let init = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/luod-init.sh");
+    let mut entries = vec![
+        Entry::Dir("/bin"),
+        Entry::Dir("/dev"),
+        Entry::Dir("/proc"),
+        Entry::Dir("/sys"),
+        Entry::Dir("/tmp"),
+        Entry::Dir("/run"),
+        Entry::Console,
+        Entry::File {
+            guest: "/bin/busybox".into(),
+            host: PathBuf::from("/bin/busybox"),
+            mode: 0o755,
+        },
+        Entry::Slink {
+            guest: "/bin/sh",
+            target: "busybox",
+        },
+        Entry::File {
+            guest: "/bin/luod".into(),
+            host: luod,
+            mode: 0o755,
+        },
+        Entry::File {
+            guest: "/bin/luoctl".into(),
+            host: luoctl,
+            mode: 0o755,
+        },
+        Entry::File {
+            guest: "/init".into(),
+            host: init,
+            mode: 0o755,
+        },
+    ];
+    let inner = dir.join(format!("{name}-inner.cpio"));
+    guest::pack(&b.kernel.gen_init_cpio, &entries, &inner)?;
+    entries.push(Entry::File {
+        guest: "/kernel".into(),
+        host: b.kernel.bzimage.clone(),
         mode: 0o644,
     });
     entries.push(Entry::File {
