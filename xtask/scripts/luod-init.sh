@@ -62,6 +62,25 @@ done
 
 if [ "$nboot" = 0 ]; then
     echo "INIT: Starting Stage 1"
+    # The planted session: before luod runs, another program (here a first luod on another
+    # socket, with `luoctl --hold` keeping a dup of the session fd) creates "0/planted",
+    # lets go of the device and stays alive holding the session, so that it crosses the
+    # kexec. luod never listed it in a manifest, so after the reboot it must not hand it out.
+    luod --backend kernel --socket /run/planter.sock >/tmp/planter.log 2>&1 &
+    planter=$!
+    i=0
+    while [ ! -S /run/planter.sock ]; do
+        i=$((i + 1))
+        [ $i -le 200 ] || fail "the planter luod did not create /run/planter.sock"
+        sleep 0.05
+    done
+    echo planted >/tmp/planted
+    luoctl --socket /run/planter.sock preserve planted 1 --file /tmp/planted --hold \
+        >/tmp/holder.log 2>&1 &
+    wait_for /tmp/holder.log preserved
+    kill $planter
+    wait $planter
+    echo "LUOD-VM: planted: $(cat /tmp/holder.log), held by pid $!"
     start_luod
     head -c 1048576 /dev/urandom >/tmp/pattern
     sum=$(md5sum </tmp/pattern | cut -d' ' -f1)
@@ -104,6 +123,13 @@ echo "LUOD-VM: retrieved $(wc -c </tmp/got) bytes, md5 $got (preserved: $sum)"
 luoctl status --json >/tmp/status.json || fail "luoctl status --json"
 cat /tmp/status.json
 grep -q '"generation": *1[,}]' /tmp/status.json || fail "luod is not at generation 1"
+grep -q planted /tmp/status.json && fail "luod lists the planted session"
+if luoctl retrieve planted 1 >/tmp/planted.log 2>&1; then
+    fail "luod handed out the planted session"
+fi
+cat /tmp/planted.log
+grep -q ENOENT /tmp/planted.log || fail "retrieving the planted session did not fail with ENOENT"
+echo "LUOD-VM: planted session not handed out (ENOENT)"
 echo "--- LUOD UPDATE TEST PASSED ---"
 echo "INIT: Stage 2 completed successfully."
 reboot -f
