@@ -327,6 +327,8 @@ pub(crate) const S2_DONE: &str = "INIT: Stage 2 completed successfully.";
 /// First line of every kernel's log; splits a two-boot log into boots.
 const BANNER: &str = "Linux version ";
 const RUN_INIT: &str = "Run /init as init process";
+/// What `xtask/scripts/luod-init.sh` prints when a check fails (then it reboots).
+const SCRIPT_FAIL: &str = "LUOD-VM: FAIL: ";
 
 /// Kernel log lines that mean something went wrong in the kernel even if the test passed.
 const SPLATS: &[&str] = &[
@@ -570,6 +572,12 @@ pub(crate) fn judge_harness(t: &VmTest, run: &Run, expected: &[String]) -> (Vec<
 pub(crate) fn judge_kexec(t: &VmTest, run: &Run, pass: &str) -> (Case, Metrics) {
     let mut diag = Vec::new();
     common_checks(t, run, 2, &mut diag);
+    diag.extend(
+        run.lines
+            .iter()
+            .filter(|l| l.text.starts_with(SCRIPT_FAIL))
+            .map(|l| l.text.clone()),
+    );
     let mut pos = 0;
     let mut at = Vec::new();
     for m in [S1_START, S1_DONE, KEXEC_START, S2_START, pass, S2_DONE] {
