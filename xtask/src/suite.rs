@@ -61,147 +61,74 @@ const FLB_REGISTERED: &str = "liveupdate test: Registered 3 FLBs with file handl
 /// The built-in Rust sample: proves Rust code runs in this kernel.
 const RUST_SAMPLE: &str = "rust_minimal: Rust minimal sample (init)";
 
+/// What two-boot tests expect of lib/tests/liveupdate.c's FLBs, with `finishes` the number of
+/// times each FLB's finish must run in boot 1.
+const fn two_boot_flb(finishes: usize) -> [Expect; 13] {
+    const fn e(boot: usize, text: &'static str, count: usize) -> Expect {
+        Expect { boot, text, count }
+    }
+    [
+        e(0, FLB_REGISTERED, 1),
+        e(0, RUST_SAMPLE, 1),
+        e(
+            0,
+            "liveupdate test: liveupdate-test-flb-v0: preserve was triggered",
+            1,
+        ),
+        e(
+            0,
+            "liveupdate test: liveupdate-test-flb-v1: preserve was triggered",
+            1,
+        ),
+        e(
+            0,
+            "liveupdate test: liveupdate-test-flb-v2: preserve was triggered",
+            1,
+        ),
+        e(1, FLB_REGISTERED, 1),
+        e(1, RUST_SAMPLE, 1),
+        e(
+            1,
+            "liveupdate test: liveupdate-test-flb-v0: found flb data from the previous boot",
+            1,
+        ),
+        e(
+            1,
+            "liveupdate test: liveupdate-test-flb-v1: found flb data from the previous boot",
+            1,
+        ),
+        e(
+            1,
+            "liveupdate test: liveupdate-test-flb-v2: found flb data from the previous boot",
+            1,
+        ),
+        e(
+            1,
+            "liveupdate test: liveupdate-test-flb-v0: finish was triggered",
+            finishes,
+        ),
+        e(
+            1,
+            "liveupdate test: liveupdate-test-flb-v1: finish was triggered",
+            finishes,
+        ),
+        e(
+            1,
+            "liveupdate test: liveupdate-test-flb-v2: finish was triggered",
+            finishes,
+        ),
+    ]
+}
+
 /// Every kexec test preserves at least one memfd (the state file), so the three test FLBs
 /// attached to memfd-v2 are preserved in boot 0 and retrieved and finished in boot 1.
-const KEXEC_FLB: &[Expect] = &[
-    Expect {
-        boot: 0,
-        text: FLB_REGISTERED,
-        count: 1,
-    },
-    Expect {
-        boot: 0,
-        text: RUST_SAMPLE,
-        count: 1,
-    },
-    Expect {
-        boot: 0,
-        text: "liveupdate test: liveupdate-test-flb-v0: preserve was triggered",
-        count: 1,
-    },
-    Expect {
-        boot: 0,
-        text: "liveupdate test: liveupdate-test-flb-v1: preserve was triggered",
-        count: 1,
-    },
-    Expect {
-        boot: 0,
-        text: "liveupdate test: liveupdate-test-flb-v2: preserve was triggered",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: FLB_REGISTERED,
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: RUST_SAMPLE,
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v0: found flb data from the previous boot",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v1: found flb data from the previous boot",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v2: found flb data from the previous boot",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v0: finish was triggered",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v1: finish was triggered",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v2: finish was triggered",
-        count: 1,
-    },
-];
+const KEXEC_FLB: &[Expect] = &two_boot_flb(1);
 
 /// luod_update's boots: luod's manifest memfd and the client's memfd make the test FLBs
 /// preserve once in boot 1 and find their data once in boot 2, as in the kexec tests. But the
 /// planted session's memfd is preserved too and, by design, never retrieved or finished in
 /// boot 2 (luod does not hand it out), so the FLBs' finish must not run: 0 times.
-const LUOD_FLB: &[Expect] = &[
-    Expect {
-        boot: 0,
-        text: FLB_REGISTERED,
-        count: 1,
-    },
-    Expect {
-        boot: 0,
-        text: RUST_SAMPLE,
-        count: 1,
-    },
-    Expect {
-        boot: 0,
-        text: "liveupdate test: liveupdate-test-flb-v0: preserve was triggered",
-        count: 1,
-    },
-    Expect {
-        boot: 0,
-        text: "liveupdate test: liveupdate-test-flb-v1: preserve was triggered",
-        count: 1,
-    },
-    Expect {
-        boot: 0,
-        text: "liveupdate test: liveupdate-test-flb-v2: preserve was triggered",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: FLB_REGISTERED,
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: RUST_SAMPLE,
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v0: found flb data from the previous boot",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v1: found flb data from the previous boot",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v2: found flb data from the previous boot",
-        count: 1,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v0: finish was triggered",
-        count: 0,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v1: finish was triggered",
-        count: 0,
-    },
-    Expect {
-        boot: 1,
-        text: "liveupdate test: liveupdate-test-flb-v2: finish was triggered",
-        count: 0,
-    },
-];
+const LUOD_FLB: &[Expect] = &two_boot_flb(0);
 
 /// The whole suite, in run order.
 pub(crate) const TESTS: &[VmTest] = &[
