@@ -11,6 +11,9 @@
 #   b1:c,c  b1:c,rust  b1:rust,rust                       upstream bug B1
 #   bench                                                 both cores, 4 kexecs each
 #   all                                                   every test above (bench excluded)
+#   prof:<c|rust>:<rejected|getname|finish|create_close>  sampling profile of one operation
+#                                                         in a loop (LUOX_N times, default
+#                                                         200000; gdbprof.py over QEMU's gdbstub)
 #
 # Kernels come from `cargo xtask vm build --core c|rust` (same cache, same patch series and
 # config fragments as `cargo xtask vm test`); --no-debug builds them without
@@ -28,14 +31,14 @@ while [ $# -gt 0 ]; do
     case $1 in
         --no-debug) debug_flag=(--no-debug) ;;
         --timeout) timeout=$2; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         all) tests+=(chain:c,rust,c chain:rust,c,rust corrupt:compat corrupt:count corrupt:chain
                      corrupt:cycle corrupt:files b1:c,c b1:c,rust b1:rust,rust) ;;
         *) tests+=("$1") ;;
     esac
     shift
 done
-[ ${#tests[@]} -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ ${#tests[@]} -gt 0 ] || { sed -n '2,23p' "$0"; exit 2; }
 
 out=$cache/logs/extra-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out"
@@ -63,6 +66,8 @@ need_c=0 need_rust=0
 for t in "${tests[@]}"; do
     case $t in
         bench) need_c=1; need_rust=1 ;;
+        prof:c:*) need_c=1 ;;
+        prof:rust:*) need_rust=1 ;;
         corrupt:*) need_rust=1 ;;
         *:*) if [[ ,${t#*:}, == *,c,* ]]; then need_c=1; fi
              if [[ ,${t#*:}, == *,rust,* ]]; then need_rust=1; fi ;;
@@ -109,10 +114,21 @@ run_vm() { # name plan extra-append -> log path
     IFS=, read -r -a p <<<"$plan"
     local img log=$out/$name.log
     img=$(mk_initrd "$name" 0 "${p[@]}")
-    timeout "$timeout" qemu-system-x86_64 -m 1G -smp 2 -no-reboot -nographic -nodefaults \
-        -accel tcg -serial stdio \
-        -append "console=ttyS0 liveupdate=on panic=-1 luox=${name%%_*} luox_plan=$plan luox_step=0 $extra" \
-        -kernel "${bz[${p[0]}]}" -initrd "$img" </dev/null >"$log" 2>&1 || true
+    local smp=2
+    [ -z "${gdb_sock:-}" ] || smp=1 # one vCPU, so every sample is the loop's
+    local -a qemu=(timeout "$timeout" qemu-system-x86_64 -m 1G -smp $smp -no-reboot -nographic
+        -nodefaults -accel tcg -serial stdio
+        -append "console=ttyS0 liveupdate=on panic=-1 luox=${name%%_*} luox_plan=$plan luox_step=0 $extra"
+        -kernel "${bz[${p[0]}]}" -initrd "$img")
+    if [ -z "${gdb_sock:-}" ]; then
+        "${qemu[@]}" </dev/null >"$log" 2>&1 || true
+    else
+        "${qemu[@]}" -gdb "unix:$gdb_sock,server=on,wait=off" </dev/null >"$log" 2>&1 &
+        local pid=$!
+        python3 "$here/gdbprof.py" --sock "$gdb_sock" --log "$log" --timeout "$timeout" \
+            --system-map "${kdir[${p[-1]}]}/System.map" >"$out/$name.prof" || true
+        wait $pid || true
+    fi
     echo "$log"
 }
 
@@ -217,6 +233,14 @@ for t in "${tests[@]}"; do
                 judge_pass "bench $core core (4 boots, 3 handovers)" "${logs[-1]}"
             done
             bench_summary "${logs[@]}" | tee "$out/bench.txt"
+            ;;
+        prof:*:*)
+            IFS=: read -r _ core op <<<"$t"
+            plan=$core
+            [ "$op" = finish ] && plan=$core,$core
+            log=$(gdb_sock=$out/gdb.sock run_vm "loop_$op" "$plan" "luox_op=$op luox_n=${LUOX_N:-200000} nokaslr")
+            judge_pass "prof $core $op: $(grep -ao 'per_op_us=[0-9.]*' "$log" | tail -1)" "$log"
+            sed 's/^/# /' "$out/loop_$op.prof" | head -${LUOX_TOP:-30}
             ;;
         *) echo "Bail out! unknown test $t"; exit 2 ;;
     esac

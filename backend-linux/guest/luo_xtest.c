@@ -4,7 +4,7 @@
  *
  * Every boot of a run is one "step". The kernel command line says what to do:
  *
- *   luox=<mode>          chain | corrupt | b1 | bench
+ *   luox=<mode>          chain | corrupt | b1 | bench | loop
  *   luox_plan=<a,b,...>  the core of each step's kernel: c or rust
  *   luox_step=<n>        this step (0 on the first boot)
  *
@@ -27,6 +27,8 @@
  * bench:   step 0..n-1 time create x2000 sessions and preserve x500 memfds (several rounds),
  *          then keep 2000 sessions + 500 memfds and write "luox: reboot" to /dev/kmsg just
  *          before reboot(); steps 1..n time open, retrieve, verify and finish of all of it.
+ * loop:    one operation (luox_op=rejected|getname|finish|create_close) luox_n times, for
+ *          the host-side sampling profiler (backend-linux/vm-prof.sh).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -754,6 +756,77 @@ static void run_bench(void)
 	kexec_next(NULL);
 }
 
+/* ------------------------------------------------------------------ */
+/* loop (profiling)                                                    */
+/* ------------------------------------------------------------------ */
+
+/*
+ * One operation luox_n times between "LUOX LOOP BEGIN" and "LUOX LOOP END" lines, for a
+ * host-side sampler (backend-linux/vm-prof.sh). Operations on incoming sessions (finish)
+ * need a plan of two kernels: step 0 creates the session and kexecs.
+ */
+static void run_loop(void)
+{
+	const char *v = param("luox_op");
+	const char *op = v ? strdup(v) : "";
+	long n, i;
+	int luo, s = -1;
+	double t;
+
+	v = param("luox_n");
+	n = v ? atol(v) : 100000;
+	luo = luo_open();
+	if (luo < 0) {
+		fail("open");
+		finish_run();
+	}
+	if (!strcmp(op, "finish")) {
+		if (step == 0) {
+			if (create_session(luo, "loop") < 0)
+				fail("create");
+			kexec_next(NULL);
+		}
+		s = retrieve_session(luo, "loop");
+	} else if (!strcmp(op, "getname")) {
+		s = create_session(luo, "loop");
+	}
+	if (s < 0 && (!strcmp(op, "finish") || !strcmp(op, "getname"))) {
+		errno = -s;
+		fail("session for %s", op);
+		finish_run();
+	}
+	say("LOOP BEGIN %s n=%ld", op, n);
+	t = now_us();
+	for (i = 0; i < n && !failed; i++) {
+		if (!strcmp(op, "rejected")) {
+			struct liveupdate_session_get_name gn = { .size = sizeof(gn) };
+
+			if (ioctl(luo, _IO(LIVEUPDATE_IOCTL_TYPE, 0x20), &gn) != -1 || errno != EINVAL)
+				fail("bad command");
+		} else if (!strcmp(op, "getname")) {
+			struct liveupdate_session_get_name gn = { .size = sizeof(gn) };
+
+			if (ioctl(s, LIVEUPDATE_SESSION_GET_NAME, &gn) < 0)
+				fail("get_name");
+		} else if (!strcmp(op, "finish")) {
+			if (finish_session(s))
+				fail("finish");
+		} else if (!strcmp(op, "create_close")) {
+			int fd = create_session(luo, "loop");
+
+			if (fd < 0) {
+				errno = -fd;
+				fail("create");
+			}
+			close(fd);
+		} else {
+			fail("unknown luox_op '%s'", op);
+		}
+	}
+	say("LOOP END %s n=%ld per_op_us=%.3f", op, n, (now_us() - t) / n);
+	finish_run();
+}
+
 int main(void)
 {
 	const char *v;
@@ -800,6 +873,8 @@ int main(void)
 		run_b1();
 	else if (!strcmp(mode, "bench"))
 		run_bench();
+	else if (!strcmp(mode, "loop"))
+		run_loop();
 	fail("unknown mode '%s'", mode);
 	finish_run();
 	return 0;

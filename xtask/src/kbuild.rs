@@ -265,8 +265,9 @@ pub(crate) fn ensure(
 }
 
 /// Build directories kept (the most recently built ones). Every patch or config edit
-/// makes a new key and about 400 MB of objects; a handful covers c/rust x debug/no-debug.
-const KEEP_BUILDS: usize = 8;
+/// makes a new key and about 450 MB of objects; 16 cover c/rust x debug/no-debug/KASAN
+/// with room for the keys of a patch being worked on.
+const KEEP_BUILDS: usize = 16;
 
 /// Remove the least recently built directories beyond [`KEEP_BUILDS`] (never `keep`).
 /// Runs under the cache lock, so no other xtask is using them.

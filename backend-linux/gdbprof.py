@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0
+"""A sampling profiler for a TCG guest, through QEMU's gdbstub (no perf, no PMU needed).
+
+Waits until the guest's serial log shows "LUOX LOOP BEGIN", connects to QEMU's gdb socket
+(which pauses the VM), then repeatedly: continue, sleep, interrupt, read %rip. Stops at
+"LUOX LOOP END", detaches, and prints the functions of System.map that the samples fell in
+(self time: the kernel has no frame pointers in this configuration, so no call graph).
+
+usage: gdbprof.py --sock SOCKET --log SERIAL_LOG --system-map System.map [--interval MS]
+"""
+import argparse
+import bisect
+import collections
+import re
+import socket
+import subprocess
+import sys
+import time
+
+
+def packet(data: bytes) -> bytes:
+    return b"$" + data + b"#" + b"%02x" % (sum(data) & 0xFF)
+
+
+class Gdb:
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.buf = b""
+        self.ack = True
+        self.request(b"QStartNoAckMode")
+        self.ack = False
+
+    def send(self, data: bytes):
+        self.sock.sendall(packet(data))
+
+    def reply(self) -> bytes:
+        while True:
+            start = self.buf.find(b"$")
+            end = self.buf.find(b"#", start + 1) if start >= 0 else -1
+            if start >= 0 and end >= 0 and len(self.buf) >= end + 3:
+                data = self.buf[start + 1:end]
+                self.buf = self.buf[end + 3:]
+                if self.ack:
+                    self.sock.sendall(b"+")
+                return data
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("gdbstub closed the connection")
+            self.buf += chunk
+
+    def request(self, data: bytes) -> bytes:
+        self.send(data)
+        return self.reply()
+
+    def stop_reply(self) -> bytes:
+        """The next stop reply; QEMU may send one of its own when the client connects."""
+        while True:
+            raw = self.reply()
+            if raw[:1] in (b"T", b"S"):
+                return raw
+
+    def rip(self) -> int:
+        # `g`: all registers in gdb's x86_64 order, little-endian hex; rip follows the 16
+        # general-purpose registers. (`p` needs the target-description handshake.)
+        self.send(b"g")
+        raw = self.reply()
+        while raw[:1] in (b"T", b"S"):  # a stray stop reply
+            raw = self.reply()
+        if len(raw) < 272 or not re.fullmatch(rb"[0-9a-fA-Fx]+", raw):
+            raise ValueError(f"gdbstub: unexpected reply {raw[:40]!r} to g")
+        return int.from_bytes(bytes.fromhex(raw[256:272].decode()), "little")
+
+    def interrupt(self):
+        self.sock.sendall(b"\x03")
+        return self.stop_reply()
+
+
+def load_map(path):
+    syms = []
+    for line in open(path):
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] in "tTwW":
+            syms.append((int(parts[0], 16), parts[2]))
+    syms.sort()
+    return [a for a, _ in syms], [n for _, n in syms]
+
+
+def demangle(names):
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return names
+    return [re.sub(r"\[[0-9a-f]{16}\]", "", n) for n in out]
+
+
+def log_has(path, what):
+    try:
+        with open(path, "rb") as f:
+            return what in f.read()
+    except OSError:
+        return False
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sock", required=True)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--system-map", required=True)
+    ap.add_argument("--interval", type=float, default=2.0, help="ms between samples")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--top", type=int, default=40)
+    args = ap.parse_args()
+
+    deadline = time.time() + args.timeout
+    while not log_has(args.log, b"LUOX LOOP BEGIN"):
+        if time.time() > deadline or log_has(args.log, b"LUOX RESULT"):
+            sys.exit("gdbprof: the guest never began its loop")
+        time.sleep(0.05)
+    gdb = Gdb(args.sock)
+    gdb.request(b"?")
+    samples = collections.Counter()
+    while not log_has(args.log, b"LUOX LOOP END") and time.time() < deadline:
+        samples[gdb.rip()] += 1
+        gdb.send(b"c")
+        time.sleep(args.interval / 1000)
+        gdb.interrupt()
+    gdb.send(b"D")
+    gdb.sock.close()
+
+    addrs, names = load_map(args.system_map)
+    per_fn = collections.Counter()
+    for rip, count in samples.items():
+        if rip < 0x8000_0000_0000_0000:
+            per_fn["[user]"] += count
+            continue
+        i = bisect.bisect_right(addrs, rip) - 1
+        per_fn[names[i] if i >= 0 else "[unknown]"] += count
+    total = sum(per_fn.values())
+    top = per_fn.most_common(args.top)
+    pretty = demangle([n for n, _ in top])
+    print(f"# {total} samples")
+    for (_, count), name in zip(top, pretty):
+        print(f"{100 * count / total:6.2f}% {count:6d}  {name}")
+
+
+if __name__ == "__main__":
+    main()
