@@ -13,7 +13,8 @@
 #   all                                                   every test above (bench excluded)
 #   prof:<c|rust>:<rejected|getname|finish|create_close>  sampling profile of one operation
 #                                                         in a loop (LUOX_N times, default
-#                                                         200000; gdbprof.py over QEMU's gdbstub)
+#                                                         200000, one sample per LUOX_INTERVAL ms,
+#                                                         default 1; gdbprof.py over the gdbstub)
 #
 # Kernels come from `cargo xtask vm build --core c|rust` (same cache, same patch series and
 # config fragments as `cargo xtask vm test`); --no-debug builds them without
@@ -125,7 +126,7 @@ run_vm() { # name plan extra-append -> log path
     else
         "${qemu[@]}" -gdb "unix:$gdb_sock,server=on,wait=off" </dev/null >"$log" 2>&1 &
         local pid=$!
-        python3 "$here/gdbprof.py" --sock "$gdb_sock" --log "$log" --timeout "$timeout" \
+        python3 "$here/gdbprof.py" --sock "$gdb_sock" --log "$log" --timeout "$timeout" --interval "${LUOX_INTERVAL:-1}" \
             --system-map "${kdir[${p[-1]}]}/System.map" >"$out/$name.prof" || true
         wait $pid || true
     fi

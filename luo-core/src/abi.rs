@@ -269,6 +269,11 @@ impl<const N: usize> FixedStr<N> {
     pub const fn field(&self) -> [u8; N] {
         self.0
     }
+
+    /// The NUL-padded field, borrowed.
+    pub const fn as_field(&self) -> &[u8; N] {
+        &self.0
+    }
 }
 
 impl<const N: usize> core::fmt::Debug for FixedStr<N> {

@@ -9,7 +9,9 @@
 use crate::errno::{Error, Result};
 use crate::luo::{Luo, SessionRef};
 use crate::platform::Platform;
-use crate::uapi::{decode_device, decode_session, respond, DeviceRequest, SessionRequest, UserArg};
+use crate::uapi::{
+    decode_device, decode_session, respond, DeviceRequest, GetName, SessionRequest, UserArg,
+};
 
 /// The caller's fd table, as the backend sees it.
 pub trait FdTable<P: Platform> {
@@ -112,18 +114,21 @@ impl<P: Platform> Luo<P> {
     ) -> Result {
         let request = decode_session(cmd, session.direction(), arg)?;
         // Upstream takes the serialize rwsem here, after decoding and before executing any
-        // command (spec §2.4 step 7): once the state is serialized every session command stops
-        // here, before its own checks (`reserved`, fd reservation) and including GET_NAME.
-        self.ensure_not_serialized()?;
+        // command (spec §2.4 step 7), and holds it while the command runs: once the state is
+        // serialized every session command stops here, before its own checks (`reserved`,
+        // fd reservation) and including GET_NAME. The commands run with the lock held (the
+        // `*_held` functions), so it is taken once per ioctl.
+        let phase = self.live_or_incoming()?;
         match request {
             SessionRequest::PreserveFd(req) => {
-                self.preserve_fd(session, req.token, || fds.fget(req.fd))?;
+                self.check_live(&phase)?;
+                self.preserve_fd_held(&phase, session, req.token, || fds.fget(req.fd))?;
                 // A fault here leaves the file preserved, as upstream does (spec §2.5).
                 respond(arg, req.size, &req)
             }
             SessionRequest::RetrieveFd(mut req) => {
                 let slot = fds.reserve()?;
-                let file = match self.retrieve_fd(session, req.token) {
+                let file = match self.retrieve_fd_held(&phase, session, req.token) {
                     Ok(f) => f,
                     Err(e) => {
                         fds.unreserve(slot);
@@ -144,17 +149,21 @@ impl<P: Platform> Luo<P> {
                 if req.reserved != 0 {
                     return Err(Error::ReservedNotZero);
                 }
-                self.finish(session)?;
+                self.finish_held(&phase, session)?;
                 respond(arg, req.size, &req)
             }
-            SessionRequest::GetName(mut req) => {
+            SessionRequest::GetName(req) => {
                 if req.reserved != 0 {
                     return Err(Error::ReservedNotZero);
                 }
                 // strscpy: the name and its NUL. Upstream leaves the caller's bytes after the
                 // NUL in place (B18); they are zeroed here so no stale bytes look like a name.
-                req.name = session.name().field();
-                respond(arg, req.size, &req)
+                let reply = GetName {
+                    size: req.size,
+                    reserved: 0,
+                    name: *session.name().as_field(),
+                };
+                respond(arg, req.size, &reply)
             }
         }
     }

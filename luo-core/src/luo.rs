@@ -91,8 +91,8 @@ pub struct Session<P: Platform> {
 
 impl<P: Platform> Session<P> {
     /// The session's name.
-    pub fn name(&self) -> SessionName {
-        self.name
+    pub fn name(&self) -> &SessionName {
+        &self.name
     }
 
     /// Outgoing (created here) or incoming (retrieved from the previous kernel).
@@ -132,8 +132,12 @@ struct IncomingSlot<P: Platform> {
     retrieved: bool,
 }
 
-/// Where the serialize lock stands.
-struct Phase {
+/// The phase, read-locked: holding it keeps `liveupdate_reboot()` out.
+type PhaseRead<'a, P> = <<P as Platform>::RwLock<Phase> as PRwLock<Phase>>::Read<'a>;
+
+/// Where the serialize lock stands. A `&Phase` passed to a `*_held` function is the proof
+/// that its caller holds the lock (nothing outside this module can make one).
+pub(crate) struct Phase {
     /// The outgoing root page, its FLB page and the outgoing `liveupdate_num`.
     root: Option<Root>,
     serialized: bool,
@@ -296,15 +300,18 @@ impl<P: Platform> Luo<P> {
     }
 
     /// Reads the shared phase and fails if LUO is off or the state was serialized.
-    fn live(&self) -> Result<<P::RwLock<Phase> as PRwLock<Phase>>::Read<'_>> {
-        let phase = self.phase.read();
-        if phase.serialized {
-            return Err(Error::Serialized);
-        }
+    fn live(&self) -> Result<PhaseRead<'_, P>> {
+        let phase = self.live_or_incoming()?;
+        self.check_live(&phase)?;
+        Ok(phase)
+    }
+
+    /// With the phase read: fails if LUO is off (outgoing work needs a published root).
+    pub(crate) fn check_live(&self, phase: &Phase) -> Result {
         if !self.enabled || phase.root.is_none() {
             return Err(Error::Disabled);
         }
-        Ok(phase)
+        Ok(())
     }
 
     // ---------------------------------------------------------------------------------------
@@ -498,14 +505,12 @@ impl<P: Platform> Luo<P> {
         Ok(slot.session.clone())
     }
 
-    /// `ESHUTDOWN` once the state is serialized for the next kernel (where upstream's session
-    /// ioctls block on the serialize rwsem).
-    pub(crate) fn ensure_not_serialized(&self) -> Result {
-        self.live_or_incoming().map(drop)
-    }
-
     /// Incoming work needs only "not serialized": it is allowed even if outgoing setup failed.
-    fn live_or_incoming(&self) -> Result<<P::RwLock<Phase> as PRwLock<Phase>>::Read<'_>> {
+    ///
+    /// The session ioctls take this once, after decoding, and hold it while the command runs
+    /// (upstream's serialize rwsem, spec §2.4 step 7): `ESHUTDOWN` once the state is
+    /// serialized for the next kernel, where upstream's session ioctls block.
+    pub(crate) fn live_or_incoming(&self) -> Result<PhaseRead<'_, P>> {
         let phase = self.phase.read();
         if phase.serialized {
             return Err(Error::Serialized);
@@ -621,7 +626,18 @@ impl<P: Platform> Luo<P> {
         if s.dir != Direction::Outgoing {
             return Err(Error::WrongDirection);
         }
-        let _phase = self.live()?;
+        let phase = self.live()?;
+        self.preserve_fd_held(&phase, s, token, fget)
+    }
+
+    /// PRESERVE_FD with the phase read and live (`check_live`); `s` is outgoing.
+    pub(crate) fn preserve_fd_held(
+        &self,
+        _phase: &Phase,
+        s: &SessionRef<P>,
+        token: u64,
+        fget: impl FnOnce() -> Result<P::File>,
+    ) -> Result {
         let mut set = s.files.lock();
         if set.closed {
             return Err(Error::BadFd);
@@ -708,7 +724,17 @@ impl<P: Platform> Luo<P> {
         if s.dir != Direction::Incoming {
             return Err(Error::WrongDirection);
         }
-        let _phase = self.live_or_incoming()?;
+        let phase = self.live_or_incoming()?;
+        self.retrieve_fd_held(&phase, s, token)
+    }
+
+    /// RETRIEVE_FD with the phase read; `s` is incoming.
+    pub(crate) fn retrieve_fd_held(
+        &self,
+        _phase: &Phase,
+        s: &SessionRef<P>,
+        token: u64,
+    ) -> Result<P::File> {
         let mut set = s.files.lock();
         if set.closed {
             return Err(Error::BadFd);
@@ -753,7 +779,12 @@ impl<P: Platform> Luo<P> {
         if s.dir != Direction::Incoming {
             return Err(Error::WrongDirection);
         }
-        let _phase = self.live_or_incoming()?;
+        let phase = self.live_or_incoming()?;
+        self.finish_held(&phase, s)
+    }
+
+    /// FINISH with the phase read; `s` is incoming.
+    pub(crate) fn finish_held(&self, _phase: &Phase, s: &SessionRef<P>) -> Result {
         let mut set = s.files.lock();
         if set.closed {
             return Err(Error::BadFd);

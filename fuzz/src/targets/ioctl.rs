@@ -229,9 +229,16 @@ fn check_one(
             })
             .map_err(|e| e.errno()),
     };
+    // GET_NAME's name is output only: the decoder keeps the header of what it copied in.
+    let header_only = |nr: u32, mut c: Vec<u8>| {
+        if nr == 0x43 {
+            c.truncate(8);
+        }
+        c
+    };
     assert_eq!(
         got,
-        want.clone().map(|(_, _, c)| c),
+        want.clone().map(|(nr, _, c)| header_only(nr, c)),
         "decode of {cmd:#x} ({target:?}) with {} bytes",
         arg.len()
     );
@@ -384,12 +391,11 @@ impl Bytes for luo_core::uapi::Finish {
     }
 }
 
-impl Bytes for luo_core::uapi::GetName {
+impl Bytes for luo_core::uapi::GetNameIn {
     fn bytes(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(72);
+        let mut v = Vec::with_capacity(8);
         v.extend_from_slice(&self.size.to_ne_bytes());
         v.extend_from_slice(&self.reserved.to_ne_bytes());
-        v.extend_from_slice(&self.name);
         v
     }
 }
