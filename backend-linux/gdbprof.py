@@ -61,7 +61,7 @@ class Gdb:
             if raw[:1] in (b"T", b"S"):
                 return raw
 
-    def rip(self) -> int:
+    def regs(self) -> bytes:
         # `g`: all registers in gdb's x86_64 order, little-endian hex; rip follows the 16
         # general-purpose registers. (`p` needs the target-description handshake.)
         self.send(b"g")
@@ -70,7 +70,19 @@ class Gdb:
             raw = self.reply()
         if len(raw) < 272 or not re.fullmatch(rb"[0-9a-fA-Fx]+", raw):
             raise ValueError(f"gdbstub: unexpected reply {raw[:40]!r} to g")
-        return int.from_bytes(bytes.fromhex(raw[256:272].decode()), "little")
+        return raw
+
+    @staticmethod
+    def reg(raw: bytes, n: int) -> int:
+        """Register n of a `g` reply (7 = rsp, 16 = rip)."""
+        return int.from_bytes(bytes.fromhex(raw[16 * n:16 * n + 16].decode()), "little")
+
+    def memory(self, addr: int, size: int) -> bytes:
+        raw = self.request(b"m%x,%x" % (addr, size))
+        try:
+            return bytes.fromhex(raw.decode())
+        except ValueError:
+            return b""  # E14 & co: not mapped
 
     def interrupt(self):
         self.sock.sendall(b"\x03")
@@ -112,6 +124,9 @@ def main():
     ap.add_argument("--interval", type=float, default=2.0, help="ms between samples")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--stack", type=int, default=0, metavar="BYTES",
+                    help="also scan BYTES of the kernel stack for return addresses and print "
+                         "an inclusive profile (a guess: stale addresses count too)")
     args = ap.parse_args()
 
     deadline = time.time() + args.timeout
@@ -121,29 +136,52 @@ def main():
         time.sleep(0.05)
     gdb = Gdb(args.sock)
     gdb.request(b"?")
+    addrs, names = load_map(args.system_map)
+    text_lo = addrs[0] if addrs else 0
+    text_hi = addrs[-1] if addrs else 0
     samples = collections.Counter()
+    stacks = collections.Counter()
     while not log_has(args.log, b"LUOX LOOP END") and time.time() < deadline:
-        samples[gdb.rip()] += 1
+        regs = gdb.regs()
+        rip = Gdb.reg(regs, 16)
+        samples[rip] += 1
+        if args.stack and rip >= 0x8000_0000_0000_0000:
+            rsp = Gdb.reg(regs, 7)
+            mem = gdb.memory(rsp, args.stack)
+            words = [int.from_bytes(mem[i:i + 8], "little") for i in range(0, len(mem) - 7, 8)]
+            stacks[(rip,) + tuple(w for w in words if text_lo <= w < text_hi)] += 1
         gdb.send(b"c")
         time.sleep(args.interval / 1000)
         gdb.interrupt()
     gdb.send(b"D")
     gdb.sock.close()
 
-    addrs, names = load_map(args.system_map)
+    def name_of(rip):
+        i = bisect.bisect_right(addrs, rip) - 1
+        return names[i] if i >= 0 else "[unknown]"
+
     per_fn = collections.Counter()
     for rip, count in samples.items():
         if rip < 0x8000_0000_0000_0000:
             per_fn["[user]"] += count
             continue
-        i = bisect.bisect_right(addrs, rip) - 1
-        per_fn[names[i] if i >= 0 else "[unknown]"] += count
+        per_fn[name_of(rip)] += count
     total = sum(per_fn.values())
     top = per_fn.most_common(args.top)
     pretty = demangle([n for n, _ in top])
     print(f"# {total} samples")
     for (_, count), name in zip(top, pretty):
         print(f"{100 * count / total:6.2f}% {count:6d}  {name}")
+    if stacks:
+        incl = collections.Counter()
+        for chain, count in stacks.items():
+            for fn in {name_of(a) for a in chain}:
+                incl[fn] += count
+        top = incl.most_common(args.top)
+        pretty = demangle([n for n, _ in top])
+        print(f"# inclusive (self or a return address within {args.stack} bytes of the stack)")
+        for (_, count), name in zip(top, pretty):
+            print(f"{100 * count / total:6.2f}% {count:6d}  {name}")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ run_vm() { # name plan extra-append -> log path
     else
         "${qemu[@]}" -gdb "unix:$gdb_sock,server=on,wait=off" </dev/null >"$log" 2>&1 &
         local pid=$!
-        python3 "$here/gdbprof.py" --sock "$gdb_sock" --log "$log" --timeout "$timeout" --interval "${LUOX_INTERVAL:-1}" \
+        python3 "$here/gdbprof.py" --sock "$gdb_sock" --log "$log" --timeout "$timeout" --interval "${LUOX_INTERVAL:-1}" --stack "${LUOX_STACK:-0}" --top "${LUOX_TOP:-30}" \
             --system-map "${kdir[${p[-1]}]}/System.map" >"$out/$name.prof" || true
         wait $pid || true
     fi
@@ -241,7 +241,7 @@ for t in "${tests[@]}"; do
             [ "$op" = finish ] && plan=$core,$core
             log=$(gdb_sock=$out/gdb.sock run_vm "loop_$op" "$plan" "luox_op=$op luox_n=${LUOX_N:-200000} nokaslr")
             judge_pass "prof $core $op: $(grep -ao 'per_op_us=[0-9.]*' "$log" | tail -1)" "$log"
-            sed 's/^/# /' "$out/loop_$op.prof" | head -${LUOX_TOP:-30}
+            sed "s/^/# /" "$out/loop_$op.prof"
             ;;
         *) echo "Bail out! unknown test $t"; exit 2 ;;
     esac
