@@ -89,6 +89,17 @@ impl UserArg for UserPtrArg {
             .write_slice(data)
             .map_err(|_| LuoError::Fault)
     }
+
+    fn read_u32(&mut self) -> luo_core::Result<u32> {
+        let mut value = 0u32;
+        // SAFETY: `get_user` checks the user address itself (`access_ok` + exception table)
+        // and writes `value` only.
+        let ret = unsafe { bindings::luo_glue_get_user_u32(&mut value, self.0 as *const core::ffi::c_void) };
+        if ret != 0 {
+            return Err(LuoError::Fault);
+        }
+        Ok(value)
+    }
 }
 
 /// The calling task's fd table.
@@ -240,9 +251,12 @@ unsafe extern "C" fn session_ioctl(file: *mut bindings::file, cmd: c_uint, arg: 
     if private.is_null() {
         return -(bindings::EBADF as c_long);
     }
-    // SAFETY: As above: `private` is the session's foreign pointer, alive during the call.
-    let session = KernelArc(Arc::from(unsafe {
-        <Arc<Session<KernelPlatform>> as ForeignOwnable>::borrow(private)
+    // The file's reference is borrowed for the call, without touching the count:
+    // `ManuallyDrop` never gives it back.
+    // SAFETY: As above: `private` is the session's foreign pointer, and the file (so its
+    // reference) outlives the call.
+    let session = core::mem::ManuallyDrop::new(KernelArc(unsafe {
+        <Arc<Session<KernelPlatform>> as ForeignOwnable>::from_foreign(private)
     }));
     let Some(luo) = luo() else {
         return -(bindings::ENOTTY as c_long);

@@ -108,6 +108,15 @@ void luo_glue_test_register(struct liveupdate_file_handler *fh)
  * write-held, so every later LUO operation sleeps until the kexec. Do the same, without
  * counting as a hung task: nothing wakes this task.
  */
+/*
+ * get_user() of the ioctl's size word, as the C core reads it: one __get_user_4, where the
+ * kernel crate's UserSliceReader goes through _copy_from_user.
+ */
+int luo_glue_get_user_u32(u32 *out, const void __user *uptr)
+{
+	return get_user(*out, (const u32 __user *)uptr);
+}
+
 void __noreturn luo_glue_block_forever(void)
 {
 	for (;;)

@@ -33,6 +33,7 @@ phys_addr_t luo_glue_virt_to_phys(void *virt);
 bool luo_glue_incoming_page(phys_addr_t phys);
 void luo_glue_test_register(struct liveupdate_file_handler *fh);
 void __noreturn luo_glue_block_forever(void);
+int luo_glue_get_user_u32(u32 *out, const void __user *uptr);
 
 /* Test only (CONFIG_LIVEUPDATE_TEST): the luo_test_corrupt= parameter, see testhook.rs. */
 enum luo_test_corrupt {

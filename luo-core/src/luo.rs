@@ -793,6 +793,9 @@ impl<P: Platform> Luo<P> {
     }
 
     fn finish_files(&self, set: &mut FileSet<P>) -> Result {
+        if set.files.is_empty() {
+            return Ok(());
+        }
         let mut seq = None;
         while let Some(k) = set.files.next_key(seq.as_ref()) {
             seq = Some(k);

@@ -195,6 +195,13 @@ pub trait UserArg {
     fn read(&mut self, offset: usize, buf: &mut [u8]) -> Result;
     /// Copies `data` to `offset`; `Err(Error::Fault)` if any byte is unwritable.
     fn write(&mut self, offset: usize, data: &[u8]) -> Result;
+    /// Reads the native-endian `u32` at offset 0 (the `size` word), as `get_user` does.
+    /// Backends with a cheaper single-word path than [`UserArg::read`] override it.
+    fn read_u32(&mut self) -> Result<u32> {
+        let mut b = [0u8; 4];
+        self.read(0, &mut b)?;
+        Ok(u32::from_ne_bytes(b))
+    }
     /// True if `[from, to)` is all zero (`check_zeroed_user`). Reads in small chunks so that a
     /// huge `size` does not need a huge buffer.
     ///
@@ -261,9 +268,7 @@ pub enum SessionRequest {
 /// Reads the `size` word (step 2 of spec §2.4).
 #[inline(always)]
 fn read_size(arg: &mut impl UserArg) -> Result<u32> {
-    let mut b = [0u8; 4];
-    arg.read(0, &mut b)?;
-    Ok(u32::from_ne_bytes(b))
+    arg.read_u32()
 }
 
 /// `copy_struct_from_user` after the minimum-size check: copies `min(size, sizeof T)` bytes and
