@@ -4,7 +4,7 @@
 
 Waits until the guest's serial log shows "LUOX LOOP BEGIN", connects to QEMU's gdb socket
 (which pauses the VM), then repeatedly: continue, sleep, interrupt, read %rip. Stops at
-"LUOX LOOP END", detaches, and prints the functions of System.map that the samples fell in
+"LUOX LOOP END" (or --end), detaches, and prints the functions of System.map that the samples fell in
 (self time: the kernel has no frame pointers in this configuration, so no call graph).
 
 usage: gdbprof.py --sock SOCKET --log SERIAL_LOG --system-map System.map [--interval MS]
@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--interval", type=float, default=2.0, help="ms between samples")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--end", default="LUOX LOOP END", help="the log line that ends sampling")
     ap.add_argument("--stack", type=int, default=0, metavar="BYTES",
                     help="also scan BYTES of the kernel stack for return addresses and print "
                          "an inclusive profile (a guess: stale addresses count too)")
@@ -141,7 +142,7 @@ def main():
     text_hi = addrs[-1] if addrs else 0
     samples = collections.Counter()
     stacks = collections.Counter()
-    while not log_has(args.log, b"LUOX LOOP END") and time.time() < deadline:
+    while not log_has(args.log, args.end.encode()) and time.time() < deadline:
         regs = gdb.regs()
         rip = Gdb.reg(regs, 16)
         samples[rip] += 1

@@ -11,10 +11,12 @@
 #   b1:c,c  b1:c,rust  b1:rust,rust                       upstream bug B1
 #   bench                                                 both cores, 4 kexecs each
 #   all                                                   every test above (bench excluded)
-#   prof:<c|rust>:<rejected|getname|finish|create_close>  sampling profile of one operation
-#                                                         in a loop (LUOX_N times, default
-#                                                         200000, one sample per LUOX_INTERVAL ms,
-#                                                         default 1; gdbprof.py over the gdbstub)
+#   prof:<c|rust>:<op>                                    sampling profile of one operation in
+#                                                         a loop (ops: luo_xtest.c run_loop;
+#                                                         size LUOX_N, default 200000; one
+#                                                         sample per LUOX_INTERVAL ms, default
+#                                                         1; LUOX_STACK bytes of stack scanned
+#                                                         for callers; gdbprof.py)
 #
 # Kernels come from `cargo xtask vm build --core c|rust` (same cache, same patch series and
 # config fragments as `cargo xtask vm test`); --no-debug builds them without
@@ -32,14 +34,14 @@ while [ $# -gt 0 ]; do
     case $1 in
         --no-debug) debug_flag=(--no-debug) ;;
         --timeout) timeout=$2; shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         all) tests+=(chain:c,rust,c chain:rust,c,rust corrupt:compat corrupt:count corrupt:chain
                      corrupt:cycle corrupt:files b1:c,c b1:c,rust b1:rust,rust) ;;
         *) tests+=("$1") ;;
     esac
     shift
 done
-[ ${#tests[@]} -gt 0 ] || { sed -n '2,23p' "$0"; exit 2; }
+[ ${#tests[@]} -gt 0 ] || { sed -n '2,25p' "$0"; exit 2; }
 
 out=$cache/logs/extra-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out"
@@ -127,6 +129,7 @@ run_vm() { # name plan extra-append -> log path
         "${qemu[@]}" -gdb "unix:$gdb_sock,server=on,wait=off" </dev/null >"$log" 2>&1 &
         local pid=$!
         python3 "$here/gdbprof.py" --sock "$gdb_sock" --log "$log" --timeout "$timeout" --interval "${LUOX_INTERVAL:-1}" --stack "${LUOX_STACK:-0}" --top "${LUOX_TOP:-30}" \
+            --end "${end_marker:-LUOX LOOP END}" \
             --system-map "${kdir[${p[-1]}]}/System.map" >"$out/$name.prof" || true
         wait $pid || true
     fi
@@ -238,7 +241,9 @@ for t in "${tests[@]}"; do
         prof:*:*)
             IFS=: read -r _ core op <<<"$t"
             plan=$core
-            [ "$op" = finish ] && plan=$core,$core
+            case $op in finish|retrieve_memfds|finish_memfds|reboot) plan=$core,$core ;; esac
+            end_marker="LUOX LOOP END"
+            [ "$op" = reboot ] && end_marker="kexec_core: Starting new kernel"
             log=$(gdb_sock=$out/gdb.sock run_vm "loop_$op" "$plan" "luox_op=$op luox_n=${LUOX_N:-200000} nokaslr")
             judge_pass "prof $core $op: $(grep -ao 'per_op_us=[0-9.]*' "$log" | tail -1)" "$log"
             sed "s/^/# /" "$out/loop_$op.prof"

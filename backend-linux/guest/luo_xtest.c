@@ -27,8 +27,8 @@
  * bench:   step 0..n-1 time create x2000 sessions and preserve x500 memfds (several rounds),
  *          then keep 2000 sessions + 500 memfds and write "luox: reboot" to /dev/kmsg just
  *          before reboot(); steps 1..n time open, retrieve, verify and finish of all of it.
- * loop:    one operation (luox_op=rejected|getname|finish|create_close) luox_n times, for
- *          the host-side sampling profiler (backend-linux/vm-prof.sh).
+ * loop:    one operation (luox_op=, see run_loop) in a loop, for the host-side sampling
+ *          profiler (vm-extra.sh prof:<core>:<op>).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -761,43 +761,160 @@ static void run_bench(void)
 /* ------------------------------------------------------------------ */
 
 /*
- * One operation luox_n times between "LUOX LOOP BEGIN" and "LUOX LOOP END" lines, for a
- * host-side sampler (backend-linux/vm-prof.sh). Operations on incoming sessions (finish)
- * need a plan of two kernels: step 0 creates the session and kexecs.
+ * One operation in a loop between "LUOX LOOP BEGIN" and "LUOX LOOP END" lines, for the
+ * host-side sampler (vm-extra.sh prof:<core>:<op>). luox_n sets the size:
+ *
+ *   rejected, getname, create_close   luox_n ioctls (or create + close pairs)
+ *   finish                            luox_n FINISHes of one empty incoming session
+ *   preserve                          luox_n rounds of: create a session, preserve 500 memfds,
+ *                                     close it
+ *   retrieve_memfds, finish_memfds    luox_n memfds in sessions of 1000 cross a kexec; the
+ *                                     loop retrieves (or finishes) all of them
+ *   reboot                            luox_n sessions and luox_n / 4 memfds, then
+ *                                     reboot(RB_KEXEC); the sampler stops at "Starting new
+ *                                     kernel"
+ *
+ * The ops that need incoming state run on a plan of two kernels: step 0 prepares it and
+ * kexecs.
  */
+#define LOOP_PER_SESSION 1000
+
+static void loop_memfds(int luo, long n)
+{
+	char name[64], text[64];
+	long i;
+	int s = -1;
+
+	for (i = 0; i < n && !failed; i++) {
+		int fd;
+
+		if (i % LOOP_PER_SESSION == 0) {
+			snprintf(name, sizeof(name), "loop-%ld", i / LOOP_PER_SESSION);
+			s = create_session(luo, name);
+			if (s < 0) {
+				errno = -s;
+				fail("create %s", name);
+				return;
+			}
+		}
+		snprintf(text, sizeof(text), "loop file %ld", i);
+		fd = make_memfd(4096, text, 0);
+		if (fd < 0 || preserve_fd(s, fd, i)) {
+			fail("preserve memfd %ld", i);
+			return;
+		}
+		close(fd);
+	}
+}
+
+static int loop_sessions[1024];
+
+static void loop_retrieve_sessions(int luo, long n)
+{
+	char name[64];
+	long i;
+
+	for (i = 0; i * LOOP_PER_SESSION < n && i < 1024; i++) {
+		snprintf(name, sizeof(name), "loop-%ld", i);
+		loop_sessions[i] = retrieve_session(luo, name);
+		if (loop_sessions[i] < 0) {
+			errno = -loop_sessions[i];
+			fail("retrieve %s", name);
+		}
+	}
+}
+
+static void loop_retrieve_fds(long n)
+{
+	long i;
+
+	for (i = 0; i < n && !failed; i++) {
+		int fd = retrieve_fd(loop_sessions[i / LOOP_PER_SESSION], i);
+
+		if (fd < 0) {
+			errno = -fd;
+			fail("retrieve_fd %ld", i);
+		}
+		close(fd);
+	}
+}
+
 static void run_loop(void)
 {
 	const char *v = param("luox_op");
 	const char *op = v ? strdup(v) : "";
+	int two_steps = !strcmp(op, "finish") || !strcmp(op, "retrieve_memfds") ||
+			!strcmp(op, "finish_memfds") || !strcmp(op, "reboot");
+	int luo, s = -1, memfds[BENCH_FILES];
 	long n, i;
-	int luo, s = -1;
 	double t;
 
 	v = param("luox_n");
 	n = v ? atol(v) : 100000;
+	if (!strcmp(op, "reboot") || !strcmp(op, "preserve")) {
+		struct rlimit rl = { n + 4096, n + 4096 };
+
+		if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+			fail("setrlimit");
+	}
+	if (two_steps && step > 0 && !strcmp(op, "reboot"))
+		finish_run(); /* the sampler stopped at the kexec */
 	luo = luo_open();
 	if (luo < 0) {
 		fail("open");
 		finish_run();
 	}
-	if (!strcmp(op, "finish")) {
-		if (step == 0) {
+	if (two_steps && step == 0) {
+		if (!strcmp(op, "finish")) {
 			if (create_session(luo, "loop") < 0)
 				fail("create");
-			kexec_next(NULL);
+		} else if (!strcmp(op, "reboot")) {
+			for (i = 0; i < n && !failed; i++) {
+				char name[64];
+
+				snprintf(name, sizeof(name), "loop-s-%ld", i);
+				if (create_session(luo, name) < 0)
+					fail("create %s", name);
+			}
+			loop_memfds(luo, n / 4);
+			say("LOOP BEGIN %s n=%ld", op, n);
+		} else {
+			loop_memfds(luo, n);
 		}
+		if (failed)
+			finish_run();
+		kexec_next(NULL);
+	}
+	if (!strcmp(op, "finish")) {
 		s = retrieve_session(luo, "loop");
 	} else if (!strcmp(op, "getname")) {
 		s = create_session(luo, "loop");
+	} else if (!strcmp(op, "retrieve_memfds") || !strcmp(op, "finish_memfds")) {
+		loop_retrieve_sessions(luo, n);
+		if (!strcmp(op, "finish_memfds"))
+			loop_retrieve_fds(n);
+		s = failed ? -EIO : 0;
+	} else if (!strcmp(op, "preserve")) {
+		for (i = 0; i < BENCH_FILES; i++)
+			if ((memfds[i] = make_memfd(4096, "loop", 0)) < 0)
+				fail("memfd");
+		s = failed ? -EIO : 0;
 	}
-	if (s < 0 && (!strcmp(op, "finish") || !strcmp(op, "getname"))) {
+	if (s < 0) {
 		errno = -s;
-		fail("session for %s", op);
+		fail("setup for %s", op);
 		finish_run();
 	}
 	say("LOOP BEGIN %s n=%ld", op, n);
 	t = now_us();
-	for (i = 0; i < n && !failed; i++) {
+	if (!strcmp(op, "retrieve_memfds")) {
+		loop_retrieve_fds(n);
+	} else if (!strcmp(op, "finish_memfds")) {
+		for (i = 0; i * LOOP_PER_SESSION < n && i < 1024; i++)
+			if (finish_session(loop_sessions[i]))
+				fail("finish loop-%ld", i);
+	}
+	for (i = 0; i < n && !failed && !two_steps; i++) {
 		if (!strcmp(op, "rejected")) {
 			struct liveupdate_session_get_name gn = { .size = sizeof(gn) };
 
@@ -808,9 +925,6 @@ static void run_loop(void)
 
 			if (ioctl(s, LIVEUPDATE_SESSION_GET_NAME, &gn) < 0)
 				fail("get_name");
-		} else if (!strcmp(op, "finish")) {
-			if (finish_session(s))
-				fail("finish");
 		} else if (!strcmp(op, "create_close")) {
 			int fd = create_session(luo, "loop");
 
@@ -819,10 +933,20 @@ static void run_loop(void)
 				fail("create");
 			}
 			close(fd);
+		} else if (!strcmp(op, "preserve")) {
+			int fd = create_session(luo, "loop");
+
+			for (int f = 0; f < BENCH_FILES && !failed; f++)
+				if (preserve_fd(fd, memfds[f], f))
+					fail("preserve");
+			close(fd);
 		} else {
 			fail("unknown luox_op '%s'", op);
 		}
 	}
+	for (i = 0; i < n && !failed && !strcmp(op, "finish"); i++)
+		if (finish_session(s))
+			fail("finish");
 	say("LOOP END %s n=%ld per_op_us=%.3f", op, n, (now_us() - t) / n);
 	finish_run();
 }

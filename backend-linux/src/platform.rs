@@ -131,6 +131,25 @@ impl<K, V> Default for KernelMap<K, V> {
 }
 
 impl<K: Ord + Copy, V> OrdMap<K, V> for KernelMap<K, V> {
+    type Iter<'a>
+        = kernel::rbtree::Iter<'a, K, V>
+    where
+        K: 'a,
+        V: 'a;
+    type IterMut<'a>
+        = kernel::rbtree::IterMut<'a, K, V>
+    where
+        K: 'a,
+        V: 'a;
+
+    fn iter(&self) -> Self::Iter<'_> {
+        self.tree.iter()
+    }
+
+    fn iter_mut(&mut self) -> Self::IterMut<'_> {
+        self.tree.iter_mut()
+    }
+
     fn try_insert(&mut self, key: K, value: V) -> Result<Option<V>, AllocError> {
         let node = match self.spare.take() {
             Some(reservation) => reservation.into_node(key, value),

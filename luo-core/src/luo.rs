@@ -108,12 +108,8 @@ impl<P: Platform> Session<P> {
     /// Tokens of the files in preservation order.
     pub fn tokens(&self, mut f: impl FnMut(u64)) {
         let set = self.files.lock();
-        let mut seq = None;
-        while let Some(s) = set.files.next_key(seq.as_ref()) {
-            seq = Some(s);
-            if let Some(e) = set.files.get(&s) {
-                f(e.token);
-            }
+        for (_, e) in set.files.iter() {
+            f(e.token);
         }
     }
 }
@@ -373,12 +369,8 @@ impl<P: Platform> Luo<P> {
         let result = self.build_incoming(img, &mut built);
         if result.is_err() {
             // Undo owner pins and live counts taken for the partial result.
-            let mut name = None;
-            while let Some(n) = built.next_key(name.as_ref()) {
-                name = Some(n);
-                if let Some(slot) = built.get(&n) {
-                    self.drop_incoming_files(&slot.session);
-                }
+            for (_, slot) in built.iter() {
+                self.drop_incoming_files(&slot.session);
             }
             return result;
         }
@@ -796,18 +788,14 @@ impl<P: Platform> Luo<P> {
         if set.files.is_empty() {
             return Ok(());
         }
-        let mut seq = None;
-        while let Some(k) = set.files.next_key(seq.as_ref()) {
-            seq = Some(k);
-            if let Some(e) = set.files.get(&k) {
-                let file = if e.status == RetrieveStatus::Retrieved {
-                    e.file.as_ref()
-                } else {
-                    None
-                };
-                if !e.handler.can_finish(file, e.state.data, e.status) {
-                    return Err(Error::FinishRefused);
-                }
+        for (_, e) in set.files.iter() {
+            let file = if e.status == RetrieveStatus::Retrieved {
+                e.file.as_ref()
+            } else {
+                None
+            };
+            if !e.handler.can_finish(file, e.state.data, e.status) {
+                return Err(Error::FinishRefused);
             }
         }
         while let Some(e) = set.pop_last() {
@@ -854,12 +842,7 @@ impl<P: Platform> Luo<P> {
         // Freeze.
         let mut frozen_sessions = 0usize;
         let mut failure = None;
-        let mut seq = None;
-        while let Some(k) = out.by_seq.next_key(seq.as_ref()) {
-            seq = Some(k);
-            let Some(s) = out.by_seq.get(&k) else {
-                continue;
-            };
+        for (_, s) in out.by_seq.iter() {
             let mut set = s.files.lock();
             if let Err(e) = freeze_set(&mut set) {
                 failure = Some(e);
@@ -873,25 +856,19 @@ impl<P: Platform> Luo<P> {
         };
         if let Err(e) = result {
             // Unfreeze sessions newest first; the failing one already rolled itself back.
-            let mut seq = None;
-            let mut remaining = frozen_sessions;
-            let mut keys = P::Vec::<u64>::default();
-            while let Some(k) = out.by_seq.next_key(seq.as_ref()) {
-                seq = Some(k);
-                if remaining == 0 {
-                    break;
-                }
-                remaining -= 1;
-                if keys.try_push(k).is_err() {
-                    break;
-                }
-            }
-            for k in keys.as_slice().iter().rev() {
-                if let Some(s) = out.by_seq.get(k) {
+            // Walking back from the last frozen session needs no memory (this path must not
+            // fail).
+            let mut cur = frozen_sessions
+                .checked_sub(1)
+                .and_then(|last| out.by_seq.iter().nth(last))
+                .map(|(k, _)| *k);
+            while let Some(k) = cur {
+                if let Some(s) = out.by_seq.get(&k) {
                     let mut set = s.files.lock();
                     let n = set.files.len();
                     unfreeze_set(&mut set, n);
                 }
+                cur = out.by_seq.prev_key(Some(&k));
             }
             log!(self.platform, Error, "live update reboot aborted: {e}");
             return Err(e);
@@ -902,18 +879,10 @@ impl<P: Platform> Luo<P> {
 
     fn write_handover(&self, out: &Outgoing<P>, root: Root) -> Result {
         let p = &self.platform;
-        // Sessions and their files.
-        let mut sessions = P::Vec::<SessionRef<P>>::default();
-        let mut seq = None;
-        while let Some(k) = out.by_seq.next_key(seq.as_ref()) {
-            seq = Some(k);
-            if let Some(s) = out.by_seq.get(&k) {
-                sessions.try_push(s.clone())?;
-            }
-        }
-        let list = sessions.as_slice();
-        let head = out.blocks.write(p, list.len(), |i, buf| {
-            let s = &list[i];
+        // Sessions and their files, in creation order.
+        let mut sessions = out.by_seq.iter();
+        let head = out.blocks.write(p, out.by_seq.len(), |_, buf| {
+            let (_, s) = sessions.next().ok_or(Error::NoSpace)?;
             let set = s.files.lock();
             let files_head = write_files(p, &set)?;
             let ser = LuoSessionSer {
@@ -933,14 +902,9 @@ impl<P: Platform> Luo<P> {
             let reg = self.registry.read();
             let refs = self.refs.lock();
             let mut n = 0u64;
-            let mut seq = None;
             let header_size = core::mem::size_of::<LuoFlbHeaderSer>() as u64;
             let entry_size = core::mem::size_of::<LuoFlbSer>() as u64;
-            while let Some(k) = reg.flb_order.next_key(seq.as_ref()) {
-                seq = Some(k);
-                let Some(&fk) = reg.flb_order.get(&k) else {
-                    continue;
-                };
+            for (_, &fk) in reg.flb_order.iter() {
                 let (Some(f), Some(o)) = (reg.flbs.get(&fk), refs.outgoing.get(&fk)) else {
                     continue;
                 };
@@ -1109,13 +1073,9 @@ impl<P: Platform> Luo<P> {
 /// Freezes a session's files in preservation order; on failure at file k, unfreezes the files
 /// before it newest first and returns the error.
 fn freeze_set<P: Platform>(set: &mut FileSet<P>) -> Result {
-    let mut seq = None;
     let mut done = 0usize;
-    while let Some(k) = set.files.next_key(seq.as_ref()) {
-        seq = Some(k);
-        let Some(e) = set.files.get_mut(&k) else {
-            continue;
-        };
+    let mut failure = None;
+    for (_, e) in set.files.iter_mut() {
         let Some(file) = e.file.as_ref() else {
             continue;
         };
@@ -1123,32 +1083,25 @@ fn freeze_set<P: Platform>(set: &mut FileSet<P>) -> Result {
         match e.handler.freeze(file, &mut state) {
             Ok(()) => e.state = state,
             Err(err) => {
-                unfreeze_set(set, done);
-                return Err(Error::Handler(err));
+                failure = Some(err);
+                break;
             }
         }
         done += 1;
     }
-    Ok(())
+    match failure {
+        Some(err) => {
+            unfreeze_set(set, done);
+            Err(Error::Handler(err))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Unfreezes the first `n` files of a session, newest first.
 fn unfreeze_set<P: Platform>(set: &mut FileSet<P>, n: usize) {
-    let mut seq = None;
-    let mut i = 0;
-    // Find the key of file n-1, then walk backwards.
-    let mut last = None;
-    while i < n {
-        match set.files.next_key(seq.as_ref()) {
-            Some(k) => {
-                seq = Some(k);
-                last = Some(k);
-                i += 1;
-            }
-            None => break,
-        }
-    }
-    let mut cur = last;
+    // The key of file n-1 (or the last one), then walk backwards.
+    let mut cur = set.files.iter().take(n).last().map(|(k, _)| *k);
     while let Some(k) = cur {
         if let Some(e) = set.files.get(&k) {
             if let Some(file) = e.file.as_ref() {
@@ -1162,11 +1115,9 @@ fn unfreeze_set<P: Platform>(set: &mut FileSet<P>, n: usize) {
 /// Writes a session's file chain and returns its head (0 for no files).
 fn write_files<P: Platform>(p: &P, set: &FileSet<P>) -> Result<u64> {
     let n = set.files.len();
-    let mut seq: Option<u64> = None;
+    let mut entries = set.files.iter();
     set.blocks.write(p, n, |_, buf| {
-        let k = set.files.next_key(seq.as_ref()).ok_or(Error::NoSpace)?;
-        seq = Some(k);
-        let e = set.files.get(&k).ok_or(Error::NoSpace)?;
+        let (_, e) = entries.next().ok_or(Error::NoSpace)?;
         let compat = Compat::new(e.handler.compatible()).ok_or(Error::InvalidDefinition)?;
         let ser = LuoFileSer {
             compatible: compat.field(),

@@ -38,10 +38,28 @@ pub trait PVec<T>: Default {
 
 /// A fallible ordered map (`BTreeMap` in userspace, `RBTree` in the kernel).
 ///
-/// Keys are small `Copy` values (sequence numbers, tokens, names, identities), so cursors are
-/// expressed as "the next key after this one", which every ordered map can answer in
-/// logarithmic time and which leaves the caller free to mutate between steps.
+/// Keys are small `Copy` values (sequence numbers, tokens, names, identities). Walks that do
+/// not change the map use [`OrdMap::iter`]/[`OrdMap::iter_mut`] (one step = one tree
+/// successor); walks that remove entries as they go use cursors expressed as "the next key
+/// after this one", which every ordered map answers in logarithmic time and which leaves the
+/// caller free to mutate between steps.
 pub trait OrdMap<K: Ord + Copy, V>: Default {
+    /// Iterator over the entries in key order.
+    type Iter<'a>: Iterator<Item = (&'a K, &'a V)>
+    where
+        Self: 'a,
+        K: 'a,
+        V: 'a;
+    /// Iterator over the entries in key order, values mutable.
+    type IterMut<'a>: Iterator<Item = (&'a K, &'a mut V)>
+    where
+        Self: 'a,
+        K: 'a,
+        V: 'a;
+    /// The entries in key order.
+    fn iter(&self) -> Self::Iter<'_>;
+    /// The entries in key order, values mutable.
+    fn iter_mut(&mut self) -> Self::IterMut<'_>;
     /// Inserts or replaces, returning the old value.
     fn try_insert(&mut self, key: K, value: V) -> core::result::Result<Option<V>, AllocError>;
     /// Makes sure the next `try_insert` of a new key cannot fail for lack of memory (the

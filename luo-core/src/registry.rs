@@ -218,12 +218,7 @@ impl<P: Platform> Registry<P> {
 
     /// The first handler, in registration order, whose `can_preserve` accepts `file`.
     pub(crate) fn find_handler(&self, file: &P::File) -> Option<(usize, P::Handler)> {
-        let mut seq = None;
-        while let Some(s) = self.handler_order.next_key(seq.as_ref()) {
-            seq = Some(s);
-            let Some(&key) = self.handler_order.get(&s) else {
-                continue;
-            };
+        for (_, &key) in self.handler_order.iter() {
             if let Some((_, h)) = self.handlers.get(&key) {
                 if h.handler.can_preserve(file) {
                     return Some((key, h.handler.clone()));

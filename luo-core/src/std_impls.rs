@@ -32,6 +32,22 @@ impl<T> PVec<T> for Vec<T> {
 }
 
 impl<K: Ord + Copy, V> OrdMap<K, V> for BTreeMap<K, V> {
+    type Iter<'a>
+        = std::collections::btree_map::Iter<'a, K, V>
+    where
+        K: 'a,
+        V: 'a;
+    type IterMut<'a>
+        = std::collections::btree_map::IterMut<'a, K, V>
+    where
+        K: 'a,
+        V: 'a;
+    fn iter(&self) -> Self::Iter<'_> {
+        BTreeMap::iter(self)
+    }
+    fn iter_mut(&mut self) -> Self::IterMut<'_> {
+        BTreeMap::iter_mut(self)
+    }
     fn try_insert(&mut self, key: K, value: V) -> Result<Option<V>, AllocError> {
         Ok(self.insert(key, value))
     }
