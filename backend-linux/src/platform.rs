@@ -82,18 +82,23 @@ pub(crate) fn errno_of(e: kernel::error::Error) -> Errno {
 // Containers
 // -------------------------------------------------------------------------------------------
 
-/// `KVec` as a luo-core vector.
-pub(crate) struct KernelVec<T>(KVec<T>);
+/// `KVVec` as a luo-core vector: `kvmalloc`, so a session with thousands of files (or an
+/// incoming image with thousands of sessions) never needs a high-order contiguous allocation.
+pub(crate) struct KernelVec<T>(KVVec<T>);
 
 impl<T> Default for KernelVec<T> {
     fn default() -> Self {
-        KernelVec(KVec::new())
+        KernelVec(KVVec::new())
     }
 }
 
 impl<T> PVec<T> for KernelVec<T> {
     fn try_push(&mut self, value: T) -> Result<(), AllocError> {
         self.0.push(value, GFP_KERNEL).map_err(|_| AllocError)
+    }
+
+    fn try_reserve(&mut self, additional: usize) -> Result<(), AllocError> {
+        self.0.reserve(additional, GFP_KERNEL).map_err(|_| AllocError)
     }
 
     fn pop(&mut self) -> Option<T> {

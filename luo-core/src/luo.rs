@@ -39,11 +39,15 @@ struct FileEntry<P: Platform> {
 }
 
 /// The files of one session.
+///
+/// Files are only ever appended (preserve, deserialize) and removed from the end (close,
+/// finish, rollback: newest first), so preservation order is a vector: no allocation per file
+/// beyond the token index, and walks are slice walks.
 struct FileSet<P: Platform> {
-    next_seq: u64,
     /// Preservation (FIFO) order.
-    files: P::Map<u64, FileEntry<P>>,
-    by_token: P::Map<u64, u64>,
+    files: P::Vec<FileEntry<P>>,
+    /// Token to index in `files`.
+    by_token: P::Map<u64, usize>,
     /// Pages reserved for this session's file chain (outgoing only).
     blocks: BlockSet<P>,
     /// Set by release: the session is gone from the tables and takes no more files.
@@ -53,7 +57,6 @@ struct FileSet<P: Platform> {
 impl<P: Platform> FileSet<P> {
     fn new() -> Self {
         FileSet {
-            next_seq: 0,
             files: Default::default(),
             by_token: Default::default(),
             blocks: BlockSet::new(core::mem::size_of::<LuoFileSer>()),
@@ -61,21 +64,26 @@ impl<P: Platform> FileSet<P> {
         }
     }
 
+    /// Appends; cannot fail after [`FileSet::reserve_one`] succeeded.
     fn insert(&mut self, entry: FileEntry<P>) -> Result {
-        let seq = self.next_seq;
         let token = entry.token;
-        self.by_token.try_insert(token, seq)?;
-        if self.files.try_insert(seq, entry).is_err() {
+        self.by_token.try_insert(token, self.files.len())?;
+        if self.files.try_push(entry).is_err() {
             self.by_token.remove(&token);
             return Err(Error::NoMemory);
         }
-        self.next_seq += 1;
+        Ok(())
+    }
+
+    /// Makes room for one more file.
+    fn reserve_one(&mut self) -> Result {
+        self.by_token.try_reserve()?;
+        self.files.try_reserve(1)?;
         Ok(())
     }
 
     fn pop_last(&mut self) -> Option<FileEntry<P>> {
-        let seq = self.files.prev_key(None)?;
-        let entry = self.files.remove(&seq)?;
+        let entry = self.files.pop()?;
         self.by_token.remove(&entry.token);
         Some(entry)
     }
@@ -108,7 +116,7 @@ impl<P: Platform> Session<P> {
     /// Tokens of the files in preservation order.
     pub fn tokens(&self, mut f: impl FnMut(u64)) {
         let set = self.files.lock();
-        for (_, e) in set.files.iter() {
+        for e in set.files.as_slice() {
             f(e.token);
         }
     }
@@ -692,7 +700,7 @@ impl<P: Platform> Luo<P> {
             undo_id(e)
         };
         // Reserve the map slots first: once `preserve` ran, recording the file cannot fail.
-        if set.by_token.try_reserve().is_err() || set.files.try_reserve().is_err() {
+        if set.reserve_one().is_err() {
             return undo_flb(Error::NoMemory);
         }
         let state = match handler.preserve(&file) {
@@ -731,8 +739,12 @@ impl<P: Platform> Luo<P> {
         if set.closed {
             return Err(Error::BadFd);
         }
-        let seq = *set.by_token.get(&token).ok_or(Error::NoSuchToken)?;
-        let entry = set.files.get_mut(&seq).ok_or(Error::NoSuchToken)?;
+        let index = *set.by_token.get(&token).ok_or(Error::NoSuchToken)?;
+        let entry = set
+            .files
+            .as_mut_slice()
+            .get_mut(index)
+            .ok_or(Error::NoSuchToken)?;
         match entry.status {
             RetrieveStatus::Failed(e) => return Err(Error::Handler(e)),
             RetrieveStatus::Retrieved => {
@@ -788,7 +800,7 @@ impl<P: Platform> Luo<P> {
         if set.files.is_empty() {
             return Ok(());
         }
-        for (_, e) in set.files.iter() {
+        for e in set.files.as_slice() {
             let file = if e.status == RetrieveStatus::Retrieved {
                 e.file.as_ref()
             } else {
@@ -1075,7 +1087,7 @@ impl<P: Platform> Luo<P> {
 fn freeze_set<P: Platform>(set: &mut FileSet<P>) -> Result {
     let mut done = 0usize;
     let mut failure = None;
-    for (_, e) in set.files.iter_mut() {
+    for e in set.files.as_mut_slice() {
         let Some(file) = e.file.as_ref() else {
             continue;
         };
@@ -1100,24 +1112,20 @@ fn freeze_set<P: Platform>(set: &mut FileSet<P>) -> Result {
 
 /// Unfreezes the first `n` files of a session, newest first.
 fn unfreeze_set<P: Platform>(set: &mut FileSet<P>, n: usize) {
-    // The key of file n-1 (or the last one), then walk backwards.
-    let mut cur = set.files.iter().take(n).last().map(|(k, _)| *k);
-    while let Some(k) = cur {
-        if let Some(e) = set.files.get(&k) {
-            if let Some(file) = e.file.as_ref() {
-                e.handler.unfreeze(file, e.state);
-            }
+    let files = set.files.as_slice();
+    for e in files[..n.min(files.len())].iter().rev() {
+        if let Some(file) = e.file.as_ref() {
+            e.handler.unfreeze(file, e.state);
         }
-        cur = set.files.prev_key(Some(&k));
     }
 }
 
 /// Writes a session's file chain and returns its head (0 for no files).
 fn write_files<P: Platform>(p: &P, set: &FileSet<P>) -> Result<u64> {
     let n = set.files.len();
-    let mut entries = set.files.iter();
+    let mut entries = set.files.as_slice().iter();
     set.blocks.write(p, n, |_, buf| {
-        let (_, e) = entries.next().ok_or(Error::NoSpace)?;
+        let e = entries.next().ok_or(Error::NoSpace)?;
         let compat = Compat::new(e.handler.compatible()).ok_or(Error::InvalidDefinition)?;
         let ser = LuoFileSer {
             compatible: compat.field(),

@@ -20,6 +20,8 @@ use crate::errno::{AllocError, Errno, Error, HandoverError, Result};
 pub trait PVec<T>: Default {
     /// Appends, failing instead of aborting when memory is short.
     fn try_push(&mut self, value: T) -> core::result::Result<(), AllocError>;
+    /// Makes room for `additional` more elements, so that as many `try_push`es cannot fail.
+    fn try_reserve(&mut self, additional: usize) -> core::result::Result<(), AllocError>;
     /// Removes and returns the last element.
     fn pop(&mut self) -> Option<T>;
     /// The elements as a slice.

@@ -20,6 +20,9 @@ impl<T> PVec<T> for Vec<T> {
         self.push(value);
         Ok(())
     }
+    fn try_reserve(&mut self, additional: usize) -> Result<(), AllocError> {
+        Vec::try_reserve(self, additional).map_err(|_| AllocError)
+    }
     fn pop(&mut self) -> Option<T> {
         Vec::pop(self)
     }
