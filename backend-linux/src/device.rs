@@ -90,6 +90,24 @@ impl UserArg for UserPtrArg {
             .map_err(|_| LuoError::Fault)
     }
 
+    fn copy_struct(&mut self, dst: &mut [u8], usize: usize) -> luo_core::Result {
+        // SAFETY: `dst` is valid for `dst.len()` bytes of writes; the user range is checked by
+        // `copy_struct_from_user` itself.
+        let ret = unsafe {
+            bindings::luo_glue_copy_struct_from_user(
+                dst.as_mut_ptr().cast(),
+                dst.len(),
+                self.0 as *const core::ffi::c_void,
+                usize,
+            )
+        };
+        match ret {
+            0 => Ok(()),
+            r if r == -(bindings::E2BIG as c_int) => Err(LuoError::TrailingNonZero),
+            _ => Err(LuoError::Fault),
+        }
+    }
+
     fn read_u32(&mut self) -> luo_core::Result<u32> {
         let mut value = 0u32;
         // SAFETY: `get_user` checks the user address itself (`access_ok` + exception table)

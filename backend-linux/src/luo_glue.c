@@ -117,6 +117,13 @@ int luo_glue_get_user_u32(u32 *out, const void __user *uptr)
 	return get_user(*out, (const u32 __user *)uptr);
 }
 
+/* copy_struct_from_user() is static inline: the C core's exact extensible-struct copy-in. */
+int luo_glue_copy_struct_from_user(void *dst, size_t ksize, const void __user *src,
+				   size_t usize)
+{
+	return copy_struct_from_user(dst, ksize, src, usize);
+}
+
 void __noreturn luo_glue_block_forever(void)
 {
 	for (;;)

@@ -104,7 +104,9 @@ impl<P: Platform> Luo<P> {
         Ok(())
     }
 
-    /// An ioctl on a session fd.
+    /// An ioctl on a session fd. (Inline: each backend calls it from one place, its file
+    /// operation, which saves a call layer on every session ioctl.)
+    #[inline]
     pub fn session_ioctl<F: FdTable<P>>(
         &self,
         session: &SessionRef<P>,

@@ -510,6 +510,7 @@ impl<P: Platform> Luo<P> {
     /// The session ioctls take this once, after decoding, and hold it while the command runs
     /// (upstream's serialize rwsem, spec §2.4 step 7): `ESHUTDOWN` once the state is
     /// serialized for the next kernel, where upstream's session ioctls block.
+    #[inline]
     pub(crate) fn live_or_incoming(&self) -> Result<PhaseRead<'_, P>> {
         let phase = self.phase.read();
         if phase.serialized {
@@ -788,6 +789,7 @@ impl<P: Platform> Luo<P> {
     }
 
     /// FINISH with the phase read; `s` is incoming.
+    #[inline]
     pub(crate) fn finish_held(&self, _phase: &Phase, s: &SessionRef<P>) -> Result {
         let mut set = s.files.lock();
         if set.closed {

@@ -195,6 +195,20 @@ pub trait UserArg {
     fn read(&mut self, offset: usize, buf: &mut [u8]) -> Result;
     /// Copies `data` to `offset`; `Err(Error::Fault)` if any byte is unwritable.
     fn write(&mut self, offset: usize, data: &[u8]) -> Result;
+    /// `copy_struct_from_user`: fills `dst` (zeroed by the caller) with the first
+    /// `min(dst.len(), usize)` bytes of the argument and insists that the caller's bytes past
+    /// `dst.len()` (up to `usize`) are zero: `Error::TrailingNonZero` (`E2BIG`) if not,
+    /// `Error::Fault` if a byte it needs is unreadable. The kernel backend calls the kernel's
+    /// own `copy_struct_from_user`.
+    fn copy_struct(&mut self, dst: &mut [u8], usize: usize) -> Result {
+        let ksize = dst.len();
+        let n = core::cmp::min(ksize, usize);
+        self.read(0, &mut dst[..n])?;
+        if usize > ksize && !self.is_zeroed(ksize, usize)? {
+            return Err(Error::TrailingNonZero);
+        }
+        Ok(())
+    }
     /// Reads the native-endian `u32` at offset 0 (the `size` word), as `get_user` does.
     /// Backends with a cheaper single-word path than [`UserArg::read`] override it.
     fn read_u32(&mut self) -> Result<u32> {
@@ -276,14 +290,8 @@ fn read_size(arg: &mut impl UserArg) -> Result<u32> {
 /// is the caller's value (re-read as part of the struct, as upstream does).
 #[inline(always)]
 fn copy_struct<T: FromBytes + IntoBytes>(arg: &mut impl UserArg, size: u32) -> Result<T> {
-    let ksize = size_of::<T>();
-    let usize_ = size as usize;
     let mut value = T::new_zeroed();
-    let n = core::cmp::min(ksize, usize_);
-    arg.read(0, &mut value.as_mut_bytes()[..n])?;
-    if usize_ > ksize && !arg.is_zeroed(ksize, usize_)? {
-        return Err(Error::TrailingNonZero);
-    }
+    arg.copy_struct(value.as_mut_bytes(), size as usize)?;
     Ok(value)
 }
 
@@ -318,6 +326,7 @@ pub fn decode_device(cmd: u32, arg: &mut impl UserArg) -> Result<DeviceRequest> 
 }
 
 /// Decodes an ioctl sent to a session fd of direction `dir` (spec §2.4 steps 1-6).
+#[inline]
 pub fn decode_session(cmd: u32, dir: Direction, arg: &mut impl UserArg) -> Result<SessionRequest> {
     let nr = ioc_nr(cmd);
     if nr < LIVEUPDATE_CMD_SESSION_BASE || nr - LIVEUPDATE_CMD_SESSION_BASE >= 4 {
