@@ -9,7 +9,8 @@
 #   corrupt:compat|count|chain|cycle|files                Rust -> Rust, the first kernel's
 #                                                         test hook damages the handover
 #   b1:c,c  b1:c,rust  b1:rust,rust                       upstream bug B1
-#   bench                                                 both cores, 4 kexecs each
+#   bench                                                 both cores, 4 kexecs each (repeated
+#                                                         LUOX_BENCH_RUNS times, default 1)
 #   all                                                   every test above (bench excluded)
 #   prof:<c|rust>:<op>                                    sampling profile of one operation in
 #                                                         a loop (ops: luo_xtest.c run_loop;
@@ -34,14 +35,14 @@ while [ $# -gt 0 ]; do
     case $1 in
         --no-debug) debug_flag=(--no-debug) ;;
         --timeout) timeout=$2; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         all) tests+=(chain:c,rust,c chain:rust,c,rust corrupt:compat corrupt:count corrupt:chain
                      corrupt:cycle corrupt:files b1:c,c b1:c,rust b1:rust,rust) ;;
         *) tests+=("$1") ;;
     esac
     shift
 done
-[ ${#tests[@]} -gt 0 ] || { sed -n '2,25p' "$0"; exit 2; }
+[ ${#tests[@]} -gt 0 ] || { sed -n '2,26p' "$0"; exit 2; }
 
 out=$cache/logs/extra-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out"
@@ -120,7 +121,7 @@ run_vm() { # name plan extra-append -> log path
     local smp=2
     [ -z "${gdb_sock:-}" ] || smp=1 # one vCPU, so every sample is the loop's
     local -a qemu=(timeout "$timeout" qemu-system-x86_64 -m 1G -smp $smp -no-reboot -nographic
-        -nodefaults -accel tcg -serial stdio
+        -nodefaults -accel tcg -serial stdio ${LUOX_ICOUNT:+-icount shift=$LUOX_ICOUNT,sleep=off}
         -append "console=ttyS0 liveupdate=on panic=-1 luox=${name%%_*} luox_plan=$plan luox_step=0 $extra"
         -kernel "${bz[${p[0]}]}" -initrd "$img")
     if [ -z "${gdb_sock:-}" ]; then
@@ -232,9 +233,12 @@ for t in "${tests[@]}"; do
             # back to jiffies (4 ms steps in CLOCK_MONOTONIC and printk). TCG's TSC is the
             # host's, so give its rate and keep it as the clocksource.
             khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
-            for core in c rust; do
-                logs+=("$(run_vm "bench_$core" "$core,$core,$core,$core" "tsc_early_khz=$khz tsc=reliable")")
-                judge_pass "bench $core core (4 boots, 3 handovers)" "${logs[-1]}"
+            # LUOX_BENCH_RUNS runs, the cores interleaved so that host load hits both alike.
+            for r in $(seq "${LUOX_BENCH_RUNS:-1}"); do
+                for core in ${LUOX_BENCH_CORES:-c rust}; do
+                    logs+=("$(run_vm "bench_${core}_$r" "$core,$core,$core,$core" "tsc_early_khz=$khz tsc=reliable")")
+                    judge_pass "bench $core core, run $r (4 boots, 3 handovers)" "${logs[-1]}"
+                done
             done
             bench_summary "${logs[@]}" | tee "$out/bench.txt"
             ;;

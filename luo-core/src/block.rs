@@ -10,28 +10,31 @@
 use crate::abi::{entries_per_block, KhoBlockHeaderSer, BLOCK_HEADER_SIZE, KHO_MAX_BLOCKS};
 use crate::errno::{Error, HandoverError, Result};
 use crate::platform::{OrdMap, PVec, Platform};
-use zerocopy::{FromBytes, IntoBytes};
+use core::marker::PhantomData;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// The largest entry any chain holds (`luo_session_ser`).
 pub(crate) const MAX_ENTRY: usize = 80;
 
-/// An outgoing block set: the pages reserved for one chain.
-pub(crate) struct BlockSet<P: Platform> {
+/// An outgoing block set: the pages reserved for one chain of `T` entries.
+pub(crate) struct BlockSet<P: Platform, T> {
     pages: P::Vec<u64>,
-    entry_size: usize,
+    _entry: PhantomData<fn() -> T>,
 }
 
-impl<P: Platform> BlockSet<P> {
-    /// An empty set for entries of `entry_size` bytes.
-    pub(crate) fn new(entry_size: usize) -> Self {
+impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
+    const ENTRY_SIZE: usize = core::mem::size_of::<T>();
+
+    /// An empty set.
+    pub(crate) fn new() -> Self {
         BlockSet {
             pages: P::Vec::default(),
-            entry_size,
+            _entry: PhantomData,
         }
     }
 
     fn per_block(&self) -> usize {
-        entries_per_block(P::PAGE_SIZE, self.entry_size)
+        entries_per_block(P::PAGE_SIZE, Self::ENTRY_SIZE)
     }
 
     /// Blocks needed for `count` entries.
@@ -83,13 +86,13 @@ impl<P: Platform> BlockSet<P> {
         self.shrink_to_blocks(p, 0);
     }
 
-    /// Writes `count` entries produced by `entry(i, buf)` into the reserved pages, linking the
-    /// chain, and returns the head address (0 when `count == 0`).
+    /// Writes `count` entries, produced in chain order by `entry()`, into the reserved pages,
+    /// linking the chain, and returns the head address (0 when `count == 0`).
     pub(crate) fn write(
         &self,
         p: &P,
         count: usize,
-        mut entry: impl FnMut(usize, &mut [u8]) -> Result,
+        mut entry: impl FnMut() -> Result<T>,
     ) -> Result<u64> {
         if count == 0 {
             return Ok(0);
@@ -101,8 +104,6 @@ impl<P: Platform> BlockSet<P> {
             // The set is grown on every insert, so this is a core bug, not bad input.
             return Err(Error::NoSpace);
         }
-        let mut buf = [0u8; MAX_ENTRY];
-        let buf = &mut buf[..self.entry_size];
         for (b, &page) in pages[..used].iter().enumerate() {
             let first = b * per;
             let n = core::cmp::min(per, count - first);
@@ -113,10 +114,9 @@ impl<P: Platform> BlockSet<P> {
             };
             p.write(page, header.as_bytes())?;
             for i in 0..n {
-                buf.fill(0);
-                entry(first + i, buf)?;
-                let off = (BLOCK_HEADER_SIZE + i * self.entry_size) as u64;
-                p.write(page + off, buf)?;
+                let value = entry()?;
+                let off = (BLOCK_HEADER_SIZE + i * Self::ENTRY_SIZE) as u64;
+                p.write(page + off, value.as_bytes())?;
             }
         }
         Ok(pages[0])

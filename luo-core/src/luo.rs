@@ -49,7 +49,7 @@ struct FileSet<P: Platform> {
     /// Token to index in `files`.
     by_token: P::Map<u64, usize>,
     /// Pages reserved for this session's file chain (outgoing only).
-    blocks: BlockSet<P>,
+    blocks: BlockSet<P, LuoFileSer>,
     /// Set by release: the session is gone from the tables and takes no more files.
     closed: bool,
 }
@@ -59,7 +59,7 @@ impl<P: Platform> FileSet<P> {
         FileSet {
             files: Default::default(),
             by_token: Default::default(),
-            blocks: BlockSet::new(core::mem::size_of::<LuoFileSer>()),
+            blocks: BlockSet::new(),
             closed: false,
         }
     }
@@ -127,7 +127,7 @@ struct Outgoing<P: Platform> {
     next_seq: u64,
     by_seq: P::Map<u64, SessionRef<P>>,
     by_name: P::Map<SessionName, u64>,
-    blocks: BlockSet<P>,
+    blocks: BlockSet<P, LuoSessionSer>,
 }
 
 /// An incoming session and whether an fd for it exists.
@@ -233,7 +233,7 @@ impl<P: Platform> Luo<P> {
                 next_seq: 0,
                 by_seq: Default::default(),
                 by_name: Default::default(),
-                blocks: BlockSet::new(core::mem::size_of::<LuoSessionSer>()),
+                blocks: BlockSet::new(),
             })?,
             incoming: P::RwLock::try_new(Default::default())?,
             registry: P::RwLock::try_new(Registry::default())?,
@@ -853,25 +853,11 @@ impl<P: Platform> Luo<P> {
             return Ok(());
         };
         let out = self.outgoing.write();
-        // Freeze.
         let mut frozen_sessions = 0usize;
-        let mut failure = None;
-        for (_, s) in out.by_seq.iter() {
-            let mut set = s.files.lock();
-            if let Err(e) = freeze_set(&mut set) {
-                failure = Some(e);
-                break;
-            }
-            frozen_sessions += 1;
-        }
-        let result = match failure {
-            Some(e) => Err(e),
-            None => self.write_handover(&out, root),
-        };
-        if let Err(e) = result {
-            // Unfreeze sessions newest first; the failing one already rolled itself back.
-            // Walking back from the last frozen session needs no memory (this path must not
-            // fail).
+        if let Err(e) = self.freeze_and_write(&out, root, &mut frozen_sessions) {
+            // Unfreeze sessions newest first; a session whose freeze failed already rolled
+            // itself back. Walking back from the last frozen session needs no memory (this
+            // path must not fail).
             let mut cur = frozen_sessions
                 .checked_sub(1)
                 .and_then(|last| out.by_seq.iter().nth(last))
@@ -891,23 +877,25 @@ impl<P: Platform> Luo<P> {
         Ok(())
     }
 
-    fn write_handover(&self, out: &Outgoing<P>, root: Root) -> Result {
+    /// Freezes every session and writes the handover, in one pass as upstream does: sessions
+    /// in creation order, each frozen (files in preservation order) and written under one
+    /// hold of its lock, then the FLBs, then the root. `frozen` counts the sessions frozen so
+    /// far, for the caller's rollback.
+    fn freeze_and_write(&self, out: &Outgoing<P>, root: Root, frozen: &mut usize) -> Result {
         let p = &self.platform;
-        // Sessions and their files, in creation order.
         let mut sessions = out.by_seq.iter();
-        let head = out.blocks.write(p, out.by_seq.len(), |_, buf| {
+        let head = out.blocks.write(p, out.by_seq.len(), || {
             let (_, s) = sessions.next().ok_or(Error::NoSpace)?;
-            let set = s.files.lock();
-            let files_head = write_files(p, &set)?;
-            let ser = LuoSessionSer {
+            let mut set = s.files.lock();
+            freeze_set(&mut set)?;
+            *frozen += 1;
+            Ok(LuoSessionSer {
                 name: s.name.field(),
                 file_set_ser: crate::abi::LuoFileSetSer {
-                    files: files_head,
+                    files: write_files(p, &set)?,
                     count: set.files.len() as u64,
                 },
-            };
-            buf.copy_from_slice(ser.as_bytes());
-            Ok(())
+            })
         })?;
         // FLBs with file references, in registration order (only file references are
         // handed over: references leaked by get_outgoing callers would keep the next kernel
@@ -1126,15 +1114,13 @@ fn unfreeze_set<P: Platform>(set: &mut FileSet<P>, n: usize) {
 fn write_files<P: Platform>(p: &P, set: &FileSet<P>) -> Result<u64> {
     let n = set.files.len();
     let mut entries = set.files.as_slice().iter();
-    set.blocks.write(p, n, |_, buf| {
+    set.blocks.write(p, n, || {
         let e = entries.next().ok_or(Error::NoSpace)?;
         let compat = Compat::new(e.handler.compatible()).ok_or(Error::InvalidDefinition)?;
-        let ser = LuoFileSer {
+        Ok(LuoFileSer {
             compatible: compat.field(),
             data: e.state.data,
             token: e.token,
-        };
-        buf.copy_from_slice(ser.as_bytes());
-        Ok(())
+        })
     })
 }
