@@ -845,7 +845,7 @@ static void run_loop(void)
 	const char *op = v ? strdup(v) : "";
 	int two_steps = !strcmp(op, "finish") || !strcmp(op, "retrieve_memfds") ||
 			!strcmp(op, "finish_memfds") || !strcmp(op, "reboot");
-	int luo, s = -1, memfds[BENCH_FILES];
+	int luo, s = 0, memfds[BENCH_FILES];
 	long n, i;
 	double t;
 

@@ -15,6 +15,7 @@
 use core::{
     cell::UnsafeCell,
     marker::PhantomPinned,
+    mem::ManuallyDrop,
     ops::{
         Deref,
         DerefMut, //
@@ -32,8 +33,8 @@ use kernel::{
     fs::File,
     page::PAGE_SIZE,
     rbtree::{
+        Entry,
         RBTree,
-        RBTreeNode,
         RBTreeNodeReservation, //
     },
     sync::{
@@ -84,11 +85,25 @@ pub(crate) fn errno_of(e: kernel::error::Error) -> Errno {
 
 /// `KVVec` as a luo-core vector: `kvmalloc`, so a session with thousands of files (or an
 /// incoming image with thousands of sessions) never needs a high-order contiguous allocation.
-pub(crate) struct KernelVec<T>(KVVec<T>);
+///
+/// Most of luo-core's vectors stay empty (the files of a session without files, its block
+/// pages), and `KVVec`'s drop calls into the allocator even with nothing allocated, so an
+/// empty vector is dropped without that call.
+pub(crate) struct KernelVec<T>(ManuallyDrop<KVVec<T>>);
 
 impl<T> Default for KernelVec<T> {
     fn default() -> Self {
-        KernelVec(KVVec::new())
+        KernelVec(ManuallyDrop::new(KVVec::new()))
+    }
+}
+
+impl<T> Drop for KernelVec<T> {
+    fn drop(&mut self) {
+        if self.0.capacity() != 0 {
+            // SAFETY: The vector is dropped once, here, and not used afterwards.
+            unsafe { ManuallyDrop::drop(&mut self.0) };
+        }
+        // With no capacity there is no allocation and no element to drop.
     }
 }
 
@@ -156,13 +171,16 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for KernelMap<K, V> {
     }
 
     fn try_insert(&mut self, key: K, value: V) -> Result<Option<V>, AllocError> {
-        let node = match self.spare.take() {
-            Some(reservation) => reservation.into_node(key, value),
-            None => RBTreeNode::new(key, value, GFP_KERNEL).map_err(|_| AllocError)?,
-        };
-        match self.tree.insert(node) {
-            Some(old) => Ok(Some(old.to_key_value().1)),
-            None => {
+        // One lookup; a node is allocated only for a new key (counters are updated by
+        // re-inserting, which must not cost an allocation and a free each time).
+        match self.tree.entry(key) {
+            Entry::Occupied(mut entry) => Ok(Some(core::mem::replace(entry.get_mut(), value))),
+            Entry::Vacant(entry) => {
+                let reservation = match self.spare.take() {
+                    Some(reservation) => reservation,
+                    None => RBTreeNodeReservation::new(GFP_KERNEL).map_err(|_| AllocError)?,
+                };
+                entry.insert(value, reservation);
                 self.len += 1;
                 Ok(None)
             }
