@@ -191,7 +191,7 @@ for op in ops:
         continue
     mc = st.median(c) / 1e3 if c else float("nan")
     mr = st.median(r) / 1e3 if r else float("nan")
-    print("# %-24s %12.2f %12.2f %8.2f %d/%d" % (f"{op} x{n[op]}", mc, mr, mr / mc if c and r else float("nan"), len(c), len(r)))
+    print("# %-24s %12.3f %12.3f %8.2f %d/%d" % (f"{op} x{n[op]}", mc, mr, mr / mc if c and r else float("nan"), len(c), len(r)))
 EOF
 }
 

@@ -43,6 +43,7 @@ use luo_core::{
     errno::EINVAL,
     uapi::UserArg,
     Error as LuoError,
+    Luo,
     Session,
     SessionRef,
 };
@@ -290,21 +291,26 @@ pub(crate) struct LuoDevice;
 
 #[vtable]
 impl MiscDevice for LuoDevice {
-    type Ptr = ();
+    /// The orchestrator, found once at open (its `SetOnce` costs an atomic helper call).
+    type Ptr = KBox<&'static Luo<KernelPlatform>>;
 
-    fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<()> {
+    fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<Self::Ptr> {
         let luo = luo().ok_or(ENODEV)?;
-        luo.open().map_err(to_kernel)
+        let ptr = KBox::new(luo, GFP_KERNEL)?;
+        luo.open().map_err(to_kernel)?;
+        Ok(ptr)
     }
 
-    fn release(_device: (), _file: &File) {
-        if let Some(luo) = luo() {
-            luo.close();
-        }
+    fn release(luo: Self::Ptr, _file: &File) {
+        luo.close();
     }
 
-    fn ioctl(_device: (), _file: &File, cmd: u32, arg: usize) -> Result<isize> {
-        let luo = luo().ok_or(ENOTTY)?;
+    fn ioctl(
+        luo: <Self::Ptr as ForeignOwnable>::Borrowed<'_>,
+        _file: &File,
+        cmd: u32,
+        arg: usize,
+    ) -> Result<isize> {
         luo.device_ioctl(cmd, &mut UserPtrArg(arg), &mut Fds)
             .map(|()| 0)
             .map_err(to_kernel)
