@@ -116,6 +116,41 @@ def log_has(path, what):
         return False
 
 
+def trace(gdb, args):
+    addrs, names = load_map(args.system_map)
+    where = [a for a, n in zip(addrs, names) if n == args.trace]
+    if not where:
+        sys.exit(f"gdbprof: no symbol {args.trace}")
+    gdb.request(b"Z0,%x,1" % where[0])
+    gdb.send(b"c")
+    gdb.stop_reply()
+    gdb.request(b"z0,%x,1" % where[0])
+    per_fn = collections.Counter()
+    order = []
+    steps = 0
+    while steps < 1_000_000:
+        rip = Gdb.reg(gdb.regs(), 16)
+        if rip < 0x8000_0000_0000_0000:
+            break
+        i = bisect.bisect_right(addrs, rip) - 1
+        name = names[i] if i >= 0 else "[unknown]"
+        if not order or order[-1] != name:
+            order.append(name)
+        per_fn[name] += 1
+        steps += 1
+        gdb.send(b"s")
+        gdb.stop_reply()
+    gdb.send(b"D")
+    top = per_fn.most_common()
+    pretty = dict(zip([n for n, _ in top], demangle([n for n, _ in top])))
+    print(f"# {steps} instructions from {args.trace} to user space")
+    for name, count in top:
+        print(f"{count:6d}  {pretty[name]}")
+    print("# call sequence (consecutive runs merged)")
+    for name in order:
+        print(f"  {pretty[name]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sock", required=True)
@@ -125,6 +160,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--end", default="LUOX LOOP END", help="the log line that ends sampling")
+    ap.add_argument("--trace", metavar="SYMBOL",
+                    help="instead of sampling: break at SYMBOL, single-step until the CPU is "
+                         "back in user space, and count the instructions of each function")
     ap.add_argument("--stack", type=int, default=0, metavar="BYTES",
                     help="also scan BYTES of the kernel stack for return addresses and print "
                          "an inclusive profile (a guess: stale addresses count too)")
@@ -137,6 +175,9 @@ def main():
         time.sleep(0.05)
     gdb = Gdb(args.sock)
     gdb.request(b"?")
+    if args.trace:
+        trace(gdb, args)
+        return
     addrs, names = load_map(args.system_map)
     text_lo = addrs[0] if addrs else 0
     text_hi = addrs[-1] if addrs else 0

@@ -84,11 +84,14 @@ impl UserArg for UserPtrArg {
     }
 
     fn write(&mut self, offset: usize, data: &[u8]) -> luo_core::Result {
-        let at = UserPtr::from_addr(self.0.wrapping_add(offset));
-        UserSlice::new(at, data.len())
-            .writer()
-            .write_slice(data)
-            .map_err(|_| LuoError::Fault)
+        let to = self.0.wrapping_add(offset) as *mut core::ffi::c_void;
+        // SAFETY: `data` is valid for `data.len()` bytes of reads; `copy_to_user` checks the
+        // user range itself. (`UserSliceWriter` does the same with two more call layers.)
+        let left = unsafe { bindings::luo_glue_copy_to_user(to, data.as_ptr().cast(), data.len() as _) };
+        if left != 0 {
+            return Err(LuoError::Fault);
+        }
+        Ok(())
     }
 
     fn copy_struct(&mut self, dst: &mut [u8], usize: usize) -> luo_core::Result {

@@ -117,6 +117,12 @@ int luo_glue_get_user_u32(u32 *out, const void __user *uptr)
 	return get_user(*out, (const u32 __user *)uptr);
 }
 
+/* copy_to_user() is static inline: the reply of an ioctl, as luo_ucmd_respond() writes it. */
+unsigned long luo_glue_copy_to_user(void __user *to, const void *from, unsigned long n)
+{
+	return copy_to_user(to, from, n);
+}
+
 /* copy_struct_from_user() is static inline: the C core's exact extensible-struct copy-in. */
 int luo_glue_copy_struct_from_user(void *dst, size_t ksize, const void __user *src,
 				   size_t usize)

@@ -39,7 +39,8 @@ pub trait FdTable<P: Platform> {
 }
 
 impl<P: Platform> Luo<P> {
-    /// An ioctl on `/dev/liveupdate`.
+    /// An ioctl on `/dev/liveupdate`. (Inline, as [`Luo::session_ioctl`].)
+    #[inline]
     pub fn device_ioctl<F: FdTable<P>>(
         &self,
         cmd: u32,

@@ -795,13 +795,13 @@ impl<P: Platform> Luo<P> {
         if set.closed {
             return Err(Error::BadFd);
         }
+        if set.files.is_empty() {
+            return Ok(());
+        }
         self.finish_files(&mut set)
     }
 
     fn finish_files(&self, set: &mut FileSet<P>) -> Result {
-        if set.files.is_empty() {
-            return Ok(());
-        }
         for e in set.files.as_slice() {
             let file = if e.status == RetrieveStatus::Retrieved {
                 e.file.as_ref()

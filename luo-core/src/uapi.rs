@@ -296,6 +296,7 @@ fn copy_struct<T: FromBytes + IntoBytes>(arg: &mut impl UserArg, size: u32) -> R
 }
 
 /// Decodes an ioctl sent to `/dev/liveupdate` (spec §2.4 steps 1-6).
+#[inline]
 pub fn decode_device(cmd: u32, arg: &mut impl UserArg) -> Result<DeviceRequest> {
     let nr = ioc_nr(cmd);
     if nr.wrapping_sub(LIVEUPDATE_CMD_BASE) >= 2 {
