@@ -93,7 +93,6 @@ impl<P: Platform> FileSet<P> {
 pub struct Session<P: Platform> {
     name: SessionName,
     dir: Direction,
-    seq: u64,
     files: P::Mutex<FileSet<P>>,
 }
 
@@ -123,11 +122,80 @@ impl<P: Platform> Session<P> {
 }
 
 /// Outgoing sessions: unique names, creation order, and their serialization blocks.
+///
+/// One map node per session (its name), as the C core has one list node: creation order is a
+/// vector of slots, each session's slot index kept in the name map. A closed session leaves an
+/// empty slot; the slots are compacted in place when more than half are empty, so walks stay
+/// proportional to the live sessions and closing never allocates.
 struct Outgoing<P: Platform> {
-    next_seq: u64,
-    by_seq: P::Map<u64, SessionRef<P>>,
-    by_name: P::Map<SessionName, u64>,
+    by_name: P::Map<SessionName, usize>,
+    order: P::Vec<Option<SessionRef<P>>>,
     blocks: BlockSet<P, LuoSessionSer>,
+}
+
+impl<P: Platform> Outgoing<P> {
+    /// Live sessions.
+    fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Live sessions in creation order.
+    fn iter(&self) -> impl DoubleEndedIterator<Item = &SessionRef<P>> {
+        self.order.as_slice().iter().flatten()
+    }
+
+    /// The shortest prefix of the slots that holds the first `n` live sessions.
+    fn first_live(&self, n: usize) -> &[Option<SessionRef<P>>] {
+        let slots = self.order.as_slice();
+        let mut seen = 0;
+        for (i, slot) in slots.iter().enumerate() {
+            if seen == n {
+                return &slots[..i];
+            }
+            if slot.is_some() {
+                seen += 1;
+            }
+        }
+        slots
+    }
+
+    /// Removes `s` if it is the session of its name here; true if it was.
+    fn remove(&mut self, s: &SessionRef<P>) -> bool {
+        let Some(&index) = self.by_name.get(&s.name) else {
+            return false;
+        };
+        match self.order.as_mut_slice().get_mut(index) {
+            Some(slot) if slot.as_ref().is_some_and(|o| SessionRef::<P>::ptr_eq(o, s)) => {
+                *slot = None;
+            }
+            _ => return false,
+        }
+        self.by_name.remove(&s.name);
+        if self.order.len() > 16 && self.order.len() > 2 * self.by_name.len() {
+            self.compact();
+        }
+        true
+    }
+
+    /// Moves the live slots to the front, in order, and renumbers them.
+    fn compact(&mut self) {
+        let slots = self.order.as_mut_slice();
+        let mut live = 0;
+        for i in 0..slots.len() {
+            if slots[i].is_some() {
+                slots.swap(live, i);
+                if let Some(s) = &slots[live] {
+                    if let Some(index) = self.by_name.get_mut(&s.name) {
+                        *index = live;
+                    }
+                }
+                live += 1;
+            }
+        }
+        while self.order.len() > live {
+            self.order.pop();
+        }
+    }
 }
 
 /// An incoming session and whether an fd for it exists.
@@ -230,9 +298,8 @@ impl<P: Platform> Luo<P> {
                 serialized: false,
             })?,
             outgoing: P::RwLock::try_new(Outgoing {
-                next_seq: 0,
-                by_seq: Default::default(),
                 by_name: Default::default(),
+                order: Default::default(),
                 blocks: BlockSet::new(),
             })?,
             incoming: P::RwLock::try_new(Default::default())?,
@@ -392,11 +459,10 @@ impl<P: Platform> Luo<P> {
         img: &Image<P>,
         built: &mut P::Map<SessionName, IncomingSlot<P>>,
     ) -> Result {
-        for (i, s) in img.sessions.as_slice().iter().enumerate() {
+        for s in img.sessions.as_slice() {
             let session = new_arc::<P, _>(Session {
                 name: s.name,
                 dir: Direction::Incoming,
-                seq: i as u64,
                 files: P::Mutex::try_new(FileSet::new())?,
             })?;
             built.try_insert(
@@ -469,25 +535,25 @@ impl<P: Platform> Luo<P> {
         if out.by_name.contains(&name) {
             return Err(Error::NameExists);
         }
-        let seq = out.next_seq;
         let session = new_arc::<P, _>(Session {
             name,
             dir: Direction::Outgoing,
-            seq,
             files: P::Mutex::try_new(FileSet::new())?,
         })?;
-        let count = out.by_seq.len();
+        let count = out.len();
+        out.order.try_reserve(1)?;
         out.blocks.grow(&self.platform, count + 1)?;
-        if out.by_seq.try_insert(seq, session.clone()).is_err() {
+        let index = out.order.len();
+        if out.by_name.try_insert(name, index).is_err() {
             out.blocks.shrink(&self.platform, count);
             return Err(Error::NoMemory);
         }
-        if out.by_name.try_insert(name, seq).is_err() {
-            out.by_seq.remove(&seq);
+        // Reserved above, so this cannot fail; undone all the same if it did.
+        if out.order.try_push(Some(session.clone())).is_err() {
+            out.by_name.remove(&name);
             out.blocks.shrink(&self.platform, count);
             return Err(Error::NoMemory);
         }
-        out.next_seq += 1;
         Ok(session)
     }
 
@@ -549,9 +615,8 @@ impl<P: Platform> Luo<P> {
                     self.unpreserve_all(&mut set);
                 }
                 let mut out = self.outgoing.write();
-                if out.by_seq.remove(&s.seq).is_some() {
-                    out.by_name.remove(&s.name);
-                    let count = out.by_seq.len();
+                if out.remove(s) {
+                    let count = out.len();
                     out.blocks.shrink(&self.platform, count);
                 }
                 Ok(())
@@ -858,17 +923,10 @@ impl<P: Platform> Luo<P> {
             // Unfreeze sessions newest first; a session whose freeze failed already rolled
             // itself back. Walking back from the last frozen session needs no memory (this
             // path must not fail).
-            let mut cur = frozen_sessions
-                .checked_sub(1)
-                .and_then(|last| out.by_seq.iter().nth(last))
-                .map(|(k, _)| *k);
-            while let Some(k) = cur {
-                if let Some(s) = out.by_seq.get(&k) {
-                    let mut set = s.files.lock();
-                    let n = set.files.len();
-                    unfreeze_set(&mut set, n);
-                }
-                cur = out.by_seq.prev_key(Some(&k));
+            for s in out.first_live(frozen_sessions).iter().rev().flatten() {
+                let mut set = s.files.lock();
+                let n = set.files.len();
+                unfreeze_set(&mut set, n);
             }
             log!(self.platform, Error, "live update reboot aborted: {e}");
             return Err(e);
@@ -883,9 +941,9 @@ impl<P: Platform> Luo<P> {
     /// far, for the caller's rollback.
     fn freeze_and_write(&self, out: &Outgoing<P>, root: Root, frozen: &mut usize) -> Result {
         let p = &self.platform;
-        let mut sessions = out.by_seq.iter();
-        let head = out.blocks.write(p, out.by_seq.len(), || {
-            let (_, s) = sessions.next().ok_or(Error::NoSpace)?;
+        let mut sessions = out.iter();
+        let head = out.blocks.write(p, out.len(), || {
+            let s = sessions.next().ok_or(Error::NoSpace)?;
             let mut set = s.files.lock();
             freeze_set(&mut set)?;
             *frozen += 1;
@@ -941,7 +999,7 @@ impl<P: Platform> Luo<P> {
 
     /// Number of outgoing sessions.
     pub fn outgoing_count(&self) -> usize {
-        self.outgoing.read().by_seq.len()
+        self.outgoing.read().len()
     }
 
     /// Calls `f(compatible, data)` for every file of the incoming image that awaits the first

@@ -349,3 +349,54 @@ fn incoming_sessions_and_files_keep_handover_order() {
         );
     }
 }
+
+/// Closed sessions leave holes in the creation order, compacted away once more than half of
+/// the slots are empty: what is left keeps its order in the handover, in the freeze order and
+/// in the rollback order, and sessions created afterwards come last.
+#[test]
+fn creation_order_survives_closes_and_compaction() {
+    let (lu, h, j, _store) = setup();
+    let dev = lu.open().unwrap();
+    let mut ss: Vec<Option<SessionFd>> = (0..40)
+        .map(|i| Some(dev.create_session(&format!("s{i:02}")).unwrap()))
+        .collect();
+    let with_files: Vec<usize> = (0..40).step_by(5).collect();
+    let data: Vec<u64> = with_files
+        .iter()
+        .map(|&i| preserve(ss[i].as_ref().unwrap(), 1, &j))
+        .collect();
+    // 24 of the 40 close (none with a file): the slots are compacted on the way.
+    for (i, s) in ss.iter_mut().enumerate() {
+        if i % 4 != 0 && i % 5 != 0 {
+            drop(s.take());
+        }
+    }
+    for i in 40..45 {
+        ss.push(Some(dev.create_session(&format!("s{i:02}")).unwrap()));
+    }
+    let live: Vec<String> = (0..45)
+        .filter(|&i| ss[i].is_some())
+        .map(|i| format!("s{i:02}"))
+        .collect();
+    assert_eq!(live.len(), 21);
+    j.take();
+    // The last file fails to freeze: the others unfreeze newest first.
+    let (bad, before) = data.split_last().unwrap();
+    h.fail(Op::Freeze, Some(*bad), EIO);
+    assert_eq!(errno(lu.luo().reboot()), EIO);
+    let mut expected: Vec<Event> = before.iter().map(|&d| freeze(d)).collect();
+    expected.extend(before.iter().rev().map(|&d| unfreeze(d)));
+    assert_eq!(j.take(), expected);
+    h.heal(Op::Freeze);
+    drop(dev);
+    lu.luo().reboot().unwrap();
+    assert_eq!(
+        j.take(),
+        data.iter().map(|&d| freeze(d)).collect::<Vec<_>>()
+    );
+    let names: Vec<String> = sessions(&lu.memory().to_bytes())
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, live);
+}
