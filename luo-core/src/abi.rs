@@ -225,53 +225,8 @@ pub const fn c_strlen(field: &[u8]) -> Option<usize> {
 /// A NUL-terminated string in a fixed `N`-byte field, as the C structs store names: 1..=N-1
 /// bytes (any byte but NUL), NUL-padded. Bytes after the first NUL of a field read from memory
 /// are ignored (upstream compares with `strcmp`/`strncmp`) and never kept.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FixedStr<const N: usize>([u8; N]);
-
-// Equal exactly when the bytes are equal (below), so hashing the bytes is consistent.
-impl<const N: usize> core::hash::Hash for FixedStr<N> {
-    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
-        self.0.hash(state);
-    }
-}
-
-// Names are map keys (sessions by name, handlers and FLBs by compatible string) and names in
-// one table often share a long prefix; comparing eight bytes at a time, big-endian, orders
-// exactly as comparing bytes does, without a call to the kernel's out-of-line `memcmp`.
-impl<const N: usize> FixedStr<N> {
-    fn cmp_words(&self, other: &Self) -> core::cmp::Ordering {
-        let (a, b) = (self.0.chunks_exact(8), other.0.chunks_exact(8));
-        let (rest_a, rest_b) = (a.remainder(), b.remainder());
-        for (x, y) in a.zip(b) {
-            let x = u64::from_be_bytes(x.try_into().unwrap_or([0; 8]));
-            let y = u64::from_be_bytes(y.try_into().unwrap_or([0; 8]));
-            if x != y {
-                return x.cmp(&y);
-            }
-        }
-        rest_a.cmp(rest_b)
-    }
-}
-
-impl<const N: usize> PartialEq for FixedStr<N> {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp_words(other).is_eq()
-    }
-}
-
-impl<const N: usize> Eq for FixedStr<N> {}
-
-impl<const N: usize> PartialOrd for FixedStr<N> {
-    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl<const N: usize> Ord for FixedStr<N> {
-    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
-        self.cmp_words(other)
-    }
-}
 
 /// A compatible string (handler or FLB): 1..=47 bytes in 48.
 pub type Compat = FixedStr<HNDL_COMPAT_LEN>;
@@ -340,38 +295,4 @@ pub enum NameError {
     Empty,
     /// No NUL in the field.
     Unterminated,
-}
-
-#[cfg(test)]
-mod fixed_str_order {
-    use super::FixedStr;
-
-    /// The word-wise comparison orders exactly as the bytes do, across every word boundary.
-    #[test]
-    fn orders_as_bytes() {
-        let names: [&[u8]; 12] = [
-            b"a",
-            b"b",
-            b"ab",
-            b"abcdefgh",
-            b"abcdefgi",
-            b"abcdefg",
-            b"abcdefgh1",
-            b"\xff",
-            b"\x01",
-            b"abcdefghabcdefgh",
-            b"abcdefghabcdefgg",
-            b"z",
-        ];
-        for x in names {
-            for y in names {
-                let (a, b) = (FixedStr::<64>::new(x), FixedStr::<64>::new(y));
-                let (Some(a), Some(b)) = (a, b) else {
-                    panic!("valid test names");
-                };
-                assert_eq!(a.cmp(&b), a.field().cmp(&b.field()), "{x:?} vs {y:?}");
-                assert_eq!(a == b, x == y);
-            }
-        }
-    }
 }
