@@ -125,12 +125,17 @@ def trace(gdb, args):
     gdb.send(b"c")
     gdb.stop_reply()
     gdb.request(b"z0,%x,1" % where[0])
+    until = None
+    if args.trace_until:
+        until = next((a for a, n in zip(addrs, names) if n == args.trace_until), None)
+        if until is None:
+            sys.exit(f"gdbprof: no symbol {args.trace_until}")
     per_fn = collections.Counter()
     order = []
     steps = 0
-    while steps < 1_000_000:
+    while steps < 5_000_000:
         rip = Gdb.reg(gdb.regs(), 16)
-        if rip < 0x8000_0000_0000_0000:
+        if rip < 0x8000_0000_0000_0000 or rip == until:
             break
         i = bisect.bisect_right(addrs, rip) - 1
         name = names[i] if i >= 0 else "[unknown]"
@@ -143,12 +148,13 @@ def trace(gdb, args):
     gdb.send(b"D")
     top = per_fn.most_common()
     pretty = dict(zip([n for n, _ in top], demangle([n for n, _ in top])))
-    print(f"# {steps} instructions from {args.trace} to user space")
+    print(f"# {steps} instructions from {args.trace} to {args.trace_until or 'user space'}")
     for name, count in top:
         print(f"{count:6d}  {pretty[name]}")
-    print("# call sequence (consecutive runs merged)")
-    for name in order:
-        print(f"  {pretty[name]}")
+    if len(order) < 200:
+        print("# call sequence (consecutive runs merged)")
+        for name in order:
+            print(f"  {pretty[name]}")
 
 
 def main():
@@ -163,6 +169,8 @@ def main():
     ap.add_argument("--trace", metavar="SYMBOL",
                     help="instead of sampling: break at SYMBOL, single-step until the CPU is "
                          "back in user space, and count the instructions of each function")
+    ap.add_argument("--trace-until", metavar="SYMBOL",
+                    help="with --trace: stop when SYMBOL is entered instead")
     ap.add_argument("--stack", type=int, default=0, metavar="BYTES",
                     help="also scan BYTES of the kernel stack for return addresses and print "
                          "an inclusive profile (a guess: stale addresses count too)")

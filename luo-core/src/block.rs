@@ -86,13 +86,15 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
         self.shrink_to_blocks(p, 0);
     }
 
-    /// Writes `count` entries, produced in chain order by `entry()`, into the reserved pages,
-    /// linking the chain, and returns the head address (0 when `count == 0`).
+    /// Writes `count` entries into the reserved pages in chain order, linking the chain, and
+    /// returns the head address (0 when `count == 0`). `entry(slot)` writes one entry, field
+    /// by field from where the data lives (no staging copy of the entry), and must write
+    /// every byte of it: a retried reboot rewrites the same pages.
     pub(crate) fn write(
         &self,
         p: &P,
         count: usize,
-        mut entry: impl FnMut() -> Result<T>,
+        mut entry: impl FnMut(&EntrySlot<'_, P, T>) -> Result,
     ) -> Result<u64> {
         if count == 0 {
             return Ok(0);
@@ -114,12 +116,33 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
             };
             p.write(page, header.as_bytes())?;
             for i in 0..n {
-                let value = entry()?;
                 let off = (BLOCK_HEADER_SIZE + i * Self::ENTRY_SIZE) as u64;
-                p.write(page + off, value.as_bytes())?;
+                entry(&EntrySlot {
+                    p,
+                    addr: page + off,
+                    _entry: PhantomData,
+                })?;
             }
         }
         Ok(pages[0])
+    }
+}
+
+/// Where one `T` entry of a block goes.
+pub(crate) struct EntrySlot<'a, P, T> {
+    p: &'a P,
+    addr: u64,
+    _entry: PhantomData<fn() -> T>,
+}
+
+impl<P: Platform, T> EntrySlot<'_, P, T> {
+    /// Writes `bytes` at `offset` within the entry (`offset_of!` a field of `T`); refuses
+    /// anything that would spill out of the entry.
+    pub(crate) fn put(&self, offset: usize, bytes: &[u8]) -> Result {
+        if offset + bytes.len() > core::mem::size_of::<T>() {
+            return Err(Error::NoSpace);
+        }
+        self.p.write(self.addr + offset as u64, bytes)
     }
 }
 

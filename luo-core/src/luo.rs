@@ -20,6 +20,7 @@ use crate::platform::{
 };
 use crate::registry::{Refs, Registry};
 use crate::uapi::Direction;
+use core::mem::{offset_of, size_of};
 use zerocopy::IntoBytes;
 
 /// A session shared between the LUO tables and the fds that refer to it.
@@ -942,18 +943,24 @@ impl<P: Platform> Luo<P> {
     fn freeze_and_write(&self, out: &Outgoing<P>, root: Root, frozen: &mut usize) -> Result {
         let p = &self.platform;
         let mut sessions = out.iter();
-        let head = out.blocks.write(p, out.len(), || {
+        let head = out.blocks.write(p, out.len(), |slot| {
             let s = sessions.next().ok_or(Error::NoSpace)?;
             let mut set = s.files.lock();
-            freeze_set(&mut set)?;
+            if !set.files.is_empty() {
+                freeze_set(&mut set)?;
+            }
             *frozen += 1;
-            Ok(LuoSessionSer {
-                name: s.name.field(),
-                file_set_ser: crate::abi::LuoFileSetSer {
-                    files: write_files(p, &set)?,
-                    count: set.files.len() as u64,
-                },
-            })
+            let files = if set.files.is_empty() {
+                0
+            } else {
+                write_files(p, &set)?
+            };
+            let file_set = crate::abi::LuoFileSetSer {
+                files,
+                count: set.files.len() as u64,
+            };
+            slot.put(offset_of!(LuoSessionSer, name), s.name.as_field())?;
+            slot.put(offset_of!(LuoSessionSer, file_set_ser), file_set.as_bytes())
         })?;
         // FLBs with file references, in registration order (only file references are
         // handed over: references leaked by get_outgoing callers would keep the next kernel
@@ -1168,17 +1175,39 @@ fn unfreeze_set<P: Platform>(set: &mut FileSet<P>, n: usize) {
     }
 }
 
+// The entry writers put every field of their entries, so every byte is rewritten.
+const _: () = assert!(
+    offset_of!(LuoSessionSer, file_set_ser) == crate::abi::SESSION_NAME_LEN
+        && crate::abi::SESSION_NAME_LEN + size_of::<crate::abi::LuoFileSetSer>()
+            == size_of::<LuoSessionSer>()
+);
+const _: () = assert!(
+    offset_of!(LuoFileSer, data) == crate::abi::HNDL_COMPAT_LEN
+        && offset_of!(LuoFileSer, token) == offset_of!(LuoFileSer, data) + 8
+        && crate::abi::HNDL_COMPAT_LEN + 16 == size_of::<LuoFileSer>()
+);
+
 /// Writes a session's file chain and returns its head (0 for no files).
 fn write_files<P: Platform>(p: &P, set: &FileSet<P>) -> Result<u64> {
     let n = set.files.len();
     let mut entries = set.files.as_slice().iter();
-    set.blocks.write(p, n, || {
+    // Files of one session mostly share a handler: its compatible string is checked and
+    // copied once per run of equal handlers, not once per file.
+    let mut compat: Option<(usize, Compat)> = None;
+    set.blocks.write(p, n, |slot| {
         let e = entries.next().ok_or(Error::NoSpace)?;
-        let compat = Compat::new(e.handler.compatible()).ok_or(Error::InvalidDefinition)?;
-        Ok(LuoFileSer {
-            compatible: compat.field(),
-            data: e.state.data,
-            token: e.token,
-        })
+        let c = match compat {
+            Some((hkey, c)) if hkey == e.hkey => c,
+            _ => {
+                let c = Compat::new(e.handler.compatible()).ok_or(Error::InvalidDefinition)?;
+                compat = Some((e.hkey, c));
+                c
+            }
+        };
+        slot.put(offset_of!(LuoFileSer, compatible), c.as_field())?;
+        slot.put(
+            offset_of!(LuoFileSer, data),
+            [e.state.data, e.token].as_bytes(),
+        )
     })
 }
