@@ -44,7 +44,9 @@ use luo_core::{
     uapi::UserArg,
     Error as LuoError,
     Luo,
+    FileSet,
     Session,
+    SessionHead,
     SessionRef,
 };
 
@@ -52,7 +54,8 @@ use crate::{
     luo,
     platform::{
         errno_of,
-        KernelArc,
+        KernelShared,
+        SharedInner,
         KernelPlatform, //
     },
 };
@@ -124,6 +127,9 @@ impl UserArg for UserPtrArg {
     }
 }
 
+/// A session's allocation, as a session file's `private_data` holds it.
+type SessionArc = Arc<SharedInner<SessionHead, FileSet<KernelPlatform>>>;
+
 /// The calling task's fd table.
 struct Fds;
 
@@ -158,7 +164,7 @@ impl FdTable<KernelPlatform> for Fds {
         if !private.is_null() {
             // SAFETY: `private` came from `into_foreign` in `new_session_file` and was just
             // detached from the file, so it is taken back exactly once.
-            drop(unsafe { <Arc<Session<KernelPlatform>> as ForeignOwnable>::from_foreign(private) });
+            drop(unsafe { SessionArc::from_foreign(private) });
         }
         // The last reference goes: `session_release` sees no session and does nothing, so
         // luo-core undoes the session operation itself.
@@ -197,7 +203,7 @@ fn new_session_file(session: &SessionRef<KernelPlatform>) -> luo_core::Result<AR
     }
     name[..SESSION_PREFIX.len()].copy_from_slice(SESSION_PREFIX);
     name[SESSION_PREFIX.len()..len].copy_from_slice(sname);
-    let private = session.0.clone().into_foreign();
+    let private = session.clone().into_shared().0.into_foreign();
     // SAFETY: `name` is NUL-terminated and only read during the call; the fops table is
     // `'static`; `private` stays valid until `session_release` or `discard_session_file` takes
     // it back.
@@ -217,7 +223,7 @@ fn new_session_file(session: &SessionRef<KernelPlatform>) -> luo_core::Result<AR
         }
         Err(e) => {
             // SAFETY: The file was not created, so `private` was not consumed.
-            drop(unsafe { <Arc<Session<KernelPlatform>> as ForeignOwnable>::from_foreign(private) });
+            drop(unsafe { SessionArc::from_foreign(private) });
             Err(LuoError::Platform(errno_of(e)))
         }
     }
@@ -252,7 +258,7 @@ unsafe extern "C" fn session_release(_inode: *mut bindings::inode, file: *mut bi
         return 0;
     }
     // SAFETY: `private` came from `into_foreign` in `new_session_file`; release runs once.
-    let session = KernelArc(unsafe { <Arc<Session<KernelPlatform>> as ForeignOwnable>::from_foreign(private) });
+    let session = Session::from_shared(KernelShared(unsafe { SessionArc::from_foreign(private) }));
     if let Some(luo) = luo() {
         if let Err(LuoError::Serialized) = luo.release_session(&session) {
             block_forever();
@@ -277,9 +283,9 @@ unsafe extern "C" fn session_ioctl(file: *mut bindings::file, cmd: c_uint, arg: 
     // `ManuallyDrop` never gives it back.
     // SAFETY: As above: `private` is the session's foreign pointer, and the file (so its
     // reference) outlives the call.
-    let session = core::mem::ManuallyDrop::new(KernelArc(unsafe {
-        <Arc<Session<KernelPlatform>> as ForeignOwnable>::from_foreign(private)
-    }));
+    let session = core::mem::ManuallyDrop::new(Session::from_shared(KernelShared(unsafe {
+        SessionArc::from_foreign(private)
+    })));
     let Some(luo) = luo() else {
         return -(bindings::ENOTTY as c_long);
     };

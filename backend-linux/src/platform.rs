@@ -66,7 +66,7 @@ use luo_core::{
     Platform,
     Preserved,
     RetrieveStatus,
-    SharedPtr,
+    SharedLocked,
 };
 
 
@@ -240,28 +240,53 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for KernelMap<K, V> {
     }
 }
 
-/// `kernel::sync::Arc` as a luo-core shared pointer.
-pub(crate) struct KernelArc<T>(pub(crate) Arc<T>);
+/// A head and a `struct mutex`-protected body in one `Arc` (a session), initialized in
+/// place: one allocation, as the C core embeds the mutex in `struct luo_session`.
+#[pin_data]
+pub(crate) struct SharedInner<H, T> {
+    head: H,
+    #[pin]
+    body: KMutex<T>,
+}
 
-impl<T> Clone for KernelArc<T> {
+/// [`SharedInner`] as a luo-core [`SharedLocked`].
+pub(crate) struct KernelShared<H, T>(pub(crate) Arc<SharedInner<H, T>>);
+
+impl<H, T> Clone for KernelShared<H, T> {
     fn clone(&self) -> Self {
-        KernelArc(self.0.clone())
+        KernelShared(self.0.clone())
     }
 }
 
-impl<T> Deref for KernelArc<T> {
-    type Target = T;
+impl<H, T> Deref for KernelShared<H, T> {
+    type Target = H;
 
-    fn deref(&self) -> &T {
-        &self.0
+    fn deref(&self) -> &H {
+        &self.0.head
     }
 }
 
-impl<T> SharedPtr<T> for KernelArc<T> {
-    fn try_new(value: T) -> Result<Self, AllocError> {
-        Arc::new(value, GFP_KERNEL)
-            .map(KernelArc)
-            .map_err(|_| AllocError)
+impl<H, T> SharedLocked<H, T> for KernelShared<H, T> {
+    type Guard<'a>
+        = KMutexGuard<'a, T>
+    where
+        Self: 'a;
+
+    fn try_new(head: H, value: T) -> Result<Self, AllocError> {
+        let (name, key) = lock_class::<T>().ok_or(AllocError)?;
+        Arc::pin_init(
+            pin_init!(SharedInner {
+                head,
+                body <- KMutex::new(value, name, key),
+            }),
+            GFP_KERNEL,
+        )
+        .map(KernelShared)
+        .map_err(|_| AllocError)
+    }
+
+    fn lock(&self) -> KMutexGuard<'_, T> {
+        self.0.body.lock()
     }
 
     fn ptr_eq(a: &Self, b: &Self) -> bool {
@@ -984,7 +1009,7 @@ impl Platform for KernelPlatform {
     type Flb = CFlb;
     type Vec<T> = KernelVec<T>;
     type Map<K: Ord + Copy, V> = KernelMap<K, V>;
-    type Arc<T: 'static> = KernelArc<T>;
+    type Shared<H: 'static, T: 'static> = KernelShared<H, T>;
     type Mutex<T> = KernelMutex<T>;
     type RwLock<T> = KernelRwLock<T>;
 

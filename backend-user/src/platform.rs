@@ -41,7 +41,7 @@ impl Platform for UserPlatform {
     type Flb = FlbRef;
     type Vec<T> = Vec<T>;
     type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
-    type Arc<T: 'static> = Arc<T>;
+    type Shared<H: 'static, T: 'static> = luo_core::std_impls::StdShared<H, T>;
     type Mutex<T> = Mutex<T>;
     type RwLock<T> = RwLock<T>;
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
 
 use luo_core::errno::{AllocError, HandoverError, EFAULT, ENOMEM};
-use luo_core::{Error, Level, PMutex, PRwLock, Platform, Result, SharedPtr};
+use luo_core::{Error, Level, PMutex, PRwLock, Platform, Result, SharedLocked};
 
 use crate::recorder::{Flb, Handler};
 use crate::sync::{self, lock};
@@ -42,9 +42,32 @@ impl<T> LArc<T> {
     }
 }
 
-impl<T> SharedPtr<T> for LArc<T> {
-    fn try_new(value: T) -> core::result::Result<Self, AllocError> {
-        Ok(LArc(sync::Arc::new(value)))
+/// A head and a mutex-protected body in one shared allocation (a session).
+pub struct LShared<H, T>(sync::Arc<(H, LMutex<T>)>);
+
+impl<H, T> Clone for LShared<H, T> {
+    fn clone(&self) -> Self {
+        LShared(self.0.clone())
+    }
+}
+
+impl<H, T> Deref for LShared<H, T> {
+    type Target = H;
+    fn deref(&self) -> &H {
+        &self.0 .0
+    }
+}
+
+impl<H, T> SharedLocked<H, T> for LShared<H, T> {
+    type Guard<'a>
+        = sync::MutexGuard<'a, T>
+    where
+        Self: 'a;
+    fn try_new(head: H, body: T) -> core::result::Result<Self, AllocError> {
+        Ok(LShared(sync::Arc::new((head, LMutex::new(body)))))
+    }
+    fn lock(&self) -> sync::MutexGuard<'_, T> {
+        self.0 .1.lock()
     }
     fn ptr_eq(a: &Self, b: &Self) -> bool {
         sync::Arc::ptr_eq(&a.0, &b.0)
@@ -244,7 +267,7 @@ impl Platform for LoomPlatform {
     type Flb = Flb;
     type Vec<T> = Vec<T>;
     type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
-    type Arc<T: 'static> = LArc<T>;
+    type Shared<H: 'static, T: 'static> = LShared<H, T>;
     type Mutex<T> = LMutex<T>;
     type RwLock<T> = LRwLock<T>;
 

@@ -32,8 +32,8 @@ pub mod std_impls;
 pub mod uapi;
 
 pub use errno::{Errno, Error, HandoverError, Result};
-pub use luo::{Luo, Session, SessionRef};
+pub use luo::{FileSet, Luo, Session, SessionHead, SessionRef};
 pub use platform::{
     FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
-    SharedPtr,
+    SharedLocked,
 };

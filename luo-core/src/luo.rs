@@ -15,16 +15,16 @@ use crate::block::BlockSet;
 use crate::errno::{Error, HandoverError, Result};
 use crate::image::{self, Image};
 use crate::platform::{
-    new_arc, FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved,
-    RetrieveStatus, SharedPtr,
+    FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
+    SharedLocked,
 };
 use crate::registry::{Refs, Registry};
 use crate::uapi::Direction;
 use core::mem::{offset_of, size_of};
 use zerocopy::IntoBytes;
 
-/// A session shared between the LUO tables and the fds that refer to it.
-pub type SessionRef<P> = <P as Platform>::Arc<Session<P>>;
+/// A session handle, shared between the LUO tables and the fds that refer to it.
+pub type SessionRef<P> = Session<P>;
 
 /// One preserved (outgoing) or handed-over (incoming) file.
 struct FileEntry<P: Platform> {
@@ -39,12 +39,13 @@ struct FileEntry<P: Platform> {
     id: Option<u64>,
 }
 
-/// The files of one session.
+/// The files of one session (opaque outside luo-core; public only because backends name the
+/// type of a session's allocation).
 ///
 /// Files are only ever appended (preserve, deserialize) and removed from the end (close,
 /// finish, rollback: newest first), so preservation order is a vector: no allocation per file
 /// beyond the token index, and walks are slice walks.
-struct FileSet<P: Platform> {
+pub struct FileSet<P: Platform> {
     /// Preservation (FIFO) order.
     files: P::Vec<FileEntry<P>>,
     /// Token to index in `files`.
@@ -90,32 +91,81 @@ impl<P: Platform> FileSet<P> {
     }
 }
 
-/// A session: a name and a set of files, in one direction.
-pub struct Session<P: Platform> {
-    name: SessionName,
-    dir: Direction,
-    files: P::Mutex<FileSet<P>>,
+/// What a session is besides its files: its name and direction, fixed at creation.
+pub struct SessionHead {
+    pub(crate) name: SessionName,
+    pub(crate) dir: Direction,
+}
+
+/// The guard of a session's files.
+type FilesGuard<'a, P> = <<P as Platform>::Shared<SessionHead, FileSet<P>> as SharedLocked<
+    SessionHead,
+    FileSet<P>,
+>>::Guard<'a>;
+
+/// A session: a name and a set of files, in one direction. A cheap handle (a reference
+/// count); the head and the files behind the session's mutex are one allocation.
+pub struct Session<P: Platform>(P::Shared<SessionHead, FileSet<P>>);
+
+impl<P: Platform> Clone for Session<P> {
+    fn clone(&self) -> Self {
+        Session(self.0.clone())
+    }
+}
+
+impl<P: Platform> core::ops::Deref for Session<P> {
+    type Target = SessionHead;
+
+    fn deref(&self) -> &SessionHead {
+        &self.0
+    }
 }
 
 impl<P: Platform> Session<P> {
+    fn try_new(name: SessionName, dir: Direction) -> Result<Self> {
+        let shared = P::Shared::try_new(SessionHead { name, dir }, FileSet::new())?;
+        Ok(Session(shared))
+    }
+
+    /// Locks the session's files.
+    fn files(&self) -> FilesGuard<'_, P> {
+        self.0.lock()
+    }
+
+    /// True when both handles refer to the same session.
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        <P::Shared<SessionHead, FileSet<P>> as SharedLocked<_, _>>::ptr_eq(&a.0, &b.0)
+    }
+
+    /// The platform's shared object, for a backend that stores it as a raw pointer (a file's
+    /// private data).
+    pub fn into_shared(self) -> P::Shared<SessionHead, FileSet<P>> {
+        self.0
+    }
+
+    /// The handle back from [`Session::into_shared`].
+    pub fn from_shared(shared: P::Shared<SessionHead, FileSet<P>>) -> Self {
+        Session(shared)
+    }
+
     /// The session's name.
     pub fn name(&self) -> &SessionName {
-        &self.name
+        &self.0.name
     }
 
     /// Outgoing (created here) or incoming (retrieved from the previous kernel).
     pub fn direction(&self) -> Direction {
-        self.dir
+        self.0.dir
     }
 
     /// Number of files currently in the session.
     pub fn file_count(&self) -> usize {
-        self.files.lock().files.len()
+        self.files().files.len()
     }
 
     /// Tokens of the files in preservation order.
     pub fn tokens(&self, mut f: impl FnMut(u64)) {
-        let set = self.files.lock();
+        let set = self.files();
         for e in set.files.as_slice() {
             f(e.token);
         }
@@ -166,7 +216,7 @@ impl<P: Platform> Outgoing<P> {
             return false;
         };
         match self.order.as_mut_slice().get_mut(index) {
-            Some(slot) if slot.as_ref().is_some_and(|o| SessionRef::<P>::ptr_eq(o, s)) => {
+            Some(slot) if slot.as_ref().is_some_and(|o| Session::ptr_eq(o, s)) => {
                 *slot = None;
             }
             _ => return false,
@@ -461,11 +511,7 @@ impl<P: Platform> Luo<P> {
         built: &mut P::Map<SessionName, IncomingSlot<P>>,
     ) -> Result {
         for s in img.sessions.as_slice() {
-            let session = new_arc::<P, _>(Session {
-                name: s.name,
-                dir: Direction::Incoming,
-                files: P::Mutex::try_new(FileSet::new())?,
-            })?;
+            let session = Session::try_new(s.name, Direction::Incoming)?;
             built.try_insert(
                 s.name,
                 IncomingSlot {
@@ -476,7 +522,7 @@ impl<P: Platform> Luo<P> {
             // The documented order is session, then registry (as in `finish_files`), even
             // though nobody else can see this session yet: lockdep checks classes, not
             // instances.
-            let mut set = session.files.lock();
+            let mut set = session.files();
             let reg = self.registry.read();
             for f in s.files.as_slice() {
                 let (hkey, handler) = reg
@@ -515,7 +561,7 @@ impl<P: Platform> Luo<P> {
 
     /// Drops the files of a session that never reached userspace (failed deserialization).
     fn drop_incoming_files(&self, s: &SessionRef<P>) {
-        let mut set = s.files.lock();
+        let mut set = s.files();
         let mut refs = self.refs.lock();
         while let Some(e) = set.pop_last() {
             refs.live_dec(e.hkey);
@@ -536,11 +582,7 @@ impl<P: Platform> Luo<P> {
         if out.by_name.contains(&name) {
             return Err(Error::NameExists);
         }
-        let session = new_arc::<P, _>(Session {
-            name,
-            dir: Direction::Outgoing,
-            files: P::Mutex::try_new(FileSet::new())?,
-        })?;
+        let session = Session::try_new(name, Direction::Outgoing)?;
         let count = out.len();
         out.order.try_reserve(1)?;
         out.blocks.grow(&self.platform, count + 1)?;
@@ -590,7 +632,7 @@ impl<P: Platform> Luo<P> {
     /// the unretrieved state with nothing finished (upstream finishes and frees it: bug B6).
     pub fn unretrieve_session(&self, s: &SessionRef<P>) {
         if let Some(slot) = self.incoming.write().get_mut(&s.name) {
-            if <SessionRef<P> as SharedPtr<Session<P>>>::ptr_eq(&slot.session, s) {
+            if Session::ptr_eq(&slot.session, s) {
                 slot.retrieved = false;
             }
         }
@@ -608,7 +650,7 @@ impl<P: Platform> Luo<P> {
                 // Nobody else holds this session (its last fd closed, and reboot excludes us
                 // through the phase lock), so callbacks run without the table lock.
                 {
-                    let mut set = s.files.lock();
+                    let mut set = s.files();
                     if set.closed {
                         return Err(Error::BadFd);
                     }
@@ -624,7 +666,7 @@ impl<P: Platform> Luo<P> {
             }
             Direction::Incoming => {
                 let r = {
-                    let mut set = s.files.lock();
+                    let mut set = s.files();
                     if set.closed {
                         return Err(Error::BadFd);
                     }
@@ -705,7 +747,7 @@ impl<P: Platform> Luo<P> {
         token: u64,
         fget: impl FnOnce() -> Result<P::File>,
     ) -> Result {
-        let mut set = s.files.lock();
+        let mut set = s.files();
         if set.closed {
             return Err(Error::BadFd);
         }
@@ -802,7 +844,7 @@ impl<P: Platform> Luo<P> {
         s: &SessionRef<P>,
         token: u64,
     ) -> Result<P::File> {
-        let mut set = s.files.lock();
+        let mut set = s.files();
         if set.closed {
             return Err(Error::BadFd);
         }
@@ -857,7 +899,7 @@ impl<P: Platform> Luo<P> {
     /// FINISH with the phase read; `s` is incoming.
     #[inline]
     pub(crate) fn finish_held(&self, _phase: &Phase, s: &SessionRef<P>) -> Result {
-        let mut set = s.files.lock();
+        let mut set = s.files();
         if set.closed {
             return Err(Error::BadFd);
         }
@@ -925,7 +967,7 @@ impl<P: Platform> Luo<P> {
             // itself back. Walking back from the last frozen session needs no memory (this
             // path must not fail).
             for s in out.first_live(frozen_sessions).iter().rev().flatten() {
-                let mut set = s.files.lock();
+                let mut set = s.files();
                 let n = set.files.len();
                 unfreeze_set(&mut set, n);
             }
@@ -945,7 +987,7 @@ impl<P: Platform> Luo<P> {
         let mut sessions = out.iter();
         let head = out.blocks.write(p, out.len(), |slot| {
             let s = sessions.next().ok_or(Error::NoSpace)?;
-            let mut set = s.files.lock();
+            let mut set = s.files();
             if !set.files.is_empty() {
                 freeze_set(&mut set)?;
             }

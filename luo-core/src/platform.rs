@@ -14,7 +14,7 @@
 
 use core::ops::{Deref, DerefMut};
 
-use crate::errno::{AllocError, Errno, Error, HandoverError, Result};
+use crate::errno::{AllocError, Errno, HandoverError, Result};
 
 /// A fallible growable array (`Vec` in userspace, `KVec` in the kernel).
 pub trait PVec<T>: Default {
@@ -89,10 +89,19 @@ pub trait OrdMap<K: Ord + Copy, V>: Default {
     }
 }
 
-/// A shared, reference-counted pointer (`Arc`).
-pub trait SharedPtr<T>: Deref<Target = T> + Clone {
+/// A shared, reference-counted object: an immutable head `H` and a body `T` behind a mutex,
+/// in one allocation. A session is one (its name and direction; its files): the C core
+/// embeds the session's `struct mutex` in `struct luo_session`, and the kernel platform does
+/// the same (an `Arc` initialized in place); userspace uses `Arc<(H, Mutex<T>)>`.
+pub trait SharedLocked<H, T>: Deref<Target = H> + Clone {
+    /// The guard of the body.
+    type Guard<'a>: DerefMut<Target = T>
+    where
+        Self: 'a;
     /// Allocates.
-    fn try_new(value: T) -> core::result::Result<Self, AllocError>;
+    fn try_new(head: H, body: T) -> core::result::Result<Self, AllocError>;
+    /// Locks the body, sleeping if needed.
+    fn lock(&self) -> Self::Guard<'_>;
     /// True when both point at the same allocation.
     fn ptr_eq(a: &Self, b: &Self) -> bool;
 }
@@ -265,8 +274,8 @@ pub trait Platform: Sized + 'static {
     type Vec<T>: PVec<T>;
     /// Ordered map.
     type Map<K: Ord + Copy, V>: OrdMap<K, V>;
-    /// Shared pointer.
-    type Arc<T: 'static>: SharedPtr<T>;
+    /// Shared head and locked body, one allocation.
+    type Shared<H: 'static, T: 'static>: SharedLocked<H, T>;
     /// Mutex.
     type Mutex<T>: PMutex<T>;
     /// Reader/writer lock.
@@ -294,9 +303,4 @@ pub trait Platform: Sized + 'static {
 
     /// Writes one line to the log (`pr_err`/`pr_warn`/`pr_info` with the `luo: ` prefix).
     fn log(&self, level: Level, args: core::fmt::Arguments<'_>);
-}
-
-/// Allocates a shared pointer, mapping allocation failure to `ENOMEM`.
-pub(crate) fn new_arc<P: Platform, T: 'static>(value: T) -> Result<P::Arc<T>> {
-    P::Arc::<T>::try_new(value).map_err(Error::from)
 }

@@ -11,7 +11,7 @@ use crate::errno::AllocError;
 use crate::errno::Errno;
 use crate::platform::{
     FileHandler, FlbOps, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
-    SharedPtr,
+    SharedLocked,
 };
 
 impl<T> PVec<T> for Vec<T> {
@@ -87,12 +87,35 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for BTreeMap<K, V> {
     }
 }
 
-impl<T> SharedPtr<T> for Arc<T> {
-    fn try_new(value: T) -> Result<Self, AllocError> {
-        Ok(Arc::new(value))
+/// `Arc<(H, Mutex<T>)>` as a [`SharedLocked`]: one allocation, as std's mutex is inline.
+pub struct StdShared<H, T>(Arc<(H, Mutex<T>)>);
+
+impl<H, T> Clone for StdShared<H, T> {
+    fn clone(&self) -> Self {
+        StdShared(self.0.clone())
+    }
+}
+
+impl<H, T> std::ops::Deref for StdShared<H, T> {
+    type Target = H;
+    fn deref(&self) -> &H {
+        &self.0 .0
+    }
+}
+
+impl<H, T> SharedLocked<H, T> for StdShared<H, T> {
+    type Guard<'a>
+        = MutexGuard<'a, T>
+    where
+        Self: 'a;
+    fn try_new(head: H, body: T) -> Result<Self, AllocError> {
+        Ok(StdShared(Arc::new((head, Mutex::new(body)))))
+    }
+    fn lock(&self) -> MutexGuard<'_, T> {
+        PMutex::lock(&self.0 .1)
     }
     fn ptr_eq(a: &Self, b: &Self) -> bool {
-        Arc::ptr_eq(a, b)
+        Arc::ptr_eq(&a.0, &b.0)
     }
 }
 

@@ -32,7 +32,7 @@ impl Platform for NoFdPlatform {
     type Flb = Arc<dyn FlbOps + Send + Sync>;
     type Vec<T> = Vec<T>;
     type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
-    type Arc<T: 'static> = Arc<T>;
+    type Shared<H: 'static, T: 'static> = luo_core::std_impls::StdShared<H, T>;
     type Mutex<T> = Mutex<T>;
     type RwLock<T> = RwLock<T>;
 
