@@ -208,6 +208,17 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for KernelMap<K, V> {
         Some(value)
     }
 
+    fn remove_if(&mut self, key: &K, keep_out: impl FnOnce(&V) -> bool) -> Option<V> {
+        let cursor = self.tree.cursor_lower_bound_mut(key)?;
+        let (k, v) = cursor.current();
+        if k != key || !keep_out(v) {
+            return None;
+        }
+        let (_, node) = cursor.remove_current();
+        self.len -= 1;
+        Some(node.to_key_value().1)
+    }
+
     fn len(&self) -> usize {
         self.len
     }

@@ -212,16 +212,16 @@ impl<P: Platform> Outgoing<P> {
 
     /// Removes `s` if it is the session of its name here; true if it was.
     fn remove(&mut self, s: &SessionRef<P>) -> bool {
-        let Some(&index) = self.by_name.get(&s.name) else {
+        let order = &self.order;
+        let Some(index) = self.by_name.remove_if(
+            &s.name,
+            |&index| matches!(order.as_slice().get(index), Some(Some(o)) if Session::ptr_eq(o, s)),
+        ) else {
             return false;
         };
-        match self.order.as_mut_slice().get_mut(index) {
-            Some(slot) if slot.as_ref().is_some_and(|o| Session::ptr_eq(o, s)) => {
-                *slot = None;
-            }
-            _ => return false,
+        if let Some(slot) = self.order.as_mut_slice().get_mut(index) {
+            *slot = None;
         }
-        self.by_name.remove(&s.name);
         if self.order.len() > 16 && self.order.len() > 2 * self.by_name.len() {
             self.compact();
         }

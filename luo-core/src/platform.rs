@@ -73,6 +73,8 @@ pub trait OrdMap<K: Ord + Copy, V>: Default {
     fn get_mut(&mut self, key: &K) -> Option<&mut V>;
     /// Removes a key.
     fn remove(&mut self, key: &K) -> Option<V>;
+    /// Removes a key if `keep_out(value)` says so, in one lookup.
+    fn remove_if(&mut self, key: &K, keep_out: impl FnOnce(&V) -> bool) -> Option<V>;
     /// Number of entries.
     fn len(&self) -> usize;
     /// True when empty.

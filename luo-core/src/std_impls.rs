@@ -66,6 +66,14 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for BTreeMap<K, V> {
     fn remove(&mut self, key: &K) -> Option<V> {
         BTreeMap::remove(self, key)
     }
+    fn remove_if(&mut self, key: &K, keep_out: impl FnOnce(&V) -> bool) -> Option<V> {
+        match self.entry(*key) {
+            std::collections::btree_map::Entry::Occupied(e) if keep_out(e.get()) => {
+                Some(e.remove())
+            }
+            _ => None,
+        }
+    }
     fn len(&self) -> usize {
         BTreeMap::len(self)
     }
