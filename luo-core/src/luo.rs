@@ -54,6 +54,9 @@ pub struct FileSet<P: Platform> {
     blocks: BlockSet<P, LuoFileSer>,
     /// Set by release: the session is gone from the tables and takes no more files.
     closed: bool,
+    /// Outgoing: the session's slot in the creation order (`Outgoing::order`), kept here so
+    /// that closing and compacting need no name lookup. Written under the outgoing lock.
+    slot: usize,
 }
 
 impl<P: Platform> FileSet<P> {
@@ -63,6 +66,7 @@ impl<P: Platform> FileSet<P> {
             by_token: Default::default(),
             blocks: BlockSet::new(),
             closed: false,
+            slot: 0,
         }
     }
 
@@ -175,11 +179,12 @@ impl<P: Platform> Session<P> {
 /// Outgoing sessions: unique names, creation order, and their serialization blocks.
 ///
 /// One map node per session (its name), as the C core has one list node: creation order is a
-/// vector of slots, each session's slot index kept in the name map. A closed session leaves an
+/// vector of slots, each session's slot index kept in its file set. A closed session leaves an
 /// empty slot; the slots are compacted in place when more than half are empty, so walks stay
-/// proportional to the live sessions and closing never allocates.
+/// proportional to the live sessions and closing never allocates. Lock order: the outgoing
+/// lock, then a session's files.
 struct Outgoing<P: Platform> {
-    by_name: P::Map<SessionName, usize>,
+    by_name: P::Map<SessionName, ()>,
     order: P::Vec<Option<SessionRef<P>>>,
     blocks: BlockSet<P, LuoSessionSer>,
 }
@@ -212,16 +217,12 @@ impl<P: Platform> Outgoing<P> {
 
     /// Removes `s` if it is the session of its name here; true if it was.
     fn remove(&mut self, s: &SessionRef<P>) -> bool {
-        let order = &self.order;
-        let Some(index) = self.by_name.remove_if(
-            &s.name,
-            |&index| matches!(order.as_slice().get(index), Some(Some(o)) if Session::ptr_eq(o, s)),
-        ) else {
-            return false;
-        };
-        if let Some(slot) = self.order.as_mut_slice().get_mut(index) {
-            *slot = None;
+        let index = s.files().slot;
+        match self.order.as_mut_slice().get_mut(index) {
+            Some(slot) if slot.as_ref().is_some_and(|o| Session::ptr_eq(o, s)) => *slot = None,
+            _ => return false,
         }
+        self.by_name.remove(&s.name);
         if self.order.len() > 16 && self.order.len() > 2 * self.by_name.len() {
             self.compact();
         }
@@ -234,10 +235,10 @@ impl<P: Platform> Outgoing<P> {
         let mut live = 0;
         for i in 0..slots.len() {
             if slots[i].is_some() {
-                slots.swap(live, i);
-                if let Some(s) = &slots[live] {
-                    if let Some(index) = self.by_name.get_mut(&s.name) {
-                        *index = live;
+                if i != live {
+                    slots.swap(live, i);
+                    if let Some(s) = &slots[live] {
+                        s.files().slot = live;
                     }
                 }
                 live += 1;
@@ -582,12 +583,13 @@ impl<P: Platform> Luo<P> {
         if out.by_name.contains(&name) {
             return Err(Error::NameExists);
         }
-        let session = Session::try_new(name, Direction::Outgoing)?;
+        let session = Session::<P>::try_new(name, Direction::Outgoing)?;
         let count = out.len();
         out.order.try_reserve(1)?;
         out.blocks.grow(&self.platform, count + 1)?;
         let index = out.order.len();
-        if out.by_name.try_insert(name, index).is_err() {
+        session.files().slot = index;
+        if out.by_name.try_insert(name, ()).is_err() {
             out.blocks.shrink(&self.platform, count);
             return Err(Error::NoMemory);
         }
