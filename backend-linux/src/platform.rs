@@ -637,14 +637,17 @@ fn c_field(field: &[u8]) -> &[u8] {
 /// Maps a handler or FLB callback's return value: 0 is success, `-errno` an error, and any
 /// positive value, which the C API does not define, `EINVAL` (the C core lets it through:
 /// spec B8).
-fn op_result(what: &str, compat: &[u8], ret: c_int) -> Result<(), Errno> {
+///
+/// `compat` is only called for the warning: finding the end of the C string costs a byte loop,
+/// and `freeze` runs for every preserved file at reboot.
+fn op_result<'a>(what: &str, compat: impl FnOnce() -> &'a [u8], ret: c_int) -> Result<(), Errno> {
     match ret {
         0 => Ok(()),
         r if r < 0 => Err(Errno::from_kernel_ret(r).unwrap_or(EINVAL)),
         r => {
             pr_warn!(
                 "{:?}: {} returned {}, treated as -EINVAL\n",
-                BStrDisplay(compat),
+                BStrDisplay(compat()),
                 what,
                 r
             );
@@ -774,7 +777,7 @@ impl FileHandler<KernelPlatform> for CHandler {
         // SAFETY: `args` is a valid `liveupdate_file_op_args` for this handler and a file we
         // hold a reference to, filled as the C core fills it for `preserve`.
         let ret = unsafe { f(&mut args) };
-        op_result("preserve", self.compatible(), ret)?;
+        op_result("preserve", || self.compatible(), ret)?;
         Ok(Preserved {
             data: args.serialized_data,
             private: args.private_data as usize,
@@ -806,7 +809,7 @@ impl FileHandler<KernelPlatform> for CHandler {
         );
         // SAFETY: As for `preserve`, with the current state.
         let ret = unsafe { f(&mut args) };
-        op_result("freeze", self.compatible(), ret)?;
+        op_result("freeze", || self.compatible(), ret)?;
         state.data = args.serialized_data;
         Ok(())
     }
@@ -844,7 +847,7 @@ impl FileHandler<KernelPlatform> for CHandler {
             None
         };
         // A positive return is refused: the reference taken over above is dropped.
-        op_result("retrieve", self.compatible(), ret)?;
+        op_result("retrieve", || self.compatible(), ret)?;
         match file {
             Some(file) => Ok(file),
             None => {
@@ -962,7 +965,7 @@ impl FlbOps for CFlb {
         let mut args = self.args(0, 0);
         // SAFETY: `args` names this FLB, as the C core passes it to `preserve`.
         let ret = unsafe { f(&mut args) };
-        op_result("FLB preserve", self.compatible(), ret)?;
+        op_result("FLB preserve", || self.compatible(), ret)?;
         Ok((args.data, args.obj as usize))
     }
 
@@ -979,7 +982,7 @@ impl FlbOps for CFlb {
         let mut args = self.args(data, 0);
         // SAFETY: `args` carries the data handed over by the previous kernel, as in the C core.
         let ret = unsafe { f(&mut args) };
-        op_result("FLB retrieve", self.compatible(), ret)?;
+        op_result("FLB retrieve", || self.compatible(), ret)?;
         Ok(args.obj as usize)
     }
 
