@@ -990,15 +990,13 @@ impl<P: Platform> Luo<P> {
         let head = out.blocks.write(p, out.len(), |slot| {
             let s = sessions.next().ok_or(Error::NoSpace)?;
             let mut set = s.files();
-            if !set.files.is_empty() {
-                freeze_set(&mut set)?;
-            }
-            *frozen += 1;
+            // A session whose files fail to freeze (or to be written) rolls itself back.
             let files = if set.files.is_empty() {
                 0
             } else {
-                write_files(p, &set)?
+                freeze_and_write_files(p, &mut set)?
             };
+            *frozen += 1;
             let file_set = crate::abi::LuoFileSetSer {
                 files,
                 count: set.files.len() as u64,
@@ -1181,34 +1179,6 @@ impl<P: Platform> Luo<P> {
     }
 }
 
-/// Freezes a session's files in preservation order; on failure at file k, unfreezes the files
-/// before it newest first and returns the error.
-fn freeze_set<P: Platform>(set: &mut FileSet<P>) -> Result {
-    let mut done = 0usize;
-    let mut failure = None;
-    for e in set.files.as_mut_slice() {
-        let Some(file) = e.file.as_ref() else {
-            continue;
-        };
-        let mut state = e.state;
-        match e.handler.freeze(file, &mut state) {
-            Ok(()) => e.state = state,
-            Err(err) => {
-                failure = Some(err);
-                break;
-            }
-        }
-        done += 1;
-    }
-    match failure {
-        Some(err) => {
-            unfreeze_set(set, done);
-            Err(Error::Handler(err))
-        }
-        None => Ok(()),
-    }
-}
-
 /// Unfreezes the first `n` files of a session, newest first.
 fn unfreeze_set<P: Platform>(set: &mut FileSet<P>, n: usize) {
     let files = set.files.as_slice();
@@ -1231,27 +1201,45 @@ const _: () = assert!(
         && crate::abi::HNDL_COMPAT_LEN + 16 == size_of::<LuoFileSer>()
 );
 
-/// Writes a session's file chain and returns its head (0 for no files).
-fn write_files<P: Platform>(p: &P, set: &FileSet<P>) -> Result<u64> {
+/// Freezes a session's files in preservation order, writing each one's entry right after its
+/// freeze (one walk, as upstream's `luo_file_freeze`), and returns the chain's head. If a
+/// freeze or a write fails, the files frozen so far are unfrozen, newest first (the one whose
+/// freeze failed is not), and the error returned; what was written does not matter then, the
+/// root is not published.
+fn freeze_and_write_files<P: Platform>(p: &P, set: &mut FileSet<P>) -> Result<u64> {
     let n = set.files.len();
-    let mut entries = set.files.as_slice().iter();
+    let mut done = 0usize;
     // Files of one session mostly share a handler: its compatible string is checked and
     // copied once per run of equal handlers, not once per file.
     let mut compat: Option<(usize, Compat)> = None;
-    set.blocks.write(p, n, |slot| {
-        let e = entries.next().ok_or(Error::NoSpace)?;
-        let c = match compat {
-            Some((hkey, c)) if hkey == e.hkey => c,
-            _ => {
-                let c = Compat::new(e.handler.compatible()).ok_or(Error::InvalidDefinition)?;
-                compat = Some((e.hkey, c));
-                c
+    let result = {
+        let FileSet { files, blocks, .. } = &mut *set;
+        let mut entries = files.as_mut_slice().iter_mut();
+        blocks.write(p, n, |slot| {
+            let e = entries.next().ok_or(Error::NoSpace)?;
+            if let Some(file) = e.file.as_ref() {
+                let mut state = e.state;
+                e.handler.freeze(file, &mut state).map_err(Error::Handler)?;
+                e.state = state;
             }
-        };
-        slot.put(offset_of!(LuoFileSer, compatible), c.as_field())?;
-        slot.put(
-            offset_of!(LuoFileSer, data),
-            [e.state.data, e.token].as_bytes(),
-        )
-    })
+            done += 1;
+            let c = match compat {
+                Some((hkey, c)) if hkey == e.hkey => c,
+                _ => {
+                    let c = Compat::new(e.handler.compatible()).ok_or(Error::InvalidDefinition)?;
+                    compat = Some((e.hkey, c));
+                    c
+                }
+            };
+            slot.put(offset_of!(LuoFileSer, compatible), c.as_field())?;
+            slot.put(
+                offset_of!(LuoFileSer, data),
+                [e.state.data, e.token].as_bytes(),
+            )
+        })
+    };
+    if result.is_err() {
+        unfreeze_set(set, done);
+    }
+    result
 }
