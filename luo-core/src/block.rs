@@ -19,6 +19,9 @@ pub(crate) const MAX_ENTRY: usize = 80;
 /// An outgoing block set: the pages reserved for one chain of `T` entries.
 pub(crate) struct BlockSet<P: Platform, T> {
     pages: P::Vec<u64>,
+    /// Set by the first [`BlockSet::write`]: until then every page is as `alloc_page` gave it,
+    /// all zero.
+    written: bool,
     _entry: PhantomData<fn() -> T>,
 }
 
@@ -29,6 +32,7 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
     pub(crate) fn new() -> Self {
         BlockSet {
             pages: P::Vec::default(),
+            written: false,
             _entry: PhantomData,
         }
     }
@@ -91,7 +95,7 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
     /// by field from where the data lives (no staging copy of the entry), and must write
     /// every byte of it: a retried reboot rewrites the same pages.
     pub(crate) fn write(
-        &self,
+        &mut self,
         p: &P,
         count: usize,
         mut entry: impl FnMut(&EntrySlot<'_, P, T>) -> Result,
@@ -101,6 +105,8 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
         }
         let per = self.per_block();
         let used = self.blocks_for(count);
+        let fresh = !self.written;
+        self.written = true;
         let pages = self.pages.as_slice();
         if used > pages.len() {
             // The set is grown on every insert, so this is a core bug, not bad input.
@@ -120,6 +126,7 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
                 entry(&EntrySlot {
                     p,
                     addr: page + off,
+                    fresh,
                     _entry: PhantomData,
                 })?;
             }
@@ -132,10 +139,17 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
 pub(crate) struct EntrySlot<'a, P, T> {
     p: &'a P,
     addr: u64,
+    fresh: bool,
     _entry: PhantomData<fn() -> T>,
 }
 
 impl<P: Platform, T> EntrySlot<'_, P, T> {
+    /// True when the entry's bytes are all zero (no earlier, failed serialization wrote this
+    /// set), so a NUL-padded field may be written only up to its padding.
+    pub(crate) fn fresh(&self) -> bool {
+        self.fresh
+    }
+
     /// Writes `bytes` at `offset` within the entry (`offset_of!` a field of `T`); refuses
     /// anything that would spill out of the entry.
     pub(crate) fn put(&self, offset: usize, bytes: &[u8]) -> Result {

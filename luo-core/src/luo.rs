@@ -9,7 +9,7 @@
 
 use crate::abi::{
     Compat, LuoFileSer, LuoFlbHeaderSer, LuoFlbSer, LuoSer, LuoSessionSer, SessionName,
-    LUO_ABI_COMPATIBLE, LUO_ABI_COMPAT_LEN, LUO_FLB_PGCNT,
+    HNDL_COMPAT_LEN, LUO_ABI_COMPATIBLE, LUO_ABI_COMPAT_LEN, LUO_FLB_PGCNT, SESSION_NAME_LEN,
 };
 use crate::block::BlockSet;
 use crate::errno::{Error, HandoverError, Result};
@@ -98,6 +98,9 @@ impl<P: Platform> FileSet<P> {
 /// What a session is besides its files: its name and direction, fixed at creation.
 pub struct SessionHead {
     pub(crate) name: SessionName,
+    /// The name's field up to and including its NUL, rounded up to 8 bytes: what
+    /// serialization has to write into a zeroed entry.
+    name_span: usize,
     pub(crate) dir: Direction,
 }
 
@@ -127,7 +130,13 @@ impl<P: Platform> core::ops::Deref for Session<P> {
 
 impl<P: Platform> Session<P> {
     fn try_new(name: SessionName, dir: Direction) -> Result<Self> {
-        let shared = P::Shared::try_new(SessionHead { name, dir }, FileSet::new())?;
+        let name_span = padded_span(name.as_bytes().len(), SESSION_NAME_LEN);
+        let head = SessionHead {
+            name,
+            name_span,
+            dir,
+        };
+        let shared = P::Shared::try_new(head, FileSet::new())?;
         Ok(Session(shared))
     }
 
@@ -193,11 +202,6 @@ impl<P: Platform> Outgoing<P> {
     /// Live sessions.
     fn len(&self) -> usize {
         self.by_name.len()
-    }
-
-    /// Live sessions in creation order.
-    fn iter(&self) -> impl DoubleEndedIterator<Item = &SessionRef<P>> {
-        self.order.as_slice().iter().flatten()
     }
 
     /// The shortest prefix of the slots that holds the first `n` live sessions.
@@ -962,9 +966,9 @@ impl<P: Platform> Luo<P> {
         let Some(root) = phase.root else {
             return Ok(());
         };
-        let out = self.outgoing.write();
+        let mut out = self.outgoing.write();
         let mut frozen_sessions = 0usize;
-        if let Err(e) = self.freeze_and_write(&out, root, &mut frozen_sessions) {
+        if let Err(e) = self.freeze_and_write(&mut out, root, &mut frozen_sessions) {
             // Unfreeze sessions newest first; a session whose freeze failed already rolled
             // itself back. Walking back from the last frozen session needs no memory (this
             // path must not fail).
@@ -984,10 +988,12 @@ impl<P: Platform> Luo<P> {
     /// in creation order, each frozen (files in preservation order) and written under one
     /// hold of its lock, then the FLBs, then the root. `frozen` counts the sessions frozen so
     /// far, for the caller's rollback.
-    fn freeze_and_write(&self, out: &Outgoing<P>, root: Root, frozen: &mut usize) -> Result {
+    fn freeze_and_write(&self, out: &mut Outgoing<P>, root: Root, frozen: &mut usize) -> Result {
         let p = &self.platform;
-        let mut sessions = out.iter();
-        let head = out.blocks.write(p, out.len(), |slot| {
+        let count = out.len();
+        let Outgoing { order, blocks, .. } = out;
+        let mut sessions = order.as_slice().iter().flatten();
+        let head = blocks.write(p, count, |slot| {
             let s = sessions.next().ok_or(Error::NoSpace)?;
             let mut set = s.files();
             // A session whose files fail to freeze (or to be written) rolls itself back.
@@ -1001,7 +1007,14 @@ impl<P: Platform> Luo<P> {
                 files,
                 count: set.files.len() as u64,
             };
-            slot.put(offset_of!(LuoSessionSer, name), s.name.as_field())?;
+            // Pages not yet written are zero, so the name is written up to its NUL.
+            let name = s.name.as_field();
+            let span = if slot.fresh() {
+                s.name_span
+            } else {
+                name.len()
+            };
+            slot.put(offset_of!(LuoSessionSer, name), &name[..span])?;
             slot.put(offset_of!(LuoSessionSer, file_set_ser), file_set.as_bytes())
         })?;
         // FLBs with file references, in registration order (only file references are
@@ -1179,6 +1192,17 @@ impl<P: Platform> Luo<P> {
     }
 }
 
+/// The bytes of a NUL-padded `field_len`-byte field that hold a string of `len` bytes and its
+/// NUL, rounded up to whole words (what a copy into a zeroed field has to write).
+const fn padded_span(len: usize, field_len: usize) -> usize {
+    let span = (len + 1).div_ceil(8) * 8;
+    if span < field_len {
+        span
+    } else {
+        field_len
+    }
+}
+
 /// Unfreezes the first `n` files of a session, newest first.
 fn unfreeze_set<P: Platform>(set: &mut FileSet<P>, n: usize) {
     let files = set.files.as_slice();
@@ -1191,14 +1215,13 @@ fn unfreeze_set<P: Platform>(set: &mut FileSet<P>, n: usize) {
 
 // The entry writers put every field of their entries, so every byte is rewritten.
 const _: () = assert!(
-    offset_of!(LuoSessionSer, file_set_ser) == crate::abi::SESSION_NAME_LEN
-        && crate::abi::SESSION_NAME_LEN + size_of::<crate::abi::LuoFileSetSer>()
-            == size_of::<LuoSessionSer>()
+    offset_of!(LuoSessionSer, file_set_ser) == SESSION_NAME_LEN
+        && SESSION_NAME_LEN + size_of::<crate::abi::LuoFileSetSer>() == size_of::<LuoSessionSer>()
 );
 const _: () = assert!(
-    offset_of!(LuoFileSer, data) == crate::abi::HNDL_COMPAT_LEN
+    offset_of!(LuoFileSer, data) == HNDL_COMPAT_LEN
         && offset_of!(LuoFileSer, token) == offset_of!(LuoFileSer, data) + 8
-        && crate::abi::HNDL_COMPAT_LEN + 16 == size_of::<LuoFileSer>()
+        && HNDL_COMPAT_LEN + 16 == size_of::<LuoFileSer>()
 );
 
 /// Freezes a session's files in preservation order, writing each one's entry right after its
@@ -1211,7 +1234,7 @@ fn freeze_and_write_files<P: Platform>(p: &P, set: &mut FileSet<P>) -> Result<u6
     let mut done = 0usize;
     // Files of one session mostly share a handler: its compatible string is checked and
     // copied once per run of equal handlers, not once per file.
-    let mut compat: Option<(usize, Compat)> = None;
+    let mut compat: Option<(usize, Compat, usize)> = None;
     let result = {
         let FileSet { files, blocks, .. } = &mut *set;
         let mut entries = files.as_mut_slice().iter_mut();
@@ -1223,15 +1246,18 @@ fn freeze_and_write_files<P: Platform>(p: &P, set: &mut FileSet<P>) -> Result<u6
                 e.state = state;
             }
             done += 1;
-            let c = match compat {
-                Some((hkey, c)) if hkey == e.hkey => c,
+            let (c, span) = match compat {
+                Some((hkey, c, span)) if hkey == e.hkey => (c, span),
                 _ => {
                     let c = Compat::new(e.handler.compatible()).ok_or(Error::InvalidDefinition)?;
-                    compat = Some((e.hkey, c));
-                    c
+                    let span = padded_span(c.as_bytes().len(), HNDL_COMPAT_LEN);
+                    compat = Some((e.hkey, c, span));
+                    (c, span)
                 }
             };
-            slot.put(offset_of!(LuoFileSer, compatible), c.as_field())?;
+            let field = c.as_field();
+            let span = if slot.fresh() { span } else { field.len() };
+            slot.put(offset_of!(LuoFileSer, compatible), &field[..span])?;
             slot.put(
                 offset_of!(LuoFileSer, data),
                 [e.state.data, e.token].as_bytes(),

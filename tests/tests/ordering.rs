@@ -400,3 +400,31 @@ fn creation_order_survives_closes_and_compaction() {
         .collect();
     assert_eq!(names, live);
 }
+
+/// A retried reboot rewrites every byte of every entry it writes: a short name in the slot a
+/// long one filled during the failed attempt leaves no stale bytes after its NUL.
+#[test]
+fn a_retried_reboot_leaves_no_stale_bytes_in_entries() {
+    let (lu, h, j, _store) = setup();
+    let dev = lu.open().unwrap();
+    let long = dev.create_session(&"L".repeat(63)).unwrap();
+    let short = dev.create_session("s").unwrap();
+    let bad = preserve(&short, 1, &j);
+    h.fail(Op::Freeze, Some(bad), EIO);
+    // The long name's entry is written, then the short session's file fails to freeze.
+    assert_eq!(errno(lu.luo().reboot()), EIO);
+    h.heal(Op::Freeze);
+    drop(long);
+    drop(dev);
+    lu.luo().reboot().unwrap();
+    let b = lu.memory().to_bytes();
+    let s = sessions(&b);
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].name, "s");
+    let at = s[0].at as usize;
+    assert!(
+        b[at + 1..at + 64].iter().all(|&x| x == 0),
+        "stale bytes after the name: {:?}",
+        &b[at..at + 64]
+    );
+}
