@@ -146,12 +146,14 @@ pub(crate) struct EntrySlot<'a, P, T> {
 impl<P: Platform, T> EntrySlot<'_, P, T> {
     /// True when the entry's bytes are all zero (no earlier, failed serialization wrote this
     /// set), so a NUL-padded field may be written only up to its padding.
+    #[inline(always)]
     pub(crate) fn fresh(&self) -> bool {
         self.fresh
     }
 
     /// Writes `bytes` at `offset` within the entry (`offset_of!` a field of `T`); refuses
     /// anything that would spill out of the entry.
+    #[inline(always)]
     pub(crate) fn put(&self, offset: usize, bytes: &[u8]) -> Result {
         if offset + bytes.len() > core::mem::size_of::<T>() {
             return Err(Error::NoSpace);
