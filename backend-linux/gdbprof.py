@@ -116,6 +116,22 @@ def log_has(path, what):
         return False
 
 
+def sample(gdb, args, deadline, samples, stacks, text_lo, text_hi):
+    """Continue, sleep, interrupt, record %rip (and a stack scan) until the end line."""
+    while not log_has(args.log, args.end.encode()) and time.time() < deadline:
+        regs = gdb.regs()
+        rip = Gdb.reg(regs, 16)
+        samples[rip] += 1
+        if args.stack and rip >= 0x8000_0000_0000_0000:
+            rsp = Gdb.reg(regs, 7)
+            mem = gdb.memory(rsp, args.stack)
+            words = [int.from_bytes(mem[i:i + 8], "little") for i in range(0, len(mem) - 7, 8)]
+            stacks[(rip,) + tuple(w for w in words if text_lo <= w < text_hi)] += 1
+        gdb.send(b"c")
+        time.sleep(args.interval / 1000)
+        gdb.interrupt()
+
+
 def trace(gdb, args):
     addrs, names = load_map(args.system_map)
     where = [a for a, n in zip(addrs, names) if n == args.trace]
@@ -191,20 +207,15 @@ def main():
     text_hi = addrs[-1] if addrs else 0
     samples = collections.Counter()
     stacks = collections.Counter()
-    while not log_has(args.log, args.end.encode()) and time.time() < deadline:
-        regs = gdb.regs()
-        rip = Gdb.reg(regs, 16)
-        samples[rip] += 1
-        if args.stack and rip >= 0x8000_0000_0000_0000:
-            rsp = Gdb.reg(regs, 7)
-            mem = gdb.memory(rsp, args.stack)
-            words = [int.from_bytes(mem[i:i + 8], "little") for i in range(0, len(mem) - 7, 8)]
-            stacks[(rip,) + tuple(w for w in words if text_lo <= w < text_hi)] += 1
-        gdb.send(b"c")
-        time.sleep(args.interval / 1000)
-        gdb.interrupt()
-    gdb.send(b"D")
-    gdb.sock.close()
+    try:
+        sample(gdb, args, deadline, samples, stacks, text_lo, text_hi)
+    except (OSError, EOFError):
+        pass  # the VM ended between two samples (the loop was shorter than the interval)
+    try:
+        gdb.send(b"D")
+        gdb.sock.close()
+    except OSError:
+        pass
 
     def name_of(rip):
         i = bisect.bisect_right(addrs, rip) - 1
