@@ -153,24 +153,10 @@ pub struct GetName {
 }
 
 /// What GET_NAME takes in: the header of `struct liveupdate_session_get_name` (its name is
-/// output only). The decoder still copies the whole struct in, as upstream does, so faults
-/// and trailing bytes are judged the same way; only the header is kept.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    zerocopy_derive::FromBytes,
-    zerocopy_derive::IntoBytes,
-    zerocopy_derive::KnownLayout,
-    zerocopy_derive::Immutable,
-)]
-#[repr(C)]
-pub struct GetNameIn {
-    /// Size of the struct as the caller knows it.
-    pub size: u32,
-    /// Must be zero.
-    pub reserved: u32,
-}
+/// output only), which is `struct liveupdate_session_finish`'s layout. The decoder still copies
+/// the whole struct in, as upstream does, so faults and trailing bytes are judged the same
+/// way; only the header is kept.
+pub type GetNameIn = Finish;
 
 const _: () = assert!(size_of::<CreateSession>() == 72);
 const _: () = assert!(core::mem::align_of::<CreateSession>() == 4);

@@ -224,8 +224,7 @@ fn check_one(
         Some(dir) => decode_session(cmd, dir, &mut SliceArg(&mut copy))
             .map(|req| match req {
                 SessionRequest::PreserveFd(s) | SessionRequest::RetrieveFd(s) => s.bytes(),
-                SessionRequest::Finish(s) => s.bytes(),
-                SessionRequest::GetName(s) => s.bytes(),
+                SessionRequest::Finish(s) | SessionRequest::GetName(s) => s.bytes(),
             })
             .map_err(|e| e.errno()),
     };
@@ -383,15 +382,6 @@ impl Bytes for luo_core::uapi::PreserveFd {
 }
 
 impl Bytes for luo_core::uapi::Finish {
-    fn bytes(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(8);
-        v.extend_from_slice(&self.size.to_ne_bytes());
-        v.extend_from_slice(&self.reserved.to_ne_bytes());
-        v
-    }
-}
-
-impl Bytes for luo_core::uapi::GetNameIn {
     fn bytes(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(8);
         v.extend_from_slice(&self.size.to_ne_bytes());
