@@ -132,6 +132,31 @@ def sample(gdb, args, deadline, samples, stacks, text_lo, text_hi):
         gdb.interrupt()
 
 
+def memory_ops(vmlinux, rips):
+    """Prints how many traced instructions read or write memory, stack included."""
+    kinds = collections.Counter()
+    for rip, count in rips.items():
+        out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "--start-address=%#x" % rip,
+                              "--stop-address=%#x" % (rip + 16), vmlinux],
+                             capture_output=True, text=True).stdout
+        line = next((l for l in out.splitlines() if re.match(r"\s*[0-9a-f]+:\t", l)), "")
+        insn = line.split("\t", 1)[-1].strip()
+        op = insn.split()[0] if insn else "?"
+        if op.startswith("rep"):
+            kind = "rep string"
+        elif op in ("push", "pop", "call", "ret", "leave") or op.startswith(("call", "ret")):
+            kind = "stack (push/pop/call/ret)"
+        elif "(" in insn and not op.startswith(("lea", "nop")):
+            kind = "memory operand"
+        else:
+            kind = "register only"
+        kinds[kind] += count
+    total = sum(kinds.values())
+    print("# instructions by kind")
+    for kind, count in kinds.most_common():
+        print(f"{count:6d}  {100 * count / total:5.1f}%  {kind}")
+
+
 def trace(gdb, args):
     addrs, names = load_map(args.system_map)
     where = [a for a, n in zip(addrs, names) if n == args.trace]
@@ -148,7 +173,10 @@ def trace(gdb, args):
             sys.exit(f"gdbprof: no symbol {args.trace_until}")
     per_fn = collections.Counter()
     order = []
+    rips = collections.Counter()
     steps = 0
+    page_jumps = 0
+    prev = None
     while steps < 5_000_000:
         rip = Gdb.reg(gdb.regs(), 16)
         if rip < 0x8000_0000_0000_0000 or rip == until:
@@ -158,15 +186,22 @@ def trace(gdb, args):
         if not order or order[-1] != name:
             order.append(name)
         per_fn[name] += 1
+        rips[rip] += 1
+        if prev is not None and rip >> 12 != prev >> 12:
+            page_jumps += 1  # TCG chains translation blocks only within a guest page
+        prev = rip
         steps += 1
         gdb.send(b"s")
         gdb.stop_reply()
     gdb.send(b"D")
     top = per_fn.most_common()
     pretty = dict(zip([n for n, _ in top], demangle([n for n, _ in top])))
-    print(f"# {steps} instructions from {args.trace} to {args.trace_until or 'user space'}")
+    print(f"# {steps} instructions from {args.trace} to {args.trace_until or 'user space'}, "
+          f"{page_jumps} moves to another code page")
     for name, count in top:
         print(f"{count:6d}  {pretty[name]}")
+    if args.vmlinux:
+        memory_ops(args.vmlinux, rips)
     if len(order) < 200:
         print("# call sequence (consecutive runs merged)")
         for name in order:
@@ -187,6 +222,9 @@ def main():
                          "back in user space, and count the instructions of each function")
     ap.add_argument("--trace-until", metavar="SYMBOL",
                     help="with --trace: stop when SYMBOL is entered instead")
+    ap.add_argument("--vmlinux", help="with --trace: disassemble the traced instructions and "
+                                      "count those that touch memory (what TCG emulates "
+                                      "slowest: every access goes through its soft TLB)")
     ap.add_argument("--stack", type=int, default=0, metavar="BYTES",
                     help="also scan BYTES of the kernel stack for return addresses and print "
                          "an inclusive profile (a guess: stale addresses count too)")
