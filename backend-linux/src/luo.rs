@@ -277,6 +277,36 @@ pub unsafe extern "C" fn liveupdate_unregister_flb(
     }
 }
 
+/// The two `liveupdate_flb_get_*` calls: `get` takes the reference; the object goes to `*objp`
+/// unless `objp` is NULL.
+///
+/// # Safety
+///
+/// `flb` is NULL or a valid FLB; `objp` is NULL or valid for a pointer-sized write.
+unsafe fn flb_get(
+    flb: *mut bindings::liveupdate_flb,
+    objp: *mut *mut c_void,
+    get: impl FnOnce(&Luo<KernelPlatform>, &CFlb) -> luo_core::Result<usize>,
+) -> c_int {
+    let Some(luo) = luo() else {
+        return -(bindings::EOPNOTSUPP as c_int);
+    };
+    // SAFETY: The caller's contract is the wrapper's invariant.
+    let Some(f) = (unsafe { CFlb::from_raw(flb) }) else {
+        return -(bindings::EINVAL as c_int);
+    };
+    match get(luo, &f) {
+        Ok(obj) => {
+            if !objp.is_null() {
+                // SAFETY: `objp` is valid for writes (caller's contract).
+                unsafe { *objp = obj as *mut c_void };
+            }
+            0
+        }
+        Err(e) => neg(e),
+    }
+}
+
 /// Takes a reference to an FLB's incoming object, retrieving it on first use.
 ///
 /// # Safety
@@ -287,23 +317,8 @@ pub unsafe extern "C" fn liveupdate_flb_get_incoming(
     flb: *mut bindings::liveupdate_flb,
     objp: *mut *mut c_void,
 ) -> c_int {
-    let Some(luo) = luo() else {
-        return -(bindings::EOPNOTSUPP as c_int);
-    };
-    // SAFETY: The caller's contract is the wrapper's invariant.
-    let Some(f) = (unsafe { CFlb::from_raw(flb) }) else {
-        return -(bindings::EINVAL as c_int);
-    };
-    match luo.flb_get_incoming(&f) {
-        Ok(obj) => {
-            if !objp.is_null() {
-                // SAFETY: `objp` is valid for writes (caller's contract).
-                unsafe { *objp = obj as *mut c_void };
-            }
-            0
-        }
-        Err(e) => neg(e),
-    }
+    // SAFETY: The caller's contract is `flb_get`'s.
+    unsafe { flb_get(flb, objp, Luo::flb_get_incoming) }
 }
 
 /// Drops a reference taken by [`liveupdate_flb_get_incoming`].
@@ -329,23 +344,8 @@ pub unsafe extern "C" fn liveupdate_flb_get_outgoing(
     flb: *mut bindings::liveupdate_flb,
     objp: *mut *mut c_void,
 ) -> c_int {
-    let Some(luo) = luo() else {
-        return -(bindings::EOPNOTSUPP as c_int);
-    };
-    // SAFETY: The caller's contract is the wrapper's invariant.
-    let Some(f) = (unsafe { CFlb::from_raw(flb) }) else {
-        return -(bindings::EINVAL as c_int);
-    };
-    match luo.flb_get_outgoing(&f) {
-        Ok(obj) => {
-            if !objp.is_null() {
-                // SAFETY: `objp` is valid for writes (caller's contract).
-                unsafe { *objp = obj as *mut c_void };
-            }
-            0
-        }
-        Err(e) => neg(e),
-    }
+    // SAFETY: The caller's contract is `flb_get`'s.
+    unsafe { flb_get(flb, objp, Luo::flb_get_outgoing) }
 }
 
 /// Drops a reference taken by [`liveupdate_flb_get_outgoing`].
