@@ -407,19 +407,17 @@ fn tap_report(cases: &[Case], metrics: &[(String, Metrics, PathBuf)]) -> String 
     out
 }
 
-fn busybox_image(b: &Built, program: &str) -> Result<PathBuf> {
-    let dir = b.kernel.dir.join("luo/initramfs");
-    mkdirs(&dir)?;
-    let out = dir.join(format!("busybox-{program}.cpio"));
-    let init = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/vm-init.sh");
-    let entries = vec![
+/// The base of every busybox image: the usual directories, a console, busybox-static (a
+/// static binary, so the image needs no libraries) as `/bin/sh`, and `init_script` (relative
+/// to xtask/) as `/init`.
+fn busybox_entries(init_script: &str) -> Vec<Entry> {
+    vec![
         Entry::Dir("/bin"),
         Entry::Dir("/dev"),
         Entry::Dir("/proc"),
         Entry::Dir("/sys"),
         Entry::Dir("/tmp"),
         Entry::Console,
-        // busybox-static is a static binary, so the image needs no libraries.
         Entry::File {
             guest: "/bin/busybox".into(),
             host: PathBuf::from("/bin/busybox"),
@@ -431,15 +429,22 @@ fn busybox_image(b: &Built, program: &str) -> Result<PathBuf> {
         },
         Entry::File {
             guest: "/init".into(),
-            host: init,
+            host: Path::new(env!("CARGO_MANIFEST_DIR")).join(init_script),
             mode: 0o755,
         },
-        Entry::File {
-            guest: format!("/bin/{program}"),
-            host: b.bins.path(program),
-            mode: 0o755,
-        },
-    ];
+    ]
+}
+
+fn busybox_image(b: &Built, program: &str) -> Result<PathBuf> {
+    let dir = b.kernel.dir.join("luo/initramfs");
+    mkdirs(&dir)?;
+    let out = dir.join(format!("busybox-{program}.cpio"));
+    let mut entries = busybox_entries("scripts/vm-init.sh");
+    entries.push(Entry::File {
+        guest: format!("/bin/{program}"),
+        host: b.bins.path(program),
+        mode: 0o755,
+    });
     guest::pack(&b.kernel.gen_init_cpio, &entries, &out)?;
     Ok(out)
 }
@@ -488,24 +493,9 @@ fn kexec_image(b: &Built, name: &str, program: &str, stage2_kernel: &Path) -> Re
 fn luod_image(b: &Built, name: &str, luod: &Path, luoctl: &Path) -> Result<PathBuf> {
     let dir = b.kernel.dir.join("luo/initramfs");
     mkdirs(&dir)?;
-    let init = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/luod-init.sh");
-    let mut entries = vec![
-        Entry::Dir("/bin"),
-        Entry::Dir("/dev"),
-        Entry::Dir("/proc"),
-        Entry::Dir("/sys"),
-        Entry::Dir("/tmp"),
+    let mut entries = busybox_entries("scripts/luod-init.sh");
+    entries.extend([
         Entry::Dir("/run"),
-        Entry::Console,
-        Entry::File {
-            guest: "/bin/busybox".into(),
-            host: PathBuf::from("/bin/busybox"),
-            mode: 0o755,
-        },
-        Entry::Slink {
-            guest: "/bin/sh",
-            target: "busybox",
-        },
         Entry::File {
             guest: "/bin/luod".into(),
             host: luod.to_path_buf(),
@@ -516,12 +506,7 @@ fn luod_image(b: &Built, name: &str, luod: &Path, luoctl: &Path) -> Result<PathB
             host: luoctl.to_path_buf(),
             mode: 0o755,
         },
-        Entry::File {
-            guest: "/init".into(),
-            host: init,
-            mode: 0o755,
-        },
-    ];
+    ]);
     let inner = dir.join(format!("{name}-inner.cpio"));
     guest::pack(&b.kernel.gen_init_cpio, &entries, &inner)?;
     entries.push(Entry::File {
