@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use luo_cli::json::json_str;
 use luo_client::wire::kernel_name;
 use luo_client::{describe_errno, errno_name, Dir, Errno, Error, Luod, Status, UpdateEvent};
 
@@ -249,25 +250,6 @@ fn run(args: &[String]) -> Result<(), Fail> {
         ),
         other => Err(usage(format!("unknown command {other:?}"))),
     }
-}
-
-/// A JSON string literal.
-fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            '\r' => o.push_str("\\r"),
-            '\t' => o.push_str("\\t"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
 }
 
 /// `luoctl status --json`.
