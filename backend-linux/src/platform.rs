@@ -14,7 +14,10 @@
 
 use core::{
     cell::UnsafeCell,
-    marker::PhantomPinned,
+    marker::{
+        PhantomData,
+        PhantomPinned, //
+    },
     mem::ManuallyDrop,
     ops::{
         Deref,
@@ -365,6 +368,88 @@ fn lock_class<T>() -> Option<(&'static CStr, Pin<&'static LockClassKey>)> {
     Some((name, key))
 }
 
+/// What a kernel lock held in one mode allows, and how the hold ends: the only difference
+/// between the guards of a mutex and of a semaphore held for read or for write.
+///
+/// # Safety
+///
+/// While a task holds a `Lock` in this mode, it may read `data(lock)`, and write it too if the
+/// mode is [`Exclusive`]; `unlock` ends exactly that hold.
+pub(crate) unsafe trait HoldMode {
+    /// The lock.
+    type Lock;
+    /// What the lock protects.
+    type Data;
+
+    /// The protected data.
+    fn data(lock: &Self::Lock) -> *mut Self::Data;
+
+    /// Ends the hold.
+    ///
+    /// # Safety
+    ///
+    /// The calling task holds `lock` in this mode.
+    unsafe fn unlock(lock: &Self::Lock);
+}
+
+/// A mode that excludes every other holder, so its guard hands out `&mut`.
+///
+/// # Safety
+///
+/// Holding the lock in this mode excludes every other access to the data.
+pub(crate) unsafe trait Exclusive: HoldMode {}
+
+/// A kernel lock held in mode `M`, released on drop.
+///
+/// # Invariants
+///
+/// This task holds `lock` in mode `M` for the guard's lifetime.
+pub(crate) struct Held<'a, M: HoldMode> {
+    lock: &'a M::Lock,
+    /// The lock must be released by the task that took it.
+    _not_send: NotThreadSafe,
+}
+
+impl<'a, M: HoldMode> Held<'a, M> {
+    /// Takes over a hold.
+    ///
+    /// # Safety
+    ///
+    /// The calling task holds `lock` in mode `M`, and nothing else will release it.
+    unsafe fn new(lock: &'a M::Lock) -> Self {
+        // INVARIANT: The caller holds the lock and hands the hold over.
+        Self {
+            lock,
+            _not_send: NotThreadSafe,
+        }
+    }
+}
+
+impl<M: HoldMode> Deref for Held<'_, M> {
+    type Target = M::Data;
+
+    fn deref(&self) -> &M::Data {
+        // SAFETY: The lock is held in mode `M` (type invariant), which allows reading, and no
+        // `&mut` to the data outlives its guard.
+        unsafe { &*M::data(self.lock) }
+    }
+}
+
+impl<M: Exclusive> DerefMut for Held<'_, M> {
+    fn deref_mut(&mut self) -> &mut M::Data {
+        // SAFETY: The lock is held in an exclusive mode (type invariant): no other reference
+        // to the data exists.
+        unsafe { &mut *M::data(self.lock) }
+    }
+}
+
+impl<M: HoldMode> Drop for Held<'_, M> {
+    fn drop(&mut self) {
+        // SAFETY: This task holds the lock in mode `M` (type invariant).
+        unsafe { M::unlock(self.lock) };
+    }
+}
+
 /// A `struct mutex` protecting a `T`.
 ///
 /// `kernel::sync::Mutex` treats its data as structurally pinned, so its guard hands out
@@ -408,47 +493,35 @@ impl<T> KMutex<T> {
     fn lock(&self) -> KMutexGuard<'_, T> {
         // SAFETY: `mutex` is initialized (type invariant).
         unsafe { bindings::mutex_lock(self.mutex.get()) };
-        // INVARIANT: The mutex is held until the guard drops.
-        KMutexGuard {
-            lock: self,
-            _not_send: NotThreadSafe,
-        }
+        // SAFETY: This task now holds the mutex; the guard releases it.
+        unsafe { Held::new(self) }
     }
 }
 
 /// Access to the data of a [`KMutex`].
-///
-/// # Invariants
-///
-/// The mutex is held by this task for the guard's lifetime.
-pub(crate) struct KMutexGuard<'a, T> {
-    lock: &'a KMutex<T>,
-    /// `mutex_unlock` must run on the task that locked.
-    _not_send: NotThreadSafe,
-}
+pub(crate) type KMutexGuard<'a, T> = Held<'a, MutexHeld<T>>;
 
-impl<T> Deref for KMutexGuard<'_, T> {
-    type Target = T;
+/// [`KMutex`] held.
+pub(crate) struct MutexHeld<T>(PhantomData<T>);
 
-    fn deref(&self) -> &T {
-        // SAFETY: The mutex is held (type invariant): no other reference to the data exists.
-        unsafe { &*self.lock.data.get() }
+// SAFETY: The mutex serializes every access to `data` (`KMutex` invariant), and
+// `mutex_unlock` releases it.
+unsafe impl<T> HoldMode for MutexHeld<T> {
+    type Lock = KMutex<T>;
+    type Data = T;
+
+    fn data(lock: &KMutex<T>) -> *mut T {
+        lock.data.get()
+    }
+
+    unsafe fn unlock(lock: &KMutex<T>) {
+        // SAFETY: The caller holds the mutex.
+        unsafe { bindings::mutex_unlock(lock.mutex.get()) };
     }
 }
 
-impl<T> DerefMut for KMutexGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: The mutex is held (type invariant): no other reference to the data exists.
-        unsafe { &mut *self.lock.data.get() }
-    }
-}
-
-impl<T> Drop for KMutexGuard<'_, T> {
-    fn drop(&mut self) {
-        // SAFETY: This task holds the mutex (type invariant).
-        unsafe { bindings::mutex_unlock(self.lock.mutex.get()) };
-    }
-}
+// SAFETY: A held mutex excludes every other access to `data`.
+unsafe impl<T> Exclusive for MutexHeld<T> {}
 
 /// A `struct mutex` as a luo-core mutex (pinned in a `KBox`, as kernel locks must not move).
 pub(crate) struct KernelMutex<T>(Pin<KBox<KMutex<T>>>);
@@ -514,85 +587,65 @@ impl<T> RwSem<T> {
     fn read(&self) -> RwSemReadGuard<'_, T> {
         // SAFETY: `sem` is initialized (type invariant).
         unsafe { bindings::down_read(self.sem.get()) };
-        // INVARIANT: The semaphore is held for read until the guard drops.
-        RwSemReadGuard {
-            sem: self,
-            _not_send: NotThreadSafe,
-        }
+        // SAFETY: This task now holds the semaphore for read; the guard releases it.
+        unsafe { Held::new(self) }
     }
 
     /// Takes the semaphore exclusively, sleeping if needed.
     fn write(&self) -> RwSemWriteGuard<'_, T> {
         // SAFETY: `sem` is initialized (type invariant).
         unsafe { bindings::down_write(self.sem.get()) };
-        // INVARIANT: The semaphore is held for write until the guard drops.
-        RwSemWriteGuard {
-            sem: self,
-            _not_send: NotThreadSafe,
-        }
+        // SAFETY: This task now holds the semaphore for write; the guard releases it.
+        unsafe { Held::new(self) }
     }
 }
 
 /// Shared access to the data of an [`RwSem`].
-///
-/// # Invariants
-///
-/// The semaphore is held for read by this task for the guard's lifetime.
-pub(crate) struct RwSemReadGuard<'a, T> {
-    sem: &'a RwSem<T>,
-    /// `up_read` must run on the task that took the semaphore.
-    _not_send: NotThreadSafe,
-}
-
-impl<T> Deref for RwSemReadGuard<'_, T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        // SAFETY: The semaphore is held for read (type invariant), so no `&mut T` exists.
-        unsafe { &*self.sem.data.get() }
-    }
-}
-
-impl<T> Drop for RwSemReadGuard<'_, T> {
-    fn drop(&mut self) {
-        // SAFETY: This task holds the semaphore for read (type invariant).
-        unsafe { bindings::up_read(self.sem.sem.get()) };
-    }
-}
+pub(crate) type RwSemReadGuard<'a, T> = Held<'a, ReadHeld<T>>;
 
 /// Exclusive access to the data of an [`RwSem`].
-///
-/// # Invariants
-///
-/// The semaphore is held for write by this task for the guard's lifetime.
-pub(crate) struct RwSemWriteGuard<'a, T> {
-    sem: &'a RwSem<T>,
-    /// `up_write` must run on the task that took the semaphore.
-    _not_send: NotThreadSafe,
-}
+pub(crate) type RwSemWriteGuard<'a, T> = Held<'a, WriteHeld<T>>;
 
-impl<T> Deref for RwSemWriteGuard<'_, T> {
-    type Target = T;
+/// [`RwSem`] held for read.
+pub(crate) struct ReadHeld<T>(PhantomData<T>);
 
-    fn deref(&self) -> &T {
-        // SAFETY: The semaphore is held for write (type invariant): no other reference exists.
-        unsafe { &*self.sem.data.get() }
+/// [`RwSem`] held for write.
+pub(crate) struct WriteHeld<T>(PhantomData<T>);
+
+// SAFETY: Readers only read `data`, and writers exclude them (`RwSem` invariant); `up_read`
+// releases a read hold.
+unsafe impl<T> HoldMode for ReadHeld<T> {
+    type Lock = RwSem<T>;
+    type Data = T;
+
+    fn data(lock: &RwSem<T>) -> *mut T {
+        lock.data.get()
+    }
+
+    unsafe fn unlock(lock: &RwSem<T>) {
+        // SAFETY: The caller holds the semaphore for read.
+        unsafe { bindings::up_read(lock.sem.get()) };
     }
 }
 
-impl<T> DerefMut for RwSemWriteGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: The semaphore is held for write (type invariant): no other reference exists.
-        unsafe { &mut *self.sem.data.get() }
+// SAFETY: A write hold excludes every other access to `data` (`RwSem` invariant); `up_write`
+// releases it.
+unsafe impl<T> HoldMode for WriteHeld<T> {
+    type Lock = RwSem<T>;
+    type Data = T;
+
+    fn data(lock: &RwSem<T>) -> *mut T {
+        lock.data.get()
+    }
+
+    unsafe fn unlock(lock: &RwSem<T>) {
+        // SAFETY: The caller holds the semaphore for write.
+        unsafe { bindings::up_write(lock.sem.get()) };
     }
 }
 
-impl<T> Drop for RwSemWriteGuard<'_, T> {
-    fn drop(&mut self) {
-        // SAFETY: This task holds the semaphore for write (type invariant).
-        unsafe { bindings::up_write(self.sem.sem.get()) };
-    }
-}
+// SAFETY: As above: a write hold is exclusive.
+unsafe impl<T> Exclusive for WriteHeld<T> {}
 
 /// A `struct rw_semaphore` as a luo-core reader/writer lock.
 pub(crate) struct KernelRwLock<T>(Pin<KBox<RwSem<T>>>);
