@@ -20,6 +20,14 @@
 //! (built in) registers its handler from a `late_initcall`, and nothing here is exported to
 //! modules (the C core exports nothing either).
 
+use core::{
+    ptr,
+    sync::atomic::{
+        AtomicPtr,
+        Ordering as MemOrdering, //
+    },
+};
+
 use kernel::{
     bindings,
     miscdevice::{
@@ -69,7 +77,7 @@ impl kernel::ModuleMetadata for LuoModule {
     const NAME: &'static CStr = c"luo";
     // SAFETY: Built-in code has no `struct module`; `THIS_MODULE` is NULL.
     const THIS_MODULE: kernel::ThisModule =
-        unsafe { kernel::ThisModule::from_ptr(core::ptr::null_mut()) };
+        unsafe { kernel::ThisModule::from_ptr(ptr::null_mut()) };
 }
 
 /// The orchestrator, from the early initcall on.
@@ -81,9 +89,19 @@ static DEVICE: SetOnce<Pin<KBox<MiscDeviceRegistration<LuoDevice>>>> = SetOnce::
 /// `liveupdate_enabled()`: set once the outgoing state is published.
 static ENABLED: AtomicFlag = AtomicFlag::new(false);
 
+/// `LUO`'s value once populated. Every session ioctl, and every call of the C API, needs the
+/// orchestrator: this is one plain load on x86, where `SetOnce::as_ref` makes two out-of-line
+/// calls (the `Atomic` accessor and its C acquire helper). A publish-once pointer needs
+/// nothing the kernel's memory model adds, so `core`'s atomic serves.
+static LUO_PTR: AtomicPtr<Luo<KernelPlatform>> = AtomicPtr::new(ptr::null_mut());
+
 /// The orchestrator, once the early initcall created it.
 pub(crate) fn luo() -> Option<&'static Luo<KernelPlatform>> {
-    LUO.as_ref()
+    let ptr = LUO_PTR.load(MemOrdering::Acquire);
+    // SAFETY: `LUO_PTR` is null or the address of `LUO`'s value, stored (Release, after
+    // `populate` finished) by `luo_rust_early_init`; a populated `SetOnce` static never
+    // changes or drops its value, so the reference is valid for `'static` and only shared.
+    unsafe { ptr.cast_const().as_ref() }
 }
 
 /// A negative errno for the C API.
@@ -111,6 +129,9 @@ pub unsafe extern "C" fn luo_rust_early_init(requested: bool) -> c_int {
             if !LUO.populate(luo) {
                 pr_err!("initialized twice\n");
                 return -(bindings::EBUSY as c_int);
+            }
+            if let Some(luo) = LUO.as_ref() {
+                LUO_PTR.store(ptr::from_ref(luo).cast_mut(), MemOrdering::Release);
             }
             0
         }

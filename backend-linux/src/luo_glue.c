@@ -104,32 +104,20 @@ void luo_glue_test_register(struct liveupdate_file_handler *fh)
 }
 
 /*
- * After liveupdate_reboot() serialized the state, the C core keeps its serialize rwsem
- * write-held, so every later LUO operation sleeps until the kexec. Do the same, without
- * counting as a hung task: nothing wakes this task.
- */
-/*
- * get_user() of the ioctl's size word, as the C core reads it: one __get_user_4, where the
- * kernel crate's UserSliceReader goes through _copy_from_user.
+ * get_user() of the ioctl's size word, as the C core reads it: one __get_user_4 (an asm
+ * routine with its own calling convention), where the kernel crate's UserSliceReader goes
+ * through _copy_from_user.
  */
 int luo_glue_get_user_u32(u32 *out, const void __user *uptr)
 {
 	return get_user(*out, (const u32 __user *)uptr);
 }
 
-/* copy_to_user() is static inline: the reply of an ioctl, as luo_ucmd_respond() writes it. */
-unsigned long luo_glue_copy_to_user(void __user *to, const void *from, unsigned long n)
-{
-	return copy_to_user(to, from, n);
-}
-
-/* copy_struct_from_user() is static inline: the C core's exact extensible-struct copy-in. */
-int luo_glue_copy_struct_from_user(void *dst, size_t ksize, const void __user *src,
-				   size_t usize)
-{
-	return copy_struct_from_user(dst, ksize, src, usize);
-}
-
+/*
+ * After liveupdate_reboot() serialized the state, the C core keeps its serialize rwsem
+ * write-held, so every later LUO operation sleeps until the kexec. Do the same, without
+ * counting as a hung task: nothing wakes this task.
+ */
 void __noreturn luo_glue_block_forever(void)
 {
 	for (;;)

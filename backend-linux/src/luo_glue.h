@@ -34,9 +34,6 @@ bool luo_glue_incoming_page(phys_addr_t phys);
 void luo_glue_test_register(struct liveupdate_file_handler *fh);
 void __noreturn luo_glue_block_forever(void);
 int luo_glue_get_user_u32(u32 *out, const void __user *uptr);
-unsigned long luo_glue_copy_to_user(void __user *to, const void *from, unsigned long n);
-int luo_glue_copy_struct_from_user(void *dst, size_t ksize, const void __user *src,
-				   size_t usize);
 
 /* Test only (CONFIG_LIVEUPDATE_TEST): the luo_test_corrupt= parameter, see testhook.rs. */
 enum luo_test_corrupt {
