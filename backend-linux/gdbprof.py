@@ -132,29 +132,60 @@ def sample(gdb, args, deadline, samples, stacks, text_lo, text_hi):
         gdb.interrupt()
 
 
-def memory_ops(vmlinux, rips):
-    """Prints how many traced instructions read or write memory, stack included."""
+def disassemble(vmlinux, rip):
+    """The mnemonic and operands of the instruction at rip."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "--start-address=%#x" % rip,
+                          "--stop-address=%#x" % (rip + 16), vmlinux],
+                         capture_output=True, text=True).stdout
+    line = next((l for l in out.splitlines() if re.match(r"\s*[0-9a-f]+:\t", l)), "")
+    return line.split("\t", 1)[-1].strip()
+
+
+# Instructions after which QEMU's x86 translator ends the block with a return to its main loop
+# (no chaining, no jump cache): the IF/TF-changing ones and the privileged state changes.
+MAIN_LOOP_EXITS = ("popf", "sti", "iret", "sysret", "hlt", "pause", "wrmsr", "swapgs")
+
+
+def tcg_costs(vmlinux, sequence):
+    """Prints what the traced path costs TCG beyond its instruction count.
+
+    By instruction kind (every memory access goes through the soft TLB), and by the block
+    transitions that cannot be chained: an indirect branch or a move to another guest page is
+    a jump-cache lookup (helper_lookup_tb_ptr); a flags/privilege change returns to the main loop.
+    """
+    insn = {rip: disassemble(vmlinux, rip) for rip in set(sequence)}
     kinds = collections.Counter()
-    for rip, count in rips.items():
-        out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "--start-address=%#x" % rip,
-                              "--stop-address=%#x" % (rip + 16), vmlinux],
-                             capture_output=True, text=True).stdout
-        line = next((l for l in out.splitlines() if re.match(r"\s*[0-9a-f]+:\t", l)), "")
-        insn = line.split("\t", 1)[-1].strip()
-        op = insn.split()[0] if insn else "?"
+    mnemonics = collections.Counter()
+    lookups = collections.Counter()
+    for i, rip in enumerate(sequence):
+        text = insn[rip]
+        op = text.split()[0] if text else "?"
+        mnemonics[op] += 1
         if op.startswith("rep"):
-            kind = "rep string"
-        elif op in ("push", "pop", "call", "ret", "leave") or op.startswith(("call", "ret")):
-            kind = "stack (push/pop/call/ret)"
-        elif "(" in insn and not op.startswith(("lea", "nop")):
-            kind = "memory operand"
+            kinds["rep string"] += 1
+        elif op in ("push", "pop", "leave") or op.startswith(("call", "ret", "push", "pop")):
+            kinds["stack (push/pop/call/ret)"] += 1
+        elif "(" in text and not op.startswith(("lea", "nop")):
+            kinds["memory operand"] += 1
         else:
-            kind = "register only"
-        kinds[kind] += count
+            kinds["register only"] += 1
+        nxt = sequence[i + 1] if i + 1 < len(sequence) else None
+        if op.startswith(MAIN_LOOP_EXITS):
+            lookups["exit to the main loop (" + op + ")"] += 1
+        elif op.startswith("ret") or (op.startswith(("jmp", "call")) and "*" in text):
+            lookups["indirect branch (" + op + ")"] += 1
+        elif nxt is not None and nxt >> 12 != rip >> 12:
+            lookups["move to another code page"] += 1
     total = sum(kinds.values())
     print("# instructions by kind")
     for kind, count in kinds.most_common():
         print(f"{count:6d}  {100 * count / total:5.1f}%  {kind}")
+    print(f"# unchained block transitions: {sum(lookups.values())}")
+    for kind, count in lookups.most_common():
+        print(f"{count:6d}  {kind}")
+    print("# mnemonics")
+    for op, count in sorted(mnemonics.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"{count:6d}  {op}")
 
 
 def trace(gdb, args):
@@ -173,7 +204,7 @@ def trace(gdb, args):
             sys.exit(f"gdbprof: no symbol {args.trace_until}")
     per_fn = collections.Counter()
     order = []
-    rips = collections.Counter()
+    sequence = []
     steps = 0
     page_jumps = 0
     prev = None
@@ -186,7 +217,7 @@ def trace(gdb, args):
         if not order or order[-1] != name:
             order.append(name)
         per_fn[name] += 1
-        rips[rip] += 1
+        sequence.append(rip)
         if prev is not None and rip >> 12 != prev >> 12:
             page_jumps += 1  # TCG chains translation blocks only within a guest page
         prev = rip
@@ -201,7 +232,7 @@ def trace(gdb, args):
     for name, count in top:
         print(f"{count:6d}  {pretty[name]}")
     if args.vmlinux:
-        memory_ops(args.vmlinux, rips)
+        tcg_costs(args.vmlinux, sequence)
     if len(order) < 200:
         print("# call sequence (consecutive runs merged)")
         for name in order:

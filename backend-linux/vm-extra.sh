@@ -18,6 +18,8 @@
 #                                                         sample per LUOX_INTERVAL ms, default
 #                                                         1; LUOX_STACK bytes of stack scanned
 #                                                         for callers; gdbprof.py)
+#   loop:<c|rust>:<op>                                    the same loop, unobserved: its wall
+#                                                         time per operation
 #
 # Kernels come from `cargo xtask vm build --core c|rust` (same cache, same patch series and
 # config fragments as `cargo xtask vm test`); --no-debug builds them without
@@ -35,14 +37,14 @@ while [ $# -gt 0 ]; do
     case $1 in
         --no-debug) debug_flag=(--no-debug) ;;
         --timeout) timeout=$2; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         all) tests+=(chain:c,rust,c chain:rust,c,rust corrupt:compat corrupt:count corrupt:chain
                      corrupt:cycle corrupt:files b1:c,c b1:c,rust b1:rust,rust) ;;
         *) tests+=("$1") ;;
     esac
     shift
 done
-[ ${#tests[@]} -gt 0 ] || { sed -n '2,26p' "$0"; exit 2; }
+[ ${#tests[@]} -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
 
 out=$cache/logs/extra-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out"
@@ -70,8 +72,8 @@ need_c=0 need_rust=0
 for t in "${tests[@]}"; do
     case $t in
         bench) need_c=1; need_rust=1 ;;
-        prof:c:*) need_c=1 ;;
-        prof:rust:*) need_rust=1 ;;
+        prof:c:*|loop:c:*) need_c=1 ;;
+        prof:rust:*|loop:rust:*) need_rust=1 ;;
         corrupt:*) need_rust=1 ;;
         *:*) if [[ ,${t#*:}, == *,c,* ]]; then need_c=1; fi
              if [[ ,${t#*:}, == *,rust,* ]]; then need_rust=1; fi ;;
@@ -119,13 +121,14 @@ run_vm() { # name plan extra-append -> log path
     local img log=$out/$name.log
     img=$(mk_initrd "$name" 0 "${p[@]}")
     local smp=2
-    [ -z "${gdb_sock:-}" ] || smp=1 # one vCPU, so every sample is the loop's
-    local -a qemu=(timeout "$timeout" qemu-system-x86_64 -m 1G -smp $smp -no-reboot -nographic
+    # One vCPU for the loops, so every sample (and all the time) is the loop's.
+    [[ $name != loop_* ]] || smp=1
+    local -a qemu=(timeout "$timeout" ${LUOX_QEMU_PREFIX:-} qemu-system-x86_64 -m 1G -smp $smp -no-reboot -nographic
         -nodefaults -accel tcg -serial stdio ${LUOX_ICOUNT:+-icount shift=$LUOX_ICOUNT,sleep=off}
-        -append "console=ttyS0 liveupdate=on panic=-1 luox=${name%%_*} luox_plan=$plan luox_step=0 $extra"
+        -append "console=ttyS0 liveupdate=on panic=-1 luox=${name%%_*} luox_plan=$plan luox_step=0 $extra${LUOX_APPEND:+ $LUOX_APPEND}"
         -kernel "${bz[${p[0]}]}" -initrd "$img")
     if [ -z "${gdb_sock:-}" ]; then
-        "${qemu[@]}" </dev/null >"$log" 2>&1 || true
+        "${qemu[@]}" <"${LUOX_STDIN:-/dev/null}" >"$log" 2>&1 || true
     else
         "${qemu[@]}" -gdb "unix:$gdb_sock,server=on,wait=off" </dev/null >"$log" 2>&1 &
         local pid=$!
@@ -244,15 +247,17 @@ for t in "${tests[@]}"; do
             done
             bench_summary "${logs[@]}" | tee "$out/bench.txt"
             ;;
-        prof:*:*)
-            IFS=: read -r _ core op <<<"$t"
+        prof:*:*|loop:*:*)
+            IFS=: read -r mode core op <<<"$t"
             plan=$core
             case $op in finish|retrieve_memfds|finish_memfds|reboot) plan=$core,$core ;; esac
             end_marker="LUOX LOOP END"
             [ "$op" = reboot ] && end_marker="kexec_core: Starting new kernel"
-            log=$(gdb_sock=$out/gdb.sock run_vm "loop_$op" "$plan" "luox_op=$op luox_n=${LUOX_N:-200000} nokaslr")
-            judge_pass "prof $core $op: $(grep -ao 'per_op_us=[0-9.]*' "$log" | tail -1)" "$log"
-            sed "s/^/# /" "$out/loop_$op.prof"
+            sock=
+            [ "$mode" = prof ] && sock=$out/gdb.sock
+            log=$(gdb_sock=$sock run_vm "loop_${core}_$op" "$plan" "luox_op=$op luox_n=${LUOX_N:-200000} nokaslr")
+            judge_pass "$mode $core $op: $(grep -ao 'per_op_us=[0-9.]*' "$log" | tail -1)" "$log"
+            [ "$mode" = loop ] || sed "s/^/# /" "$out/loop_${core}_$op.prof"
             ;;
         *) echo "Bail out! unknown test $t"; exit 2 ;;
     esac

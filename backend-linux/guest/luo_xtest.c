@@ -764,6 +764,7 @@ static void run_bench(void)
  * One operation in a loop between "LUOX LOOP BEGIN" and "LUOX LOOP END" lines, for the
  * host-side sampler (vm-extra.sh prof:<core>:<op>). luox_n sets the size:
  *
+ *   null                              luox_n ioctls on /dev/null: the control, no LUO code
  *   rejected, getname, create_close   luox_n ioctls (or create + close pairs)
  *   finish                            luox_n FINISHes of one empty incoming session
  *   preserve                          luox_n rounds of: create a session, preserve 500 memfds,
@@ -775,7 +776,8 @@ static void run_bench(void)
  *                                     kernel"
  *
  * The ops that need incoming state run on a plan of two kernels: step 0 prepares it and
- * kexecs.
+ * kexecs. With luox_gate, the loop waits for a console line before it begins and after it
+ * ends (see wait_console).
  */
 #define LOOP_PER_SESSION 1000
 
@@ -839,13 +841,26 @@ static void loop_retrieve_fds(long n)
 	}
 }
 
+/*
+ * luox_gate: says `what` and waits for a line on the console, so that a host-side tool
+ * (a profiler of QEMU itself) can bracket exactly the loop.
+ */
+static void wait_console(const char *what)
+{
+	char c;
+
+	say("%s", what);
+	while (read(0, &c, 1) == 1 && c != '\n')
+		;
+}
+
 static void run_loop(void)
 {
 	const char *v = param("luox_op");
 	const char *op = v ? strdup(v) : "";
 	int two_steps = !strcmp(op, "finish") || !strcmp(op, "retrieve_memfds") ||
 			!strcmp(op, "finish_memfds") || !strcmp(op, "reboot");
-	int luo, s = 0, memfds[BENCH_FILES];
+	int luo, nullfd, gate, s = 0, memfds[BENCH_FILES];
 	long n, i;
 	double t;
 
@@ -905,6 +920,12 @@ static void run_loop(void)
 		fail("setup for %s", op);
 		finish_run();
 	}
+	nullfd = open("/dev/null", O_RDONLY);
+	if (nullfd < 0)
+		fail("open /dev/null");
+	gate = param("luox_gate") != NULL;
+	if (gate)
+		wait_console("LOOP GATE BEGIN");
 	say("LOOP BEGIN %s n=%ld", op, n);
 	t = now_us();
 	if (!strcmp(op, "retrieve_memfds")) {
@@ -915,7 +936,12 @@ static void run_loop(void)
 				fail("finish loop-%ld", i);
 	}
 	for (i = 0; i < n && !failed && !two_steps; i++) {
-		if (!strcmp(op, "rejected")) {
+		if (!strcmp(op, "null")) {
+			/* The control: an ioctl that LUO never sees (/dev/null has none), the same
+			 * C code on both kernels. */
+			if (ioctl(nullfd, _IO(LIVEUPDATE_IOCTL_TYPE, 0x20)) != -1 || errno != ENOTTY)
+				fail("ioctl on /dev/null");
+		} else if (!strcmp(op, "rejected")) {
 			struct liveupdate_session_get_name gn = { .size = sizeof(gn) };
 
 			if (ioctl(luo, _IO(LIVEUPDATE_IOCTL_TYPE, 0x20), &gn) != -1 || errno != EINVAL)
@@ -948,6 +974,8 @@ static void run_loop(void)
 		if (finish_session(s))
 			fail("finish");
 	say("LOOP END %s n=%ld per_op_us=%.3f", op, n, (now_us() - t) / n);
+	if (gate)
+		wait_console("LOOP GATE END");
 	finish_run();
 }
 
