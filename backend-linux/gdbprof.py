@@ -12,10 +12,12 @@ usage: gdbprof.py --sock SOCKET --log SERIAL_LOG --system-map System.map [--inte
 import argparse
 import bisect
 import collections
+import os
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -132,31 +134,51 @@ def sample(gdb, args, deadline, samples, stacks, text_lo, text_hi):
         gdb.interrupt()
 
 
-def disassemble(vmlinux, rip):
-    """The mnemonic and operands of the instruction at rip."""
-    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "--start-address=%#x" % rip,
-                          "--stop-address=%#x" % (rip + 16), vmlinux],
-                         capture_output=True, text=True).stdout
-    line = next((l for l in out.splitlines() if re.match(r"\s*[0-9a-f]+:\t", l)), "")
-    return line.split("\t", 1)[-1].strip()
+def disassemble(code):
+    """{rip: 16 bytes read at rip} -> {rip: "mnemonic operands"}, as the guest ran it
+    (alternatives and static calls already patched)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rip, raw in code.items():
+            path = os.path.join(tmp, "insn")
+            with open(path, "wb") as f:
+                f.write(raw)
+            text = subprocess.run(["objdump", "-D", "-b", "binary", "-mi386:x86-64",
+                                   "--no-show-raw-insn", "--stop-address=1", path],
+                                  capture_output=True, text=True).stdout
+            line = next((l for l in text.splitlines() if re.match(r"\s*0:\t", l)), "")
+            out[rip] = line.split("\t", 1)[-1].strip()
+    return out
+
+
+def jmp_cache_index(pc):
+    """QEMU's tb_jmp_cache_hash_func (softmmu, 4 KiB pages): the slot of the per-vCPU jump
+    cache a block starting at pc lives in. The cache is direct-mapped: two blocks in one slot
+    that are both looked up on every iteration evict each other, and each miss costs a lookup
+    in the global block hash table."""
+    tmp = pc ^ (pc >> 6)
+    return ((tmp >> 6) & 0xFC0) | (tmp & 0x3F)
 
 
 # Instructions after which QEMU's x86 translator ends the block with a return to its main loop
 # (no chaining, no jump cache): the IF/TF-changing ones and the privileged state changes.
-MAIN_LOOP_EXITS = ("popf", "sti", "iret", "sysret", "hlt", "pause", "wrmsr", "swapgs")
+MAIN_LOOP_EXITS = ("popf", "sti", "iret", "sysret", "hlt", "pause", "wrmsr", "syscall")
 
 
-def tcg_costs(vmlinux, sequence):
+def tcg_costs(code, sequence, name_of):
     """Prints what the traced path costs TCG beyond its instruction count.
 
     By instruction kind (every memory access goes through the soft TLB), and by the block
     transitions that cannot be chained: an indirect branch or a move to another guest page is
-    a jump-cache lookup (helper_lookup_tb_ptr); a flags/privilege change returns to the main loop.
+    a jump-cache lookup (helper_lookup_tb_ptr); a flags/privilege change returns to the main
+    loop, which looks the next block up the same way. Then the jump-cache slots that more
+    than one looked-up block maps to.
     """
-    insn = {rip: disassemble(vmlinux, rip) for rip in set(sequence)}
+    insn = disassemble(code)
     kinds = collections.Counter()
     mnemonics = collections.Counter()
     lookups = collections.Counter()
+    looked_up = []
     for i, rip in enumerate(sequence):
         text = insn[rip]
         op = text.split()[0] if text else "?"
@@ -176,6 +198,10 @@ def tcg_costs(vmlinux, sequence):
             lookups["indirect branch (" + op + ")"] += 1
         elif nxt is not None and nxt >> 12 != rip >> 12:
             lookups["move to another code page"] += 1
+        else:
+            continue
+        if nxt is not None:
+            looked_up.append(nxt)
     total = sum(kinds.values())
     print("# instructions by kind")
     for kind, count in kinds.most_common():
@@ -183,6 +209,25 @@ def tcg_costs(vmlinux, sequence):
     print(f"# unchained block transitions: {sum(lookups.values())}")
     for kind, count in lookups.most_common():
         print(f"{count:6d}  {kind}")
+    # Replay the lookups through a model of the jump cache, twice: misses of blocks already
+    # seen are conflicts (the second pass is the steady state of a loop over this path).
+    cache, seen, conflicts = {}, set(), [0, 0]
+    for rnd in (0, 1):
+        for pc in looked_up:
+            slot = jmp_cache_index(pc)
+            if cache.get(slot) != pc:
+                if pc in seen:
+                    conflicts[rnd] += 1
+                cache[slot] = pc
+            seen.add(pc)
+    slots = collections.defaultdict(set)
+    for pc in looked_up:
+        slots[jmp_cache_index(pc)].add(pc)
+    shared = {k: sorted(v) for k, v in slots.items() if len(v) > 1}
+    print(f"# looked-up blocks: {len(seen)}; jump-cache conflict misses: {conflicts[0]} in the "
+          f"trace, {conflicts[1]} when it repeats; slots shared: {len(shared)}")
+    for k, pcs in sorted(shared.items())[:20]:
+        print(f"  slot {k:4d}: " + ", ".join(f"{pc:#x} ({name_of(pc)})" for pc in pcs))
     print("# mnemonics")
     for op, count in sorted(mnemonics.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"{count:6d}  {op}")
@@ -208,12 +253,16 @@ def trace(gdb, args):
     steps = 0
     page_jumps = 0
     prev = None
+    cycle = until == where[0]  # --trace-until SYMBOL itself: one whole round, user space too
+    code = {}
     while steps < 5_000_000:
         rip = Gdb.reg(gdb.regs(), 16)
-        if rip < 0x8000_0000_0000_0000 or rip == until:
+        if (rip < 0x8000_0000_0000_0000 and not cycle) or (rip == until and steps > 0):
             break
+        if rip not in code:
+            code[rip] = gdb.memory(rip, 16)
         i = bisect.bisect_right(addrs, rip) - 1
-        name = names[i] if i >= 0 else "[unknown]"
+        name = "[user]" if rip < 0x8000_0000_0000_0000 else names[i] if i >= 0 else "[unknown]"
         if not order or order[-1] != name:
             order.append(name)
         per_fn[name] += 1
@@ -231,8 +280,13 @@ def trace(gdb, args):
           f"{page_jumps} moves to another code page")
     for name, count in top:
         print(f"{count:6d}  {pretty[name]}")
-    if args.vmlinux:
-        tcg_costs(args.vmlinux, sequence)
+    def name_of(rip):
+        if rip < 0x8000_0000_0000_0000:
+            return "[user]"
+        i = bisect.bisect_right(addrs, rip) - 1
+        return pretty.get(names[i], names[i]) if i >= 0 else "[unknown]"
+
+    tcg_costs(code, sequence, name_of)
     if len(order) < 200:
         print("# call sequence (consecutive runs merged)")
         for name in order:
@@ -252,10 +306,8 @@ def main():
                     help="instead of sampling: break at SYMBOL, single-step until the CPU is "
                          "back in user space, and count the instructions of each function")
     ap.add_argument("--trace-until", metavar="SYMBOL",
-                    help="with --trace: stop when SYMBOL is entered instead")
-    ap.add_argument("--vmlinux", help="with --trace: disassemble the traced instructions and "
-                                      "count those that touch memory (what TCG emulates "
-                                      "slowest: every access goes through its soft TLB)")
+                    help="with --trace: stop when SYMBOL is entered instead (the --trace "
+                         "symbol itself: one whole round, through user space)")
     ap.add_argument("--stack", type=int, default=0, metavar="BYTES",
                     help="also scan BYTES of the kernel stack for return addresses and print "
                          "an inclusive profile (a guess: stale addresses count too)")

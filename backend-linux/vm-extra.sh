@@ -135,7 +135,6 @@ run_vm() { # name plan extra-append -> log path
         python3 "$here/gdbprof.py" --sock "$gdb_sock" --log "$log" --timeout "$timeout" --interval "${LUOX_INTERVAL:-1}" --stack "${LUOX_STACK:-0}" --top "${LUOX_TOP:-30}" \
             --end "${end_marker:-LUOX LOOP END}" ${LUOX_TRACE:+--trace "$LUOX_TRACE"} \
             ${LUOX_TRACE_UNTIL:+--trace-until "$LUOX_TRACE_UNTIL"} \
-            ${LUOX_TRACE:+--vmlinux "${kdir[${p[-1]}]}/vmlinux"} \
             --system-map "${kdir[${p[-1]}]}/System.map" >"$out/$name.prof" || true
         wait $pid || true
     fi

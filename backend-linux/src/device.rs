@@ -100,7 +100,7 @@ impl UserArg for UserPtrArg {
 
     /// C's inline `copy_struct_from_user`, step for step: zero-fill a short struct, refuse a
     /// long one whose extra bytes are not zero, copy the common part.
-    #[inline]
+    #[inline(always)]
     fn copy_struct(&mut self, dst: &mut [u8], usize: usize) -> luo_core::Result {
         let src = self.0 as *const c_void;
         let size = dst.len().min(usize);
