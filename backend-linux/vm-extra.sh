@@ -26,6 +26,10 @@
 # config/debug.config (lockdep), as the benchmark should. LUOX_BZIMAGE_C / LUOX_BZIMAGE_RUST
 # point at already built kernels instead (inside their intact O= directories). Prints one TAP line per test;
 # serial logs go to $LUO_CACHE/logs/extra-<date>/.
+#
+# Also: LUOX_ICOUNT=<shift> runs QEMU with -icount (the guest clock counts instructions);
+# LUOX_QEMU_PREFIX (a command QEMU runs under), LUOX_STDIN (QEMU's stdin, the guest console)
+# and LUOX_APPEND (more kernel parameters) are what qemu-callgrind.sh uses.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -37,14 +41,14 @@ while [ $# -gt 0 ]; do
     case $1 in
         --no-debug) debug_flag=(--no-debug) ;;
         --timeout) timeout=$2; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         all) tests+=(chain:c,rust,c chain:rust,c,rust corrupt:compat corrupt:count corrupt:chain
                      corrupt:cycle corrupt:files b1:c,c b1:c,rust b1:rust,rust) ;;
         *) tests+=("$1") ;;
     esac
     shift
 done
-[ ${#tests[@]} -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+[ ${#tests[@]} -gt 0 ] || { sed -n '2,32p' "$0"; exit 2; }
 
 out=$cache/logs/extra-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out"
@@ -112,6 +116,15 @@ mk_initrd() {
 # and lib/tests/liveupdate.c messages that are not its success messages.
 splats='WARNING:|BUG:|kernel BUG at|Oops|Kernel panic|UBSAN:|DEBUG_LOCKS_WARN_ON|INFO: trying to register non-static key|INFO: lockdep is turned off|possible recursive locking|possible circular locking|Call Trace:|general protection fault|cut here|soft lockup|hard LOCKUP|rcu_sched self-detected stall|blocked for more than'
 flb_bad() { grep -a "liveupdate test: " "$1" | grep -avE "Registered |preserve was triggered|unpreserve was triggered|found flb data from the previous boot|finish was triggered"; }
+
+# For the timed runs (bench, loop, prof). Under a loaded TCG host the guest often fails to
+# calibrate the TSC and falls back to jiffies (4 ms steps in CLOCK_MONOTONIC and printk).
+# TCG's TSC is the host's, so give its rate and keep it as the clocksource. Under -icount the
+# TSC counts virtual nanoseconds, 2^shift per instruction: at 2^shift GHz the guest's clock
+# reads instructions (1 ns = 1 instruction).
+khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
+[ -z "${LUOX_ICOUNT:-}" ] || khz=$((1000000 << LUOX_ICOUNT))
+clock="tsc_early_khz=$khz tsc=reliable"
 
 n=0 failed=0
 run_vm() { # name plan extra-append -> log path
@@ -233,14 +246,10 @@ for t in "${tests[@]}"; do
             ;;
         bench)
             logs=()
-            # Under a loaded TCG host the guest often fails to calibrate the TSC and falls
-            # back to jiffies (4 ms steps in CLOCK_MONOTONIC and printk). TCG's TSC is the
-            # host's, so give its rate and keep it as the clocksource.
-            khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
             # LUOX_BENCH_RUNS runs, the cores interleaved so that host load hits both alike.
             for r in $(seq "${LUOX_BENCH_RUNS:-1}"); do
                 for core in ${LUOX_BENCH_CORES:-c rust}; do
-                    logs+=("$(run_vm "bench_${core}_$r" "$core,$core,$core,$core" "tsc_early_khz=$khz tsc=reliable")")
+                    logs+=("$(run_vm "bench_${core}_$r" "$core,$core,$core,$core" "$clock")")
                     judge_pass "bench $core core, run $r (4 boots, 3 handovers)" "${logs[-1]}"
                 done
             done
@@ -254,7 +263,7 @@ for t in "${tests[@]}"; do
             [ "$op" = reboot ] && end_marker="kexec_core: Starting new kernel"
             sock=
             [ "$mode" = prof ] && sock=$out/gdb.sock
-            log=$(gdb_sock=$sock run_vm "loop_${core}_$op" "$plan" "luox_op=$op luox_n=${LUOX_N:-200000} nokaslr")
+            log=$(gdb_sock=$sock run_vm "loop_${core}_$op" "$plan" "luox_op=$op luox_n=${LUOX_N:-200000} nokaslr $clock")
             judge_pass "$mode $core $op: $(grep -ao 'per_op_us=[0-9.]*' "$log" | tail -1)" "$log"
             [ "$mode" = loop ] || sed "s/^/# /" "$out/loop_${core}_$op.prof"
             ;;
