@@ -5,6 +5,7 @@
 //! reference into possibly-unaligned memory. Sizes and field offsets are asserted at compile
 //! time against the numbers in spec §7.
 
+use core::cmp::Ordering;
 use core::mem::{offset_of, size_of};
 
 /// `LUO_ABI_COMPATIBLE`.
@@ -225,8 +226,58 @@ pub const fn c_strlen(field: &[u8]) -> Option<usize> {
 /// A NUL-terminated string in a fixed `N`-byte field, as the C structs store names: 1..=N-1
 /// bytes (any byte but NUL), NUL-padded. Bytes after the first NUL of a field read from memory
 /// are ignored (upstream compares with `strcmp`/`strncmp`) and never kept.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Ordered as the byte strings are (`strcmp`'s order, which is also the padded arrays'), but
+/// compared eight bytes at a time and only up to the word that holds the NUL: names are the
+/// keys of the session tables, and a derived comparison `memcmp`s all 64 bytes at every step
+/// of a tree walk.
+#[derive(Clone, Copy, Hash)]
 pub struct FixedStr<const N: usize>([u8; N]);
+
+impl<const N: usize> FixedStr<N> {
+    /// Compares two padded fields in big-endian words (so word order is byte order), stopping
+    /// after the first word that ends in NUL in both: the rest is padding, zero in both.
+    fn compare(&self, other: &Self) -> Ordering {
+        let mut i = 0;
+        while i + 8 <= N {
+            let (Some(x), Some(y)) = (
+                self.0[i..].first_chunk::<8>(),
+                other.0[i..].first_chunk::<8>(),
+            ) else {
+                break;
+            };
+            let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
+            if x != y {
+                return x.cmp(&y);
+            }
+            if x & 0xff == 0 {
+                return Ordering::Equal;
+            }
+            i += 8;
+        }
+        self.0.get(i..).cmp(&other.0.get(i..))
+    }
+}
+
+impl<const N: usize> PartialEq for FixedStr<N> {
+    fn eq(&self, other: &Self) -> bool {
+        self.compare(other) == Ordering::Equal
+    }
+}
+
+impl<const N: usize> Eq for FixedStr<N> {}
+
+impl<const N: usize> PartialOrd for FixedStr<N> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<const N: usize> Ord for FixedStr<N> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.compare(other)
+    }
+}
 
 /// A compatible string (handler or FLB): 1..=47 bytes in 48.
 pub type Compat = FixedStr<HNDL_COMPAT_LEN>;
