@@ -231,7 +231,7 @@ pub const fn c_strlen(field: &[u8]) -> Option<usize> {
 /// compared eight bytes at a time and only up to the word that holds the NUL: names are the
 /// keys of the session tables, and a derived comparison `memcmp`s all 64 bytes at every step
 /// of a tree walk.
-#[derive(Clone, Copy, Hash)]
+#[derive(Clone, Copy)]
 pub struct FixedStr<const N: usize>([u8; N]);
 
 impl<const N: usize> FixedStr<N> {
