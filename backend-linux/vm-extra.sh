@@ -117,14 +117,17 @@ mk_initrd() {
 splats='WARNING:|BUG:|kernel BUG at|Oops|Kernel panic|UBSAN:|DEBUG_LOCKS_WARN_ON|INFO: trying to register non-static key|INFO: lockdep is turned off|possible recursive locking|possible circular locking|Call Trace:|general protection fault|cut here|soft lockup|hard LOCKUP|rcu_sched self-detected stall|blocked for more than'
 flb_bad() { grep -a "liveupdate test: " "$1" | grep -avE "Registered |preserve was triggered|unpreserve was triggered|found flb data from the previous boot|finish was triggered"; }
 
-# For the timed runs (bench, loop, prof). Under a loaded TCG host the guest often fails to
-# calibrate the TSC and falls back to jiffies (4 ms steps in CLOCK_MONOTONIC and printk).
-# TCG's TSC is the host's, so give its rate and keep it as the clocksource. Under -icount the
-# TSC counts virtual nanoseconds, 2^shift per instruction: at 2^shift GHz the guest's clock
-# reads instructions (1 ns = 1 instruction).
+# For the timed runs (bench, loop, prof): a steady clock and nothing else running. Under a
+# loaded TCG host the guest often fails to calibrate the TSC and falls back to jiffies (4 ms
+# steps in CLOCK_MONOTONIC and printk). TCG's TSC is the host's, so give its rate and keep it
+# as the clocksource. Under -icount the TSC counts virtual nanoseconds, 2^shift per
+# instruction: at 2^shift GHz the guest's clock reads instructions (1 ns = 1 instruction).
 khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
 [ -z "${LUOX_ICOUNT:-}" ] || khz=$((1000000 << LUOX_ICOUNT))
 clock="tsc_early_khz=$khz tsc=reliable"
+# No PS/2 probing either: i8042 finds its mouse asynchronously, late in boot, spending about
+# ten million instructions in udelay(); under -icount it landed in a reboot window (23x).
+clock+=" i8042.noaux i8042.nokbd"
 
 n=0 failed=0
 run_vm() { # name plan extra-append -> log path
