@@ -277,7 +277,8 @@ def trace(gdb, args):
     top = per_fn.most_common()
     pretty = dict(zip([n for n, _ in top], demangle([n for n, _ in top])))
     print(f"# {steps} instructions from {args.trace} to {args.trace_until or 'user space'}, "
-          f"{page_jumps} moves to another code page")
+          f"{page_jumps} moves to another code page, {len(code)} distinct instructions "
+          f"(what TCG translates when the path runs cold)")
     for name, count in top:
         print(f"{count:6d}  {pretty[name]}")
     def name_of(rip):
