@@ -310,27 +310,24 @@ pub(crate) struct LuoDevice;
 
 #[vtable]
 impl MiscDevice for LuoDevice {
-    /// The orchestrator, found once at open (its `SetOnce` costs an atomic helper call).
-    type Ptr = KBox<&'static Luo<KernelPlatform>>;
+    /// Nothing per open file: `luo()` is one load, and the device exists only once the
+    /// orchestrator does.
+    type Ptr = ();
 
     fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<Self::Ptr> {
-        let luo = luo().ok_or(ENODEV)?;
-        let ptr = KBox::new(luo, GFP_KERNEL)?;
-        luo.open().map_err(to_kernel)?;
-        Ok(ptr)
+        luo().ok_or(ENODEV)?.open().map_err(to_kernel)
     }
 
-    fn release(luo: Self::Ptr, _file: &File) {
-        luo.close();
+    fn release((): Self::Ptr, _file: &File) {
+        if let Some(luo) = luo() {
+            luo.close();
+        }
     }
 
-    fn ioctl(
-        luo: <Self::Ptr as ForeignOwnable>::Borrowed<'_>,
-        _file: &File,
-        cmd: u32,
-        arg: usize,
-    ) -> Result<isize> {
-        luo.device_ioctl(cmd, &mut UserPtrArg(arg), &mut Fds)
+    fn ioctl((): (), _file: &File, cmd: u32, arg: usize) -> Result<isize> {
+        luo()
+            .ok_or(ENODEV)?
+            .device_ioctl(cmd, &mut UserPtrArg(arg), &mut Fds)
             .map(|()| 0)
             .map_err(to_kernel)
     }
