@@ -101,6 +101,14 @@ def load_map(path):
     return [a for a, _ in syms], [n for _, n in syms]
 
 
+def symbol_of(addrs, names, rip):
+    """The System.map symbol a %rip falls in ("[user]" below the kernel half)."""
+    if rip < 0x8000_0000_0000_0000:
+        return "[user]"
+    i = bisect.bisect_right(addrs, rip) - 1
+    return names[i] if i >= 0 else "[unknown]"
+
+
 def demangle(names):
     try:
         out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
@@ -261,8 +269,7 @@ def trace(gdb, args):
             break
         if rip not in code:
             code[rip] = gdb.memory(rip, 16)
-        i = bisect.bisect_right(addrs, rip) - 1
-        name = "[user]" if rip < 0x8000_0000_0000_0000 else names[i] if i >= 0 else "[unknown]"
+        name = symbol_of(addrs, names, rip)
         if not order or order[-1] != name:
             order.append(name)
         per_fn[name] += 1
@@ -282,10 +289,8 @@ def trace(gdb, args):
     for name, count in top:
         print(f"{count:6d}  {pretty[name]}")
     def name_of(rip):
-        if rip < 0x8000_0000_0000_0000:
-            return "[user]"
-        i = bisect.bisect_right(addrs, rip) - 1
-        return pretty.get(names[i], names[i]) if i >= 0 else "[unknown]"
+        name = symbol_of(addrs, names, rip)
+        return pretty.get(name, name)
 
     tcg_costs(code, sequence, name_of)
     if len(order) < 200:
@@ -340,14 +345,10 @@ def main():
         pass
 
     def name_of(rip):
-        i = bisect.bisect_right(addrs, rip) - 1
-        return names[i] if i >= 0 else "[unknown]"
+        return symbol_of(addrs, names, rip)
 
     per_fn = collections.Counter()
     for rip, count in samples.items():
-        if rip < 0x8000_0000_0000_0000:
-            per_fn["[user]"] += count
-            continue
         per_fn[name_of(rip)] += count
     total = sum(per_fn.values())
     top = per_fn.most_common(args.top)
