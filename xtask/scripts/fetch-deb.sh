@@ -27,19 +27,8 @@ APTDIR=$CACHE/apt/$SUITE
 DEBS=$CACHE/debs
 mkdir -p "$APTDIR/lists/partial" "$APTDIR/archives/partial" "$DEBS"
 
-# Reuse the host's Debian mirror: the first URI of the deb822 stanza that is not the
-# security archive (the machine has no internet besides that mirror).
-mirror_uri() {
-	local f=/etc/apt/sources.list.d/debian.sources
-	if [[ -r $f ]]; then
-		awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f"
-		return
-	fi
-	# Legacy one-line format.
-	awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' \
-		/etc/apt/sources.list 2>/dev/null || true
-}
-
+# shellcheck source=mirror.sh
+. "$(dirname "$0")/mirror.sh"
 URI=$(mirror_uri)
 if [[ -z $URI ]]; then
 	echo "fetch-deb: cannot find a Debian mirror URI in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list" >&2

@@ -13,6 +13,10 @@ PKGS=(
 	libclang1-19 libclang-common-19-dev
 	# VM side
 	qemu-system-x86 busybox-static
+	# systemd_luo: the sid root (mmdebstrap), its ext4 image and the reading of /testok
+	# (e2fsprogs: mke2fs -d, debugfs), the ESP disk (fdisk: sfdisk; dosfstools; mtools),
+	# the guest's journal read after the run (systemd: journalctl)
+	mmdebstrap e2fsprogs fdisk dosfstools mtools systemd
 )
 
 missing=()

@@ -76,7 +76,7 @@ struct Fragments {
 fn fragments(paths: &Paths, core: Core, debug: bool) -> Result<Fragments> {
     let dir = paths.kernel_dir().join("config");
     let mut text = String::new();
-    let mut names = vec!["base.config".to_string()];
+    let mut names = vec!["base.config".to_string(), "systemd.config".to_string()];
     if debug {
         names.push("debug.config".to_string());
     }

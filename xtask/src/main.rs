@@ -12,6 +12,7 @@ mod paths;
 mod qemu;
 mod source;
 mod suite;
+mod sysroot;
 mod util;
 mod vm;
 
@@ -24,6 +25,7 @@ use util::{bail, Result};
 const USAGE: &str = "\
 usage: cargo xtask vm test  [--core c|rust] [--tests NAME[,NAME...]] [--clean]
                             [--no-debug] [--timeout SECS] [--jobs N] [--verbose]
+                            [--kexec-into c|rust]
        cargo xtask vm build [--core c|rust] [--clean] [--no-debug] [--jobs N]
        cargo xtask vm list
        cargo xtask vm clean
@@ -43,6 +45,9 @@ vm clean   remove the kernel build outputs (keeps toolchain, source and logs).
 --timeout    per-VM timeout in seconds (default 120)
 --jobs       make -j for the kernel (default: number of CPUs)
 --verbose    copy every VM's serial output to stderr as it arrives
+--kexec-into the core the systemd_luo VM kexecs into (default: the --core under test):
+             `--core c --kexec-into rust` hands systemd's fd stores from the C core to
+             the Rust core; both kernels are built
 
 Cache: $LUO_CACHE (default /var/cache/luo).";
 
@@ -68,6 +73,7 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
         timeout: Duration::from_secs(120),
         verbose: false,
         jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        kexec_into: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -98,6 +104,13 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
                         .filter(|s| !s.is_empty())
                         .map(String::from),
                 );
+            }
+            "--kexec-into" => {
+                let v = value("--kexec-into")?;
+                let Some(c) = Core::parse(&v) else {
+                    bail!("--kexec-into must be `c` or `rust`, not `{v}`");
+                };
+                opts.kexec_into = Some(c);
             }
             "--clean" => opts.clean = true,
             "--no-debug" => opts.debug = false,

@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -15,7 +15,12 @@ pub(crate) const BASE_APPEND: &str = "console=ttyS0 liveupdate=on panic=-1";
 
 pub(crate) struct Vm<'a> {
     pub(crate) kernel: &'a Path,
-    pub(crate) initrd: &'a Path,
+    /// The initramfs; `None` boots from the first of `disks` (root= on the command line).
+    pub(crate) initrd: Option<&'a Path>,
+    /// Raw disk images, attached as virtio-blk in order (/dev/vda, /dev/vdb, ...).
+    pub(crate) disks: &'a [PathBuf],
+    /// Guest RAM in MiB.
+    pub(crate) mem_mib: u32,
     /// Extra kernel command line after [`BASE_APPEND`].
     pub(crate) append: String,
     pub(crate) timeout: Duration,
@@ -41,25 +46,30 @@ pub(crate) fn boot(vm: &Vm<'_>) -> Result<Run> {
     let mut cmd = Command::new("qemu-system-x86_64");
     // KVM cannot run this guest on these hosts (kvm-pvm: emulation failures), and TCG
     // boots the tiny kernel in about a second, so TCG is used unconditionally.
-    cmd.args([
-        "-m",
-        "1G",
-        "-smp",
-        "2",
-        "-no-reboot",
-        "-nographic",
-        "-nodefaults",
-    ])
-    .args(["-accel", "tcg", "-serial", "stdio"])
-    .arg("-append")
-    .arg(format!("{BASE_APPEND} {}", vm.append).trim_end())
-    .arg("-kernel")
-    .arg(vm.kernel)
-    .arg("-initrd")
-    .arg(vm.initrd)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.arg("-m")
+        .arg(format!("{}M", vm.mem_mib))
+        .args(["-smp", "2", "-no-reboot", "-nographic", "-nodefaults"])
+        .args(["-accel", "tcg", "-serial", "stdio"])
+        .arg("-append")
+        .arg(format!("{BASE_APPEND} {}", vm.append).trim_end())
+        .arg("-kernel")
+        .arg(vm.kernel);
+    if let Some(initrd) = vm.initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    for d in vm.disks {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            d.display()
+        ));
+    }
+    if !vm.disks.is_empty() {
+        // systemd's first boot reads getrandom(); the host's entropy keeps it from waiting.
+        cmd.args(["-device", "virtio-rng-pci"]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut log =
         fs::File::create(vm.log).context(|| format!("cannot create {}", vm.log.display()))?;
     writeln!(log, "# {}", describe(&cmd))?;

@@ -22,6 +22,11 @@ pub(crate) enum Kind {
     /// `/init`, busybox, static luod and luoctl; `luoctl update` does the kexec). The script
     /// prints init.c's stage markers, so it is judged like `Kexec`; `pass` ends stage 2.
     Luod { pass: &'static str },
+    /// systemd 262's own TEST-91-LIVEUPDATE, unchanged, as its integration-test harness runs
+    /// it: a Debian sid root on /dev/vda, PID 1 starts the test unit, the test `systemctl
+    /// kexec`s into the kernel on the ESP (/dev/vdb1), the second boot checks what came back.
+    /// Judged by the harness's rules (`/testok`, no `/failed`, exit status 123) plus ours.
+    Systemd,
 }
 
 /// Which bzImage the outer initramfs carries as `/kernel` for the kexec.
@@ -129,6 +134,31 @@ const KEXEC_FLB: &[Expect] = &two_boot_flb(1);
 /// planted session's memfd is preserved too and, by design, never retrieved or finished in
 /// boot 2 (luod does not hand it out), so the FLBs' finish must not run: 0 times.
 const LUOD_FLB: &[Expect] = &two_boot_flb(0);
+
+/// systemd_luo's boots: registration in each (the finer FLB expectations follow below once
+/// measured on the C core).
+const SYSTEMD_FLB: &[Expect] = &[
+    Expect {
+        boot: 0,
+        text: FLB_REGISTERED,
+        count: 1,
+    },
+    Expect {
+        boot: 0,
+        text: RUST_SAMPLE,
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: FLB_REGISTERED,
+        count: 1,
+    },
+    Expect {
+        boot: 1,
+        text: RUST_SAMPLE,
+        count: 1,
+    },
+];
 
 /// The whole suite, in run order.
 pub(crate) const TESTS: &[VmTest] = &[
@@ -243,6 +273,13 @@ pub(crate) const TESTS: &[VmTest] = &[
         ],
         expect: LUOD_FLB,
     },
+    VmTest {
+        opt_in: true,
+        name: "systemd_luo",
+        kind: Kind::Systemd,
+        spans: &[],
+        expect: SYSTEMD_FLB,
+    },
 ];
 
 /// Markers of the upstream init.c flow, in the order they must appear.
@@ -253,7 +290,8 @@ pub(crate) const S2_START: &str = "INIT: Starting Stage 2";
 pub(crate) const S2_DONE: &str = "INIT: Stage 2 completed successfully.";
 /// First line of every kernel's log; splits a two-boot log into boots.
 const BANNER: &str = "Linux version ";
-const RUN_INIT: &str = "Run /init as init process";
+/// "Run /init as init process" (initramfs) or "Run /sbin/init as init process" (a root disk).
+const RUN_INIT: &str = " as init process";
 /// What `xtask/scripts/luod-init.sh` prints when a check fails (then it reboots).
 const SCRIPT_FAIL: &str = "LUOD-VM: FAIL: ";
 
@@ -559,6 +597,117 @@ pub(crate) fn judge_kexec(t: &VmTest, run: &Run, pass: &str) -> (Case, Metrics) 
         ok: diag.is_empty(),
         secs: Some(run.wall.as_secs_f64()),
         detail,
+        diag,
+    };
+    (
+        case,
+        Metrics {
+            boot_to_init: boot_metrics(run),
+        },
+    )
+}
+
+/// What systemd's harness reads from the disk after the VM is gone.
+pub(crate) struct SystemdDisk {
+    /// `/testok`: written by the second boot's test script when every check passed.
+    pub(crate) testok: bool,
+    /// `/failed`, if present: its contents (the harness fails on any).
+    pub(crate) failed: Option<String>,
+    /// The journal on the disk, one text per boot.
+    pub(crate) journal: Vec<String>,
+}
+
+/// The test script's first line in each boot (its `set -x` trace goes to the console through
+/// the harness's StandardOutput=journal+console), and the kexec request in the first.
+pub(crate) const SYSTEMD_UNIT_START: &str = "]: + set -o pipefail";
+pub(crate) const SYSTEMD_KEXEC: &str = "+ systemctl kexec --kernel-cmdline=";
+/// What PID 1 journals when the test unit ends: the harness's exit status 123 is its
+/// SuccessAction=exit (SuccessActionExitStatus=123), run when the unit succeeded; a failed
+/// unit runs FailureAction=exit instead.
+const SYSTEMD_UNIT_OK: &str = "TEST-91-LIVEUPDATE.service: Deactivated successfully.";
+const SYSTEMD_UNIT_FAILED: &str = "TEST-91-LIVEUPDATE.service: Failed with result";
+const SYSTEMD_EXIT_ACTION: &str =
+    "Doing \"poweroff\" action instead of an \"exit\" emergency action.";
+
+/// Judge the systemd VM as systemd's integration-test harness does (the exit status 123
+/// that SuccessActionExitStatus= sets, `/testok` on the disk, nothing in `/failed`), plus
+/// our checks: two boots, no kernel splat, the FLB lines, and the blackout as systemd sees
+/// it (from `systemctl kexec` to the second boot's start of the test unit).
+pub(crate) fn judge_systemd(t: &VmTest, run: &Run, disk: &SystemdDisk) -> (Case, Metrics) {
+    let mut diag = Vec::new();
+    common_checks(t, run, 2, &mut diag);
+    if !disk.testok {
+        diag.push("no /testok on the disk: the second boot's checks did not all pass".into());
+    }
+    if let Some(f) = &disk.failed {
+        diag.push(format!("/failed on the disk: {}", f.trim()));
+    }
+    // The exit status: the last boot's unit succeeded and PID 1 ran the exit action.
+    match disk.journal.as_slice() {
+        [.., last] => {
+            for want in [SYSTEMD_UNIT_OK, SYSTEMD_EXIT_ACTION] {
+                if !last.contains(want) {
+                    diag.push(format!("journal of the last boot: no \"{want}\""));
+                }
+            }
+        }
+        [] => diag.push("no journal on the disk".into()),
+    }
+    if disk.journal.len() != 2 {
+        diag.push(format!(
+            "the journal holds {} boot(s), not 2",
+            disk.journal.len()
+        ));
+    }
+    for (n, j) in disk.journal.iter().enumerate() {
+        if let Some(l) = j.lines().find(|l| l.contains(SYSTEMD_UNIT_FAILED)) {
+            diag.push(format!("journal of boot {}: {}", n + 1, l.trim()));
+        }
+    }
+    let starts = boot_starts(&run.lines);
+    let unit1 = find(&run.lines, 0, SYSTEMD_UNIT_START);
+    let kexec = unit1.and_then(|i| find(&run.lines, i, SYSTEMD_KEXEC));
+    let unit2 = starts
+        .get(1)
+        .and_then(|&b| find(&run.lines, b, SYSTEMD_UNIT_START));
+    for (what, at) in [
+        ("the test unit's start in boot 1", unit1),
+        ("`systemctl kexec` in boot 1", kexec),
+        ("the test unit's start in boot 2", unit2),
+    ] {
+        if at.is_none() {
+            diag.push(format!("missing: {what}"));
+        }
+    }
+    let t_of = |i: Option<usize>| i.map(|i| run.lines[i].t);
+    let mut spans = Vec::new();
+    let mut push = |label: &str, a: Option<f64>, b: Option<f64>| {
+        if let (Some(a), Some(b)) = (a, b) {
+            spans.push(format!("{label} {:.3} s", b - a));
+        }
+    };
+    let banner1 = starts.first().map(|&i| run.lines[i].t);
+    let banner2 = starts.get(1).map(|&i| run.lines[i].t);
+    let down = starts
+        .get(1)
+        .and_then(|&b| {
+            run.lines[..b]
+                .iter()
+                .rposition(|l| l.text.contains(KEXEC_START))
+        })
+        .map(|i| run.lines[i].t);
+    push("boot 1 to the test unit", banner1, t_of(unit1));
+    push("test, boot 1", t_of(unit1), t_of(kexec));
+    push("kexec blackout", t_of(kexec), t_of(unit2));
+    push("blackout.down", t_of(kexec), down);
+    push("blackout.jump", down, banner2);
+    push("blackout.boot", banner2, t_of(unit2));
+    push("test, boot 2", t_of(unit2), run.lines.last().map(|l| l.t));
+    let case = Case {
+        name: t.name.to_string(),
+        ok: diag.is_empty(),
+        secs: Some(run.wall.as_secs_f64()),
+        detail: spans.join(", "),
         diag,
     };
     (

@@ -12,6 +12,7 @@ use crate::paths::{Paths, LINUX_DEB_VERSION, LINUX_PKG};
 use crate::qemu::{self, Vm};
 use crate::source::{self, Patches};
 use crate::suite::{self, Case, Kind, Metrics, Stage2, TESTS};
+use crate::sysroot::{self, Sysroot};
 use crate::util::{self, bail, mkdirs, note, remove, step, CacheLock, Result};
 
 pub(crate) struct Options {
@@ -24,6 +25,8 @@ pub(crate) struct Options {
     pub(crate) timeout: Duration,
     pub(crate) verbose: bool,
     pub(crate) jobs: usize,
+    /// `--kexec-into`: the core of the kernel the systemd VM kexecs into, if not `core`.
+    pub(crate) kexec_into: Option<Core>,
 }
 
 /// Everything up to a built kernel and guest programs.
@@ -154,7 +157,7 @@ fn select(opts: &Options) -> Result<BTreeMap<usize, Option<Vec<String>>>> {
                     v.push(c.to_string());
                 }
             }
-            (Some(_), Kind::Kexec { .. } | Kind::Luod { .. }) => {
+            (Some(_), Kind::Kexec { .. } | Kind::Luod { .. } | Kind::Systemd) => {
                 bail!("`{want}`: kexec tests have no cases; use `{vm}`")
             }
         }
@@ -185,6 +188,11 @@ pub(crate) fn list(paths: &Paths) {
                     t.name
                 )
             }
+            Kind::Systemd => println!(
+                "{}  (one VM, two boots: systemd 262 runs its TEST-91-LIVEUPDATE, \
+                 `systemctl kexec`, the second boot checks the fd stores)",
+                t.name
+            ),
             Kind::Luod { .. } => println!(
                 "{}  (one VM, two boots: luod + luoctl preserve, luoctl update kexecs, \
                  luoctl retrieve{})",
@@ -202,10 +210,29 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
     let load_start = util::loadavg();
     let mut phases = Phases(Vec::new());
     let b = prepare(paths, opts, &mut phases)?;
+    // The second kernel of a cross-core run (systemd_luo only).
+    let next = match opts.kexec_into {
+        Some(c) if c != opts.core => {
+            if sel.keys().any(|&i| !matches!(TESTS[i].kind, Kind::Systemd)) {
+                bail!("--kexec-into applies to systemd_luo only; add `--tests systemd_luo`");
+            }
+            let o = Options {
+                core: c,
+                tests: Vec::new(),
+                clean: false,
+                kexec_into: None,
+                ..*opts
+            };
+            Some(prepare(paths, &o, &mut phases)?.kernel)
+        }
+        _ => None,
+    };
+    let run_name = match &next {
+        Some(n) => format!("{}-{}-to-{}", util::timestamp(), opts.core, n.core),
+        None => format!("{}-{}", util::timestamp(), opts.core),
+    };
 
-    let run_dir = paths
-        .logs()
-        .join(format!("{}-{}", util::timestamp(), opts.core));
+    let run_dir = paths.logs().join(run_name);
     prune_logs(&paths.logs());
     mkdirs(&run_dir)?;
     let latest = paths.logs().join("latest");
@@ -263,7 +290,9 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
                 }
                 let run = qemu::boot(&Vm {
                     kernel: &b.kernel.bzimage,
-                    initrd: &image,
+                    initrd: Some(&image),
+                    disks: &[],
+                    mem_mib: 1024,
                     append,
                     timeout: opts.timeout,
                     log: &log,
@@ -282,13 +311,25 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
                 let image = kexec_image(&b, t.name, program, &stage2_kernel)?;
                 let run = qemu::boot(&Vm {
                     kernel: &b.kernel.bzimage,
-                    initrd: &image,
+                    initrd: Some(&image),
+                    disks: &[],
+                    mem_mib: 1024,
                     append: String::new(),
                     timeout: opts.timeout,
                     log: &log,
                     echo: opts.verbose,
                 })?;
                 let (c, m) = suite::judge_kexec(t, &run, pass);
+                (vec![c], m)
+            }
+            Kind::Systemd => {
+                let root = phases.time("sid root", || sysroot::ensure(paths))?;
+                if root.built {
+                    note(&format!("built {}", root.image.display()));
+                }
+                let next_kernel = next.as_ref().unwrap_or(&b.kernel);
+                let (run, disk) = systemd_vm(paths, &b.kernel, next_kernel, &root, opts, &log)?;
+                let (c, m) = suite::judge_systemd(t, &run, &disk);
                 (vec![c], m)
             }
             Kind::Luod { pass } => {
@@ -298,7 +339,9 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
                 let image = luod_image(&b, t.name, luod, luoctl)?;
                 let run = qemu::boot(&Vm {
                     kernel: &b.kernel.bzimage,
-                    initrd: &image,
+                    initrd: Some(&image),
+                    disks: &[],
+                    mem_mib: 1024,
                     append: String::new(),
                     timeout: opts.timeout,
                     log: &log,
@@ -522,4 +565,103 @@ fn luod_image(b: &Built, name: &str, luod: &Path, luoctl: &Path) -> Result<PathB
     let outer = dir.join(format!("{name}.cpio"));
     guest::pack(&b.kernel.gen_init_cpio, &entries, &outer)?;
     Ok(outer)
+}
+
+/// How long the systemd VM may take at least: two systemd boots and the test under TCG.
+const SYSTEMD_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The kernel command line of the systemd VM: what systemd's integration-test harness
+/// passes (mkosi.conf's KernelCommandLine=, integration-test-wrapper.py's
+/// --kernel-command-line-extra, TEST-91's meson `cmdline`), the root disk, and the
+/// harness's credentials (which mkosi passes over SMBIOS) as `systemd.set_credential_binary=`.
+fn systemd_cmdline() -> String {
+    const HARNESS: &[&str] = &[
+        // the root and the ESP (docs/systemd.md)
+        "root=/dev/vda rw",
+        // TEST-91-LIVEUPDATE/meson.build
+        "kho=on liveupdate=on systemd.minimum_uptime_sec=0",
+        // mkosi/mkosi.conf (console:info keeps the serial log readable under TCG)
+        "systemd.log_level=debug,console:info systemd.log_ratelimit_kmsg=0 printk.devkmsg=on",
+        "selinux=0 systemd.early_core_pattern=/core systemd.firstboot=no raid=noautodetect",
+        "oops=panic softlockup_panic=1 panic_on_warn=1 psi=1 mitigations=off",
+        // integration-test-wrapper.py, for a test run without a terminal
+        "systemd.hostname=H",
+        "SYSTEMD_UNIT_PATH=/usr/lib/systemd/tests/testdata/TEST-91-LIVEUPDATE.units:\
+         /usr/lib/systemd/tests/testdata/units:",
+        "systemd.unit=TEST-91-LIVEUPDATE.service",
+        "systemd.mask=systemd-networkd-wait-online.service systemd.mask=serial-getty@.service",
+        "systemd.show_status=error systemd.crash_shell=0 systemd.crash_action=poweroff loglevel=6",
+    ];
+    // integration-test-wrapper.py's credentials for a run without a terminal.
+    const DROPIN: &str = "[Service]\nStandardOutput=journal+console\n\n\
+        [Unit]\nSuccessAction=exit\nSuccessActionExitStatus=123\n\n\
+        [Unit]\nFailureAction=exit\n";
+    const EMERGENCY_EXIT_SERVICE: &str = "[Unit]\nDefaultDependencies=no\n\
+        Conflicts=shutdown.target\nConflicts=rescue.service\nBefore=shutdown.target\n\
+        Before=rescue.service\nFailureAction=exit\n\n[Service]\nExecStart=false\n";
+    const EMERGENCY_EXIT_DROPIN: &str = "[Unit]\nWants=emergency-exit.service\n";
+    let creds = [
+        ("systemd.unit-dropin.TEST-91-LIVEUPDATE.service", DROPIN),
+        (
+            "systemd.extra-unit.emergency-exit.service",
+            EMERGENCY_EXIT_SERVICE,
+        ),
+        (
+            "systemd.unit-dropin.emergency.target",
+            EMERGENCY_EXIT_DROPIN,
+        ),
+        ("journal.storage", "persistent"),
+    ];
+    let mut out = HARNESS.join(" ");
+    for (name, value) in creds {
+        let _ = write!(
+            out,
+            " systemd.set_credential_binary={name}:{}",
+            util::base64(value.as_bytes())
+        );
+    }
+    out
+}
+
+/// Boot the systemd VM with `kernel` on a fresh copy of the root and an ESP holding
+/// `next` (the kernel `systemctl kexec` loads); then read what the harness reads from the
+/// root disk.
+fn systemd_vm(
+    paths: &Paths,
+    kernel: &Kernel,
+    next: &Kernel,
+    root: &Sysroot,
+    opts: &Options,
+    log: &Path,
+) -> Result<(qemu::Run, suite::SystemdDisk)> {
+    // Kept until the next run of this core, for a look after a failure; not under logs/.
+    let dir = paths
+        .cache
+        .join("sysroot")
+        .join(format!("run-{}", kernel.core));
+    mkdirs(&dir)?;
+    let disk = dir.join("root.ext4");
+    sysroot::copy_root(&root.image, &disk)?;
+    let esp = dir.join("esp.img");
+    sysroot::esp_disk(
+        &next.bzimage,
+        &format!("Linux {} ({} core)", next.release, next.core),
+        &esp,
+    )?;
+    let run = qemu::boot(&Vm {
+        kernel: &kernel.bzimage,
+        initrd: None,
+        disks: &[disk.clone(), esp],
+        mem_mib: 2048,
+        append: systemd_cmdline(),
+        timeout: opts.timeout.max(SYSTEMD_TIMEOUT),
+        log,
+        echo: opts.verbose,
+    })?;
+    let result = suite::SystemdDisk {
+        testok: sysroot::read_file(&disk, "/testok")?.is_some(),
+        failed: sysroot::read_file(&disk, "/failed")?,
+        journal: sysroot::journal(&disk, &log.with_extension("journal"))?,
+    };
+    Ok((run, result))
 }
