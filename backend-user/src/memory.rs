@@ -8,6 +8,12 @@
 //!
 //! Format `luo-user-v1` (native endian), page 0:
 //! `magic[8] = "LUOUSER1" | page_size u32 | reserved u32 | root u64 | root_size u64 | pages u64`.
+//!
+//! Page addresses are reused: a freed page's address goes on a free set and the lowest free
+//! address is handed out first, and freeing the topmost page lowers the top. The image ends at
+//! the highest live page, so its size follows what is live, never how many pages were ever
+//! allocated: create/preserve/close in a loop does not grow it. A hole can only be a page freed
+//! below a live one, so the image spans at most the peak number of pages live at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -81,11 +87,45 @@ struct Faults {
     alloc_fail_after: Option<usize>,
 }
 
+/// The outgoing pages. Invariant: every page address in `[PAGE_SIZE, next)` is either in
+/// `pages` (live) or in `free`, never both, and the page just below `next` is live.
 #[derive(Default)]
 struct Arena {
     pages: BTreeMap<u64, Box<[u8]>>,
+    /// Freed addresses below `next`; the lowest is reused first.
+    free: BTreeSet<u64>,
+    /// One past the highest address handed out and not freed.
     next: u64,
     root: Option<(u64, u64)>,
+}
+
+impl Arena {
+    /// The lowest free address, or a new one at the top. O(log n).
+    fn take_addr(&mut self) -> u64 {
+        if let Some(addr) = self.free.pop_first() {
+            return addr;
+        }
+        let addr = self.next;
+        self.next += PAGE_SIZE as u64;
+        addr
+    }
+
+    /// Returns a freed page's address; the top comes down past every free page under it
+    /// (amortized O(log n): each address is put on the free set and taken off it once).
+    fn give_back(&mut self, addr: u64) {
+        if addr + PAGE_SIZE as u64 != self.next {
+            self.free.insert(addr);
+            return;
+        }
+        self.next = addr;
+        while let Some(&top) = self.free.last() {
+            if top + PAGE_SIZE as u64 != self.next {
+                break;
+            }
+            self.free.pop_last();
+            self.next = top;
+        }
+    }
 }
 
 struct Incoming {
@@ -187,19 +227,22 @@ impl Memory {
                 None => {}
             }
         }
+        let page = vec![0u8; PAGE_SIZE].into_boxed_slice();
         let mut a = lock(&self.out);
-        let addr = a.next;
-        a.next += PAGE_SIZE as u64;
-        a.pages
-            .insert(addr, vec![0u8; PAGE_SIZE].into_boxed_slice());
+        let addr = a.take_addr();
+        a.pages.insert(addr, page);
         Ok(addr)
     }
 
-    /// Frees an outgoing page.
+    /// Frees an outgoing page; its address is reused by a later [`Memory::alloc_page`].
     pub fn free_page(&self, addr: u64) {
-        if lock(&self.out).pages.remove(&addr).is_none() {
+        let mut a = lock(&self.out);
+        if a.pages.remove(&addr).is_none() {
+            drop(a);
             self.log(Level::Warn, format_args!("freeing unknown page {addr:#x}"));
+            return;
         }
+        a.give_back(addr);
     }
 
     /// Number of outgoing pages held (for leak checks).
@@ -339,5 +382,75 @@ impl Memory {
 impl Default for Memory {
     fn default() -> Self {
         Memory::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE as u64;
+
+    fn image_pages(m: &Memory) -> u64 {
+        m.to_bytes().len() as u64 / P
+    }
+
+    #[test]
+    fn freed_addresses_are_reused_lowest_first_and_the_top_comes_down() {
+        let m = Memory::new();
+        let a: Vec<u64> = (0..5).map(|_| m.alloc_page().unwrap()).collect();
+        assert_eq!(a, [P, 2 * P, 3 * P, 4 * P, 5 * P]);
+        m.free_page(4 * P);
+        m.free_page(2 * P);
+        assert_eq!(image_pages(&m), 6, "holes below a live page stay");
+        assert_eq!(m.alloc_page().unwrap(), 2 * P);
+        assert_eq!(m.alloc_page().unwrap(), 4 * P);
+        assert_eq!(m.alloc_page().unwrap(), 6 * P);
+        // Free from the top down across holes: the top comes down past all of them.
+        for addr in [3 * P, 5 * P, 6 * P] {
+            m.free_page(addr);
+        }
+        assert_eq!(image_pages(&m), 5, "pages 1, 2, 4 live");
+        m.free_page(4 * P);
+        assert_eq!(image_pages(&m), 3);
+        assert_eq!(lock(&m.out).next, 3 * P);
+        assert!(lock(&m.out).free.is_empty());
+        assert_eq!(m.alloc_page().unwrap(), 3 * P);
+    }
+
+    #[test]
+    fn a_reused_page_is_zeroed_and_unknown_frees_change_nothing() {
+        let m = Memory::new();
+        let a = m.alloc_page().unwrap();
+        let b = m.alloc_page().unwrap();
+        m.write(a, &[0xaa; 16]).unwrap();
+        m.free_page(a);
+        m.free_page(a);
+        m.free_page(77 * P);
+        assert_eq!(m.alloc_page().unwrap(), a);
+        let mut buf = [1u8; 16];
+        m.read_outgoing(a, &mut buf).unwrap();
+        assert_eq!(buf, [0; 16]);
+        assert_eq!(m.alloc_page().unwrap(), b + P);
+        assert_eq!(m.outgoing_pages(), 3);
+        assert!(m
+            .log_lines()
+            .iter()
+            .any(|(_, l)| l.contains("freeing unknown page")));
+    }
+
+    #[test]
+    fn many_cycles_keep_the_image_at_the_live_size() {
+        let m = Memory::new();
+        let live = m.alloc_page().unwrap();
+        for _ in 0..10_000 {
+            let x = m.alloc_page().unwrap();
+            let y = m.alloc_page().unwrap();
+            m.free_page(x);
+            m.free_page(y);
+        }
+        let last = m.alloc_page().unwrap();
+        assert_eq!((live, last), (P, 2 * P));
+        assert_eq!(image_pages(&m), 3);
     }
 }
