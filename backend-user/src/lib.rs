@@ -14,6 +14,7 @@
 //! so `RLIMIT_NOFILE` gives `EMFILE` exactly where the kernel would.
 
 pub mod memory;
+pub mod next_image;
 mod platform;
 pub mod sys;
 

@@ -25,6 +25,8 @@ use luo_core::{Error, Level};
 
 use crate::sys;
 
+/// The name and version of this image format, as the next-image handshake names it.
+pub const FORMAT: &str = "luo-user-v1";
 /// The handover file's magic.
 pub const MAGIC: &[u8; 8] = b"LUOUSER1";
 /// Page size of this backend (the `luo-v5` block size).
