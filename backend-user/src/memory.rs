@@ -331,14 +331,23 @@ impl Memory {
         lock(&self.out).root = Some((addr, size));
     }
 
+    /// The size in bytes of the handover image [`Memory::to_bytes`] would write now: the header
+    /// page up to the highest live page. Reboot allocates nothing, so this is known before it.
+    pub fn image_len(&self) -> u64 {
+        Self::end(&lock(&self.out))
+    }
+
+    fn end(a: &Arena) -> u64 {
+        a.pages
+            .keys()
+            .next_back()
+            .map_or(PAGE_SIZE as u64, |&k| k + PAGE_SIZE as u64)
+    }
+
     /// The handover image as bytes: header page plus every outgoing page at its address.
     pub fn to_bytes(&self) -> Vec<u8> {
         let a = lock(&self.out);
-        let end = a
-            .pages
-            .keys()
-            .next_back()
-            .map_or(PAGE_SIZE as u64, |&k| k + PAGE_SIZE as u64);
+        let end = Self::end(&a);
         let mut bytes = vec![0u8; end as usize];
         bytes[..8].copy_from_slice(MAGIC);
         bytes[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_ne_bytes());
@@ -454,5 +463,6 @@ mod tests {
         let last = m.alloc_page().unwrap();
         assert_eq!((live, last), (P, 2 * P));
         assert_eq!(image_pages(&m), 3);
+        assert_eq!(m.image_len(), 3 * P);
     }
 }

@@ -32,6 +32,10 @@ pub mod pattern;
 pub mod size;
 
 use std::ffi::OsString;
+
+/// The program kind `luo` answers the next-image probe with
+/// ([`backend_user::next_image`]): its command line is `luo demo --stage2 ...`.
+pub const PROGRAM: &str = "luo";
 use std::path::PathBuf;
 
 /// A failure of the command: a one-line message and an exit status.
@@ -70,9 +74,16 @@ usage:
       its next image (PATH, default itself), which retrieves the memory, verifies every byte
       and resumes. Prints the timeline and the blackout. --dump also writes the handover
       image to FILE. --run-ms is how long the workload runs before the cut (default 300).
-  luo inspect FILE [--json]
+      Before the cut PATH must answer `PATH --luo-handover-probe` with this handover's
+      version line, and the dump must fit in FILE; otherwise the update is refused, the
+      guest RAM is verified intact in place and nothing is lost (exit status 1).
+  luo inspect FILE [--json] [--max-size SIZE]
       Decode a handover image (as written by --dump): root, sessions, files, handler data,
       FLBs. A malformed image gives one line naming the offset and the rule, exit status 2.
+      FILE must be a regular file; its header is checked before the rest is read, and a
+      file larger than SIZE (default 256MiB) is refused.
+  luo --luo-handover-probe
+      Print the handover version line (for an old image checking its next image).
   luo help | --help
   luo --version
 ";
@@ -80,6 +91,12 @@ usage:
 /// Runs the command line (without argv[0]); returns the exit status. `t_start` is the first
 /// CLOCK_MONOTONIC reading of `main`.
 pub fn run(argv0: OsString, args: Vec<OsString>, t_start: u64) -> i32 {
+    if backend_user::next_image::is_probe(&args) {
+        return match backend_user::next_image::answer(PROGRAM) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        };
+    }
     match dispatch(argv0, &args, t_start) {
         Ok(()) => 0,
         Err(e) => {
