@@ -82,6 +82,48 @@ impl std::fmt::Display for HandoverFileError {
 
 impl std::error::Error for HandoverFileError {}
 
+/// Bytes of the header that [`check_header`] reads.
+pub const HEADER_LEN: usize = 40;
+
+/// Checks a handover file's size alone: whole pages, at least one, at most
+/// [`MAX_HANDOVER_BYTES`].
+pub fn check_size(len: u64) -> Result<(), HandoverFileError> {
+    if len < PAGE_SIZE as u64 || len % PAGE_SIZE as u64 != 0 || len > MAX_HANDOVER_BYTES {
+        return Err(HandoverFileError::BadSize(len));
+    }
+    Ok(())
+}
+
+/// Checks a handover file of `len` bytes by its size and its header (the file's first bytes,
+/// at least [`HEADER_LEN`] of them) before the rest is read: size, magic, page size, page
+/// count. Returns the root's address and size (address 0: no LUO state).
+pub fn check_header(header: &[u8], len: u64) -> Result<(u64, u64), HandoverFileError> {
+    check_size(len)?;
+    let Some(h) = header.get(..HEADER_LEN) else {
+        return Err(HandoverFileError::BadSize(header.len() as u64));
+    };
+    if &h[..8] != MAGIC {
+        return Err(HandoverFileError::BadMagic);
+    }
+    let word = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[o..o + 8]);
+        u64::from_ne_bytes(b)
+    };
+    let page_size = u32::from_ne_bytes([h[8], h[9], h[10], h[11]]);
+    if page_size as usize != PAGE_SIZE {
+        return Err(HandoverFileError::BadPageSize(page_size));
+    }
+    let pages = word(32);
+    if pages != len / PAGE_SIZE as u64 {
+        return Err(HandoverFileError::BadPageCount {
+            claimed: pages,
+            actual: len / PAGE_SIZE as u64,
+        });
+    }
+    Ok((word(16), word(24)))
+}
+
 /// Counters and knobs for tests and fuzzing.
 #[derive(Default)]
 struct Faults {
@@ -166,29 +208,7 @@ impl Memory {
 
     /// Memory booted from a handover file's bytes (checked: header, size).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, HandoverFileError> {
-        let len = bytes.len() as u64;
-        if len < PAGE_SIZE as u64 || len % PAGE_SIZE as u64 != 0 || len > MAX_HANDOVER_BYTES {
-            return Err(HandoverFileError::BadSize(len));
-        }
-        if &bytes[..8] != MAGIC {
-            return Err(HandoverFileError::BadMagic);
-        }
-        let word = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[o..o + 8]);
-            u64::from_ne_bytes(b)
-        };
-        let page_size = u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-        if page_size as usize != PAGE_SIZE {
-            return Err(HandoverFileError::BadPageSize(page_size));
-        }
-        let (root, root_size, pages) = (word(16), word(24), word(32));
-        if pages != len / PAGE_SIZE as u64 {
-            return Err(HandoverFileError::BadPageCount {
-                claimed: pages,
-                actual: len / PAGE_SIZE as u64,
-            });
-        }
+        let (root, root_size) = check_header(&bytes, bytes.len() as u64)?;
         let mem = Memory::new();
         *lock(&mem.incoming) = Some(Incoming {
             bytes,
@@ -202,13 +222,15 @@ impl Memory {
         Ok(mem)
     }
 
-    /// Memory booted from a handover memfd (read whole; the memory is bounded by its size).
+    /// Memory booted from a handover memfd: the header is checked first, then the file is read
+    /// whole (the memory is bounded by its size).
     pub fn from_fd(fd: &OwnedFd) -> Result<Self, HandoverFileError> {
         let st = sys::fstat(fd.as_fd()).map_err(HandoverFileError::Io)?;
         let len = st.st_size as u64;
-        if len < PAGE_SIZE as u64 || len % PAGE_SIZE as u64 != 0 || len > MAX_HANDOVER_BYTES {
-            return Err(HandoverFileError::BadSize(len));
-        }
+        check_size(len)?;
+        let mut header = [0u8; HEADER_LEN];
+        sys::pread_exact(fd.as_fd(), &mut header, 0).map_err(HandoverFileError::Io)?;
+        check_header(&header, len)?;
         let mut bytes = vec![0u8; len as usize];
         sys::pread_exact(fd.as_fd(), &mut bytes, 0).map_err(HandoverFileError::Io)?;
         Memory::from_bytes(bytes)

@@ -629,20 +629,12 @@ struct Dump {
     regular: bool,
 }
 
-/// What a non-regular file is, for the error.
+/// What a file that cannot take a dump is, for the error.
 fn kind_of(ft: &std::fs::FileType) -> Option<&'static str> {
     if ft.is_file() || ft.is_char_device() {
         None
-    } else if ft.is_fifo() {
-        Some("FIFO")
-    } else if ft.is_socket() {
-        Some("socket")
-    } else if ft.is_dir() {
-        Some("directory")
-    } else if ft.is_block_device() {
-        Some("block device")
     } else {
-        Some("special file")
+        Some(crate::file_kind(ft))
     }
 }
 

@@ -136,29 +136,64 @@ fn dispatch(argv0: OsString, args: &[OsString], t_start: u64) -> Result<(), CliE
     }
 }
 
+/// What kind of file this is, for an error ("FIFO", "directory", ...).
+pub fn file_kind(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_file() {
+        "regular file"
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
+}
+
 fn inspect_cmd(args: &[OsString]) -> Result<(), CliError> {
+    const USE: &str = "usage: luo inspect FILE [--json] [--max-size SIZE]";
     let mut json = false;
     let mut file: Option<PathBuf> = None;
-    for a in args {
-        match a.to_str() {
+    let mut max_size = inspect::DEFAULT_MAX_SIZE;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (name, inline) = match a.to_str().and_then(|s| s.split_once('=')) {
+            Some((n, v)) if n == "--max-size" => (Some(n), Some(v.to_string())),
+            _ => (a.to_str(), None),
+        };
+        match name {
             Some("--json") => json = true,
+            Some("--max-size") => {
+                let v = match inline {
+                    Some(v) => v,
+                    None => it
+                        .next()
+                        .and_then(|v| v.to_str())
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            CliError::usage(format!("inspect: --max-size needs a size ({USE})"))
+                        })?,
+                };
+                max_size = size::parse_size(&v)
+                    .map_err(|e| CliError::usage(format!("inspect: --max-size: {e}")))?;
+            }
             Some(s) if s.starts_with('-') && s.len() > 1 => {
                 return Err(CliError::usage(format!(
-                    "inspect: unknown option '{s}' (usage: luo inspect FILE [--json])"
+                    "inspect: unknown option '{s}' ({USE})"
                 )))
             }
             _ if file.is_none() => file = Some(PathBuf::from(a)),
-            _ => {
-                return Err(CliError::usage(
-                    "inspect: one FILE only (usage: luo inspect FILE [--json])",
-                ))
-            }
+            _ => return Err(CliError::usage(format!("inspect: one FILE only ({USE})"))),
         }
     }
-    let file = file.ok_or_else(|| {
-        CliError::usage("inspect: no FILE given (usage: luo inspect FILE [--json])")
-    })?;
-    let report = inspect::inspect_path(&file).map_err(|e| CliError {
+    let file = file.ok_or_else(|| CliError::usage(format!("inspect: no FILE given ({USE})")))?;
+    let report = inspect::inspect_path_with(&file, max_size).map_err(|e| CliError {
         code: e.exit_code(),
         message: format!("inspect {}: {e}", file.display()),
     })?;
