@@ -31,6 +31,12 @@ use std::time::{Duration, Instant};
 
 use crate::sys;
 
+/// The program kind of `luo` (its next image is run as `luo demo --stage2 ...`).
+pub const PROGRAM_LUO: &str = "luo";
+/// The program kind of luod (its next image is run with luod's options, `--handover-fd` and
+/// `--listen-fd`).
+pub const PROGRAM_LUOD: &str = "luod";
+
 /// The one argument that asks a program whether it can be the next image.
 pub const PROBE_ARG: &str = "--luo-handover-probe";
 /// How long the next image has to answer the probe, by default.

@@ -35,7 +35,7 @@ use std::ffi::OsString;
 
 /// The program kind `luo` answers the next-image probe with
 /// ([`backend_user::next_image`]): its command line is `luo demo --stage2 ...`.
-pub const PROGRAM: &str = "luo";
+pub const PROGRAM: &str = backend_user::next_image::PROGRAM_LUO;
 use std::path::PathBuf;
 
 /// A failure of the command: a one-line message and an exit status.
