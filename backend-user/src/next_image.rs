@@ -129,15 +129,17 @@ impl NextImageError {
     }
 }
 
-/// The first line of `b`, shortened, as a quoted string.
-fn first_line(b: &[u8]) -> String {
+/// What the image printed, as a quoted string: one trailing newline dropped, shortened to
+/// 160 characters, every control character escaped (a second line shows as `\n`).
+fn shown(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(b);
-    let line = s.lines().next().unwrap_or("");
-    let mut short: String = line.chars().take(120).collect();
-    if short.len() < line.len() {
-        short.push_str("...");
+    let s = s.strip_suffix('\n').unwrap_or(&s);
+    let short: String = s.chars().take(160).collect();
+    if short.len() < s.len() {
+        format!("{short:?}...")
+    } else {
+        format!("{short:?}")
     }
-    format!("{short:?}")
 }
 
 impl std::fmt::Display for NextImageError {
@@ -152,7 +154,7 @@ impl std::fmt::Display for NextImageError {
                 f,
                 "next image {p} did not answer `{PROBE_ARG}` within {} ms (it printed {})",
                 after.as_millis(),
-                first_line(stdout)
+                shown(stdout)
             ),
             NextImageError::WrongAnswer {
                 expected,
@@ -164,14 +166,14 @@ impl std::fmt::Display for NextImageError {
                 write!(
                     f,
                     "next image {p} does not speak this handover: asked `{PROBE_ARG}`, it answered {}",
-                    first_line(stdout)
+                    shown(stdout)
                 )?;
                 match status {
                     Some(st) => write!(f, " and exited with {st}")?,
                     None => write!(f, " and more than {MAX_ANSWER} bytes")?,
                 }
                 if !stderr.is_empty() {
-                    write!(f, " (stderr: {})", first_line(stderr))?;
+                    write!(f, " (stderr: {})", shown(stderr))?;
                 }
                 write!(f, "; expected {expected:?}")
             }
@@ -449,7 +451,8 @@ mod tests {
             "chatty",
             &format!("#!/bin/sh\necho '{line}'\necho more\n"),
         );
-        assert!(check(&chatty, "luo").is_err());
+        let m = check(&chatty, "luo").unwrap_err().to_string();
+        assert!(m.contains(&format!("answered \"{line}\\nmore\"")), "{m}");
         let noisy = script(&d, "noisy", "#!/bin/sh\nyes\n");
         let m = check(&noisy, "luo").unwrap_err().to_string();
         assert!(m.contains(&format!("more than {MAX_ANSWER} bytes")), "{m}");
