@@ -129,6 +129,8 @@ pub fn check_header(header: &[u8], len: u64) -> Result<(u64, u64), HandoverFileE
 struct Faults {
     /// Fail page allocation after this many more successes.
     alloc_fail_after: Option<usize>,
+    /// A lower image size limit than [`MAX_HANDOVER_BYTES`].
+    max_image: Option<u64>,
 }
 
 /// The outgoing pages. Invariant: every page address in `[PAGE_SIZE, next)` is either in
@@ -239,6 +241,19 @@ impl Memory {
     /// Makes page allocation fail after `n` more successes (None: never).
     pub fn fail_alloc_after(&self, n: Option<usize>) {
         lock(&self.faults).alloc_fail_after = n;
+    }
+
+    /// Lowers the largest image [`Memory::image_fits`] accepts (tests; None: the real limit).
+    pub fn limit_image(&self, bytes: Option<u64>) {
+        lock(&self.faults).max_image = bytes;
+    }
+
+    /// The largest handover image the next image accepts: [`MAX_HANDOVER_BYTES`], unless a
+    /// test lowered it.
+    pub fn max_image(&self) -> u64 {
+        lock(&self.faults)
+            .max_image
+            .map_or(MAX_HANDOVER_BYTES, |m| m.min(MAX_HANDOVER_BYTES))
     }
 
     /// Allocates a zeroed outgoing page.

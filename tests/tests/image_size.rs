@@ -99,3 +99,30 @@ fn a_hole_below_a_live_page_is_reused_first() {
     };
     assert_eq!(lu.memory().to_bytes().len(), empty);
 }
+
+#[test]
+fn an_image_too_large_for_the_next_image_is_refused_before_anything_is_frozen() {
+    let lu = cold_memfd();
+    let dev = lu.open().unwrap();
+    let keep = build_live(&dev);
+    let len = lu.memory().image_len();
+    lu.memory().limit_image(Some(len - 4096));
+    assert_eq!(errno(lu.reboot()), luo_core::errno::EFBIG);
+    assert!(logged(
+        lu.memory(),
+        "reboot refused: the handover image would be"
+    ));
+    // Nothing was frozen or serialized: the session still takes files, and once the image
+    // fits, the update goes through with everything.
+    keep.preserve_fd(memfd_with(b"third").as_fd(), 3).unwrap();
+    lu.memory().limit_image(None);
+    let fd = kexec(lu);
+    drop(keep);
+    let next = boot_memfd(&fd);
+    let dev = next.open().unwrap();
+    let s = dev.retrieve_session("keep").unwrap();
+    assert_eq!(
+        read_all(&mut std::fs::File::from(s.retrieve_fd(3).unwrap())),
+        b"third"
+    );
+}
