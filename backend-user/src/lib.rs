@@ -14,6 +14,7 @@
 //! so `RLIMIT_NOFILE` gives `EMFILE` exactly where the kernel would.
 
 pub mod memory;
+pub mod next_image;
 mod platform;
 pub mod sys;
 
@@ -94,7 +95,22 @@ impl LiveUpdate {
     /// What `reboot(LINUX_REBOOT_CMD_KEXEC)` does to LUO: freeze every preserved file and
     /// serialize, then hand the state over as a sealed memfd that stays open across exec.
     /// On a freeze failure nothing changes and the error is returned; the caller may retry.
+    ///
+    /// An image larger than the next image accepts ([`memory::MAX_HANDOVER_BYTES`]) is refused
+    /// with `EFBIG` before anything is frozen: reboot allocates no page, so its size is known
+    /// beforehand, and handing it over would lose every session at the next image's boot.
     pub fn reboot(&self) -> Result<OwnedFd> {
+        let (len, max) = (self.mem.image_len(), self.mem.max_image());
+        if len > max {
+            self.mem.log(
+                luo_core::Level::Error,
+                format_args!(
+                    "reboot refused: the handover image would be {len} bytes, more than the {max} \
+                     the next image accepts; nothing was frozen"
+                ),
+            );
+            return Err(Error::Platform(luo_core::errno::EFBIG));
+        }
         self.luo.reboot()?;
         let fd = self
             .mem

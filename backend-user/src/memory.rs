@@ -8,6 +8,12 @@
 //!
 //! Format `luo-user-v1` (native endian), page 0:
 //! `magic[8] = "LUOUSER1" | page_size u32 | reserved u32 | root u64 | root_size u64 | pages u64`.
+//!
+//! Page addresses are reused: a freed page's address goes on a free set and the lowest free
+//! address is handed out first, and freeing the topmost page lowers the top. The image ends at
+//! the highest live page, so its size follows what is live, never how many pages were ever
+//! allocated: create/preserve/close in a loop does not grow it. A hole can only be a page freed
+//! below a live one, so the image spans at most the peak number of pages live at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -19,6 +25,8 @@ use luo_core::{Error, Level};
 
 use crate::sys;
 
+/// The name and version of this image format, as the next-image handshake names it.
+pub const FORMAT: &str = "luo-user-v1";
 /// The handover file's magic.
 pub const MAGIC: &[u8; 8] = b"LUOUSER1";
 /// Page size of this backend (the `luo-v5` block size).
@@ -74,18 +82,96 @@ impl std::fmt::Display for HandoverFileError {
 
 impl std::error::Error for HandoverFileError {}
 
+/// Bytes of the header that [`check_header`] reads.
+pub const HEADER_LEN: usize = 40;
+
+/// Checks a handover file's size alone: whole pages, at least one, at most
+/// [`MAX_HANDOVER_BYTES`].
+pub fn check_size(len: u64) -> Result<(), HandoverFileError> {
+    if len < PAGE_SIZE as u64 || len % PAGE_SIZE as u64 != 0 || len > MAX_HANDOVER_BYTES {
+        return Err(HandoverFileError::BadSize(len));
+    }
+    Ok(())
+}
+
+/// Checks a handover file of `len` bytes by its size and its header (the file's first bytes,
+/// at least [`HEADER_LEN`] of them) before the rest is read: size, magic, page size, page
+/// count. Returns the root's address and size (address 0: no LUO state).
+pub fn check_header(header: &[u8], len: u64) -> Result<(u64, u64), HandoverFileError> {
+    check_size(len)?;
+    let Some(h) = header.get(..HEADER_LEN) else {
+        return Err(HandoverFileError::BadSize(header.len() as u64));
+    };
+    if &h[..8] != MAGIC {
+        return Err(HandoverFileError::BadMagic);
+    }
+    let word = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[o..o + 8]);
+        u64::from_ne_bytes(b)
+    };
+    let page_size = u32::from_ne_bytes([h[8], h[9], h[10], h[11]]);
+    if page_size as usize != PAGE_SIZE {
+        return Err(HandoverFileError::BadPageSize(page_size));
+    }
+    let pages = word(32);
+    if pages != len / PAGE_SIZE as u64 {
+        return Err(HandoverFileError::BadPageCount {
+            claimed: pages,
+            actual: len / PAGE_SIZE as u64,
+        });
+    }
+    Ok((word(16), word(24)))
+}
+
 /// Counters and knobs for tests and fuzzing.
 #[derive(Default)]
 struct Faults {
     /// Fail page allocation after this many more successes.
     alloc_fail_after: Option<usize>,
+    /// A lower image size limit than [`MAX_HANDOVER_BYTES`].
+    max_image: Option<u64>,
 }
 
+/// The outgoing pages. Invariant: every page address in `[PAGE_SIZE, next)` is either in
+/// `pages` (live) or in `free`, never both, and the page just below `next` is live.
 #[derive(Default)]
 struct Arena {
     pages: BTreeMap<u64, Box<[u8]>>,
+    /// Freed addresses below `next`; the lowest is reused first.
+    free: BTreeSet<u64>,
+    /// One past the highest address handed out and not freed.
     next: u64,
     root: Option<(u64, u64)>,
+}
+
+impl Arena {
+    /// The lowest free address, or a new one at the top. O(log n).
+    fn take_addr(&mut self) -> u64 {
+        if let Some(addr) = self.free.pop_first() {
+            return addr;
+        }
+        let addr = self.next;
+        self.next += PAGE_SIZE as u64;
+        addr
+    }
+
+    /// Returns a freed page's address; the top comes down past every free page under it
+    /// (amortized O(log n): each address is put on the free set and taken off it once).
+    fn give_back(&mut self, addr: u64) {
+        if addr + PAGE_SIZE as u64 != self.next {
+            self.free.insert(addr);
+            return;
+        }
+        self.next = addr;
+        while let Some(&top) = self.free.last() {
+            if top + PAGE_SIZE as u64 != self.next {
+                break;
+            }
+            self.free.pop_last();
+            self.next = top;
+        }
+    }
 }
 
 struct Incoming {
@@ -124,29 +210,7 @@ impl Memory {
 
     /// Memory booted from a handover file's bytes (checked: header, size).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, HandoverFileError> {
-        let len = bytes.len() as u64;
-        if len < PAGE_SIZE as u64 || len % PAGE_SIZE as u64 != 0 || len > MAX_HANDOVER_BYTES {
-            return Err(HandoverFileError::BadSize(len));
-        }
-        if &bytes[..8] != MAGIC {
-            return Err(HandoverFileError::BadMagic);
-        }
-        let word = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[o..o + 8]);
-            u64::from_ne_bytes(b)
-        };
-        let page_size = u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-        if page_size as usize != PAGE_SIZE {
-            return Err(HandoverFileError::BadPageSize(page_size));
-        }
-        let (root, root_size, pages) = (word(16), word(24), word(32));
-        if pages != len / PAGE_SIZE as u64 {
-            return Err(HandoverFileError::BadPageCount {
-                claimed: pages,
-                actual: len / PAGE_SIZE as u64,
-            });
-        }
+        let (root, root_size) = check_header(&bytes, bytes.len() as u64)?;
         let mem = Memory::new();
         *lock(&mem.incoming) = Some(Incoming {
             bytes,
@@ -160,13 +224,15 @@ impl Memory {
         Ok(mem)
     }
 
-    /// Memory booted from a handover memfd (read whole; the memory is bounded by its size).
+    /// Memory booted from a handover memfd: the header is checked first, then the file is read
+    /// whole (the memory is bounded by its size).
     pub fn from_fd(fd: &OwnedFd) -> Result<Self, HandoverFileError> {
         let st = sys::fstat(fd.as_fd()).map_err(HandoverFileError::Io)?;
         let len = st.st_size as u64;
-        if len < PAGE_SIZE as u64 || len % PAGE_SIZE as u64 != 0 || len > MAX_HANDOVER_BYTES {
-            return Err(HandoverFileError::BadSize(len));
-        }
+        check_size(len)?;
+        let mut header = [0u8; HEADER_LEN];
+        sys::pread_exact(fd.as_fd(), &mut header, 0).map_err(HandoverFileError::Io)?;
+        check_header(&header, len)?;
         let mut bytes = vec![0u8; len as usize];
         sys::pread_exact(fd.as_fd(), &mut bytes, 0).map_err(HandoverFileError::Io)?;
         Memory::from_bytes(bytes)
@@ -175,6 +241,19 @@ impl Memory {
     /// Makes page allocation fail after `n` more successes (None: never).
     pub fn fail_alloc_after(&self, n: Option<usize>) {
         lock(&self.faults).alloc_fail_after = n;
+    }
+
+    /// Lowers the largest image [`Memory::image_fits`] accepts (tests; None: the real limit).
+    pub fn limit_image(&self, bytes: Option<u64>) {
+        lock(&self.faults).max_image = bytes;
+    }
+
+    /// The largest handover image the next image accepts: [`MAX_HANDOVER_BYTES`], unless a
+    /// test lowered it.
+    pub fn max_image(&self) -> u64 {
+        lock(&self.faults)
+            .max_image
+            .map_or(MAX_HANDOVER_BYTES, |m| m.min(MAX_HANDOVER_BYTES))
     }
 
     /// Allocates a zeroed outgoing page.
@@ -187,19 +266,22 @@ impl Memory {
                 None => {}
             }
         }
+        let page = vec![0u8; PAGE_SIZE].into_boxed_slice();
         let mut a = lock(&self.out);
-        let addr = a.next;
-        a.next += PAGE_SIZE as u64;
-        a.pages
-            .insert(addr, vec![0u8; PAGE_SIZE].into_boxed_slice());
+        let addr = a.take_addr();
+        a.pages.insert(addr, page);
         Ok(addr)
     }
 
-    /// Frees an outgoing page.
+    /// Frees an outgoing page; its address is reused by a later [`Memory::alloc_page`].
     pub fn free_page(&self, addr: u64) {
-        if lock(&self.out).pages.remove(&addr).is_none() {
+        let mut a = lock(&self.out);
+        if a.pages.remove(&addr).is_none() {
+            drop(a);
             self.log(Level::Warn, format_args!("freeing unknown page {addr:#x}"));
+            return;
         }
+        a.give_back(addr);
     }
 
     /// Number of outgoing pages held (for leak checks).
@@ -286,14 +368,23 @@ impl Memory {
         lock(&self.out).root = Some((addr, size));
     }
 
+    /// The size in bytes of the handover image [`Memory::to_bytes`] would write now: the header
+    /// page up to the highest live page. Reboot allocates nothing, so this is known before it.
+    pub fn image_len(&self) -> u64 {
+        Self::end(&lock(&self.out))
+    }
+
+    fn end(a: &Arena) -> u64 {
+        a.pages
+            .keys()
+            .next_back()
+            .map_or(PAGE_SIZE as u64, |&k| k + PAGE_SIZE as u64)
+    }
+
     /// The handover image as bytes: header page plus every outgoing page at its address.
     pub fn to_bytes(&self) -> Vec<u8> {
         let a = lock(&self.out);
-        let end = a
-            .pages
-            .keys()
-            .next_back()
-            .map_or(PAGE_SIZE as u64, |&k| k + PAGE_SIZE as u64);
+        let end = Self::end(&a);
         let mut bytes = vec![0u8; end as usize];
         bytes[..8].copy_from_slice(MAGIC);
         bytes[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_ne_bytes());
@@ -339,5 +430,76 @@ impl Memory {
 impl Default for Memory {
     fn default() -> Self {
         Memory::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE as u64;
+
+    fn image_pages(m: &Memory) -> u64 {
+        m.to_bytes().len() as u64 / P
+    }
+
+    #[test]
+    fn freed_addresses_are_reused_lowest_first_and_the_top_comes_down() {
+        let m = Memory::new();
+        let a: Vec<u64> = (0..5).map(|_| m.alloc_page().unwrap()).collect();
+        assert_eq!(a, [P, 2 * P, 3 * P, 4 * P, 5 * P]);
+        m.free_page(4 * P);
+        m.free_page(2 * P);
+        assert_eq!(image_pages(&m), 6, "holes below a live page stay");
+        assert_eq!(m.alloc_page().unwrap(), 2 * P);
+        assert_eq!(m.alloc_page().unwrap(), 4 * P);
+        assert_eq!(m.alloc_page().unwrap(), 6 * P);
+        // Free from the top down across holes: the top comes down past all of them.
+        for addr in [3 * P, 5 * P, 6 * P] {
+            m.free_page(addr);
+        }
+        assert_eq!(image_pages(&m), 5, "pages 1, 2, 4 live");
+        m.free_page(4 * P);
+        assert_eq!(image_pages(&m), 3);
+        assert_eq!(lock(&m.out).next, 3 * P);
+        assert!(lock(&m.out).free.is_empty());
+        assert_eq!(m.alloc_page().unwrap(), 3 * P);
+    }
+
+    #[test]
+    fn a_reused_page_is_zeroed_and_unknown_frees_change_nothing() {
+        let m = Memory::new();
+        let a = m.alloc_page().unwrap();
+        let b = m.alloc_page().unwrap();
+        m.write(a, &[0xaa; 16]).unwrap();
+        m.free_page(a);
+        m.free_page(a);
+        m.free_page(77 * P);
+        assert_eq!(m.alloc_page().unwrap(), a);
+        let mut buf = [1u8; 16];
+        m.read_outgoing(a, &mut buf).unwrap();
+        assert_eq!(buf, [0; 16]);
+        assert_eq!(m.alloc_page().unwrap(), b + P);
+        assert_eq!(m.outgoing_pages(), 3);
+        assert!(m
+            .log_lines()
+            .iter()
+            .any(|(_, l)| l.contains("freeing unknown page")));
+    }
+
+    #[test]
+    fn many_cycles_keep_the_image_at_the_live_size() {
+        let m = Memory::new();
+        let live = m.alloc_page().unwrap();
+        for _ in 0..10_000 {
+            let x = m.alloc_page().unwrap();
+            let y = m.alloc_page().unwrap();
+            m.free_page(x);
+            m.free_page(y);
+        }
+        let last = m.alloc_page().unwrap();
+        assert_eq!((live, last), (P, 2 * P));
+        assert_eq!(image_pages(&m), 3);
+        assert_eq!(m.image_len(), 3 * P);
     }
 }

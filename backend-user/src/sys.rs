@@ -1,7 +1,7 @@
 //! Thin, checked wrappers over the few syscalls the backend needs. All `unsafe` of the crate is
 //! here, each call with its SAFETY argument.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -254,4 +254,152 @@ pub fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {
     // SAFETY: as above.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
     Ok(())
+}
+
+/// An `execve` prepared in advance: the path, argv and envp as C strings with their
+/// NULL-terminated pointer arrays, so that [`ExecCall::exec`] allocates nothing and may run
+/// between `fork` and `exec`. The path is used as given: no `PATH` search, and a file the
+/// kernel cannot execute fails with `ENOEXEC` instead of being handed to `/bin/sh` (which
+/// glibc's `execvp`, behind `std::process::Command`, does).
+pub struct ExecCall {
+    path: CString,
+    _strings: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers in `argv` and `envp` point into the heap buffers of `path` and
+// `_strings`, which this struct owns and never changes after construction (moving a `CString`
+// does not move its buffer); other threads can only read those bytes.
+unsafe impl Send for ExecCall {}
+// SAFETY: as above: shared access is read-only.
+unsafe impl Sync for ExecCall {}
+
+fn c_string(s: &std::ffi::OsStr) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(s.as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} contains a NUL byte", s.to_string_lossy()),
+        )
+    })
+}
+
+impl ExecCall {
+    /// `execve(path, argv, <this process's environment>)`; `argv[0]` is given by the caller.
+    pub fn new(path: &std::path::Path, argv: &[&std::ffi::OsStr]) -> io::Result<ExecCall> {
+        use std::os::unix::ffi::OsStrExt;
+        let path_c = c_string(path.as_os_str())?;
+        let mut strings = Vec::with_capacity(argv.len() + 16);
+        for a in argv {
+            strings.push(c_string(a)?);
+        }
+        let nargs = strings.len();
+        for (k, v) in std::env::vars_os() {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            // The environment cannot hold a NUL byte; skip rather than fail if it somehow does.
+            if let Ok(c) = CString::new(kv) {
+                strings.push(c);
+            }
+        }
+        let ptrs = |s: &[CString]| {
+            s.iter()
+                .map(|c| c.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect::<Vec<_>>()
+        };
+        let argv = ptrs(&strings[..nargs]);
+        let envp = ptrs(&strings[nargs..]);
+        Ok(ExecCall {
+            path: path_c,
+            _strings: strings,
+            argv,
+            envp,
+        })
+    }
+
+    /// Replaces this process's image; returns only on failure. Async-signal-safe: makes one
+    /// system call and reads `errno`.
+    pub fn exec(&self) -> io::Error {
+        // SAFETY: `path` is NUL-terminated, `argv` and `envp` are NULL-terminated arrays of
+        // pointers to NUL-terminated strings, all owned by `self` and alive for the call.
+        unsafe { libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+        io::Error::last_os_error()
+    }
+}
+
+/// The soft `RLIMIT_NOFILE` (an upper bound on fd numbers), capped at 2^20.
+fn nofile_limit() -> u32 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `rl` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return 1 << 20;
+    }
+    rl.rlim_cur.min(1 << 20) as u32
+}
+
+/// Spawns `call` as a child process with stdin on `/dev/null`, stdout and stderr piped, and
+/// every other fd closed at its exec: the child inherits nothing of this process's open files.
+/// The exec is `call`'s own `execve` (no `PATH` search, no shell fallback).
+pub fn spawn_isolated(call: std::sync::Arc<ExecCall>) -> io::Result<std::process::Child> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let max_fd = nofile_limit();
+    let mut cmd = Command::new(std::ffi::OsStr::from_bytes(call.path.as_bytes()));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child_side = move || -> io::Result<()> {
+        // Mark every fd above stdio close-on-exec (close_range, Linux 5.11+; else one by one).
+        // SAFETY: close_range takes three integers and touches no memory.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            )
+        };
+        if r != 0 {
+            for fd in 3..max_fd as libc::c_int {
+                // SAFETY: F_SETFD on any number is harmless (EBADF if it is not open).
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+        }
+        Err(call.exec())
+    };
+    // SAFETY: the closure runs in the child between fork and exec. It only makes system calls
+    // (close_range or fcntl, then execve) and builds an `io::Error` from `errno`: it neither
+    // allocates nor takes a lock, so it is async-signal-safe.
+    unsafe { cmd.pre_exec(child_side) };
+    cmd.spawn()
+}
+
+/// Waits until one of `fds` is readable or hung up, at most `timeout_ms`; returns which are.
+pub fn poll_in(fds: &[BorrowedFd<'_>], timeout_ms: libc::c_int) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `p` is a valid array of `p.len()` pollfds for the duration of the call.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+        if r >= 0 {
+            return Ok(p.iter().map(|x| x.revents != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }

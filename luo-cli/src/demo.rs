@@ -16,14 +16,13 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use backend_user::{sys, LiveUpdate};
+use backend_user::{next_image, sys, LiveUpdate};
 use luo_handlers::MemfdHandler;
 
 use crate::pattern::{self, PAGE};
@@ -393,10 +392,7 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
         None => PathBuf::from("/proc/self/exe"),
     };
     let mut dump = match &opts.dump {
-        Some(p) => Some(
-            File::create(p)
-                .map_err(|e| fail(format!("cannot create dump file {}: {e}", p.display())))?,
-        ),
+        Some(p) => Some(Dump::open(p)?),
         None => None,
     };
     let mut t = Times::default();
@@ -486,6 +482,20 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
         std::thread::sleep(Duration::from_millis(1));
     }
 
+    // Before the cut, everything that can refuse the update, while the workload runs: the next
+    // image must speak this handover, and the dump must fit (reboot allocates no page, so the
+    // image's size is known now).
+    let ready = next_image::check(&next, crate::PROGRAM)
+        .map_err(|e| e.to_string())
+        .and_then(|()| match dump.as_mut() {
+            Some(d) => d.reserve(lu.memory().image_len()),
+            None => Ok(()),
+        });
+    if let Err(why) = ready {
+        stop_worker(&stop);
+        return Err(refused_before_the_cut(why, worker, &ram, opts.ram));
+    }
+
     // The cut: stop the workload, save its state, freeze and serialize, exec.
     stop_worker(&stop);
     let end = worker
@@ -516,8 +526,17 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
         .reboot()
         .map_err(|e| fail(format!("live update reboot failed: {e}")))?;
     t.reboot_end = now();
-    if let Some(f) = dump.as_mut() {
-        write_dump(&handover, f).map_err(|e| fail(format!("cannot write the dump: {e}")))?;
+    let mut dumped = None;
+    if let Some(d) = dump.as_mut() {
+        // The space was reserved before the cut; should the write still fail, the update goes
+        // on without the dump rather than lose the workload.
+        match d.write(&handover) {
+            Ok(()) => dumped = Some(d.path.clone()),
+            Err(e) => err!(
+                "old image: cannot complete the dump to {} after the cut: {e}; the update goes on without it\n",
+                d.path.display()
+            ),
+        }
         t.dump_end = now();
     }
     err!(
@@ -529,27 +548,180 @@ pub fn run(opts: &DemoOptions, argv0: &OsStr) -> Result<std::convert::Infallible
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
 
-    let mut cmd = std::process::Command::new(&next);
-    cmd.arg0(argv0)
-        .arg("demo")
-        .arg("--stage2")
-        .arg("--handover-fd")
-        .arg(handover.as_raw_fd().to_string());
-    if let Some(p) = &opts.dump {
-        cmd.arg("--dumped").arg(p);
+    let mut args: Vec<OsString> = ["demo", "--stage2", "--handover-fd"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    args.push(handover.as_raw_fd().to_string().into());
+    if let Some(p) = dumped {
+        args.push("--dumped".into());
+        args.push(p.into());
     }
+    args.push("--times".into());
     t.exec = now();
-    cmd.arg("--times").arg(t.encode());
-    let err = cmd.exec();
-    Err(fail(format!("cannot exec {}: {err}", next.display())))
+    args.push(t.encode().into());
+    let err = next_image::exec(&next, argv0, &args);
+    Err(fail(format!(
+        "cannot exec {} after the cut: {err}; the handover was serialized and the guest RAM goes with this process",
+        next.display()
+    )))
 }
 
-fn write_dump(handover: &OwnedFd, out: &mut File) -> std::io::Result<()> {
-    let st = sys::fstat(handover.as_fd())?;
-    let len = usize::try_from(st.st_size).map_err(|_| std::io::ErrorKind::InvalidData)?;
-    let mut bytes = vec![0u8; len];
-    sys::pread_exact(handover.as_fd(), &mut bytes, 0)?;
-    out.write_all(&bytes)
+/// The update was refused before the cut: the workload is stopped now, not at a cut, and its
+/// guest RAM verified in place, so the error can say that nothing was lost.
+fn refused_before_the_cut(
+    why: String,
+    worker: std::thread::JoinHandle<std::io::Result<WorkerEnd>>,
+    ram: &File,
+    ram_len: u64,
+) -> CliError {
+    let end = match worker.join() {
+        Ok(Ok(end)) => end,
+        Ok(Err(e)) => {
+            return fail(format!(
+                "{why}; the update was refused before the cut, but the workload failed to write guest RAM: {e}"
+            ))
+        }
+        Err(_) => {
+            return fail(format!(
+                "{why}; the update was refused before the cut, but the workload thread panicked"
+            ))
+        }
+    };
+    let st = DemoState {
+        ram: ram_len,
+        last_gen: end.last_gen,
+        checksum: end.checksum,
+        writes: end.writes,
+        last_write: end.last_write,
+    };
+    let gate = Gate {
+        verified: Mutex::new(0),
+        cv: Condvar::new(),
+        stop: AtomicBool::new(false),
+    };
+    let label = format!(
+        "old image: update refused; verifying {} in place",
+        format_size(ram_len)
+    );
+    match verify(ram, &st, &gate, 0, 0, label) {
+        Ok(_) => fail(format!(
+            "{why}; nothing was lost: the update was refused before the cut, the workload ran on \
+             and its {} of guest RAM verified intact in place (generation {})",
+            format_size(ram_len),
+            end.last_gen
+        )),
+        Err(e) => fail(format!(
+            "{why}; the update was refused before the cut, but {}",
+            e.message
+        )),
+    }
+}
+
+/// The `--dump` target: opened at the start, filled with zeros up to the image's size before
+/// the cut (so a full disk refuses the update while nothing is lost yet), and overwritten with
+/// the image after it. A regular file, or a character device (`/dev/null`); anything else is
+/// refused without opening it for long: a FIFO is opened non-blocking, never waiting for a
+/// reader.
+struct Dump {
+    path: PathBuf,
+    file: File,
+    regular: bool,
+}
+
+/// What a file that cannot take a dump is, for the error.
+fn kind_of(ft: &std::fs::FileType) -> Option<&'static str> {
+    if ft.is_file() || ft.is_char_device() {
+        None
+    } else {
+        Some(crate::file_kind(ft))
+    }
+}
+
+impl Dump {
+    fn open(p: &Path) -> Result<Dump, CliError> {
+        let refuse = |kind: &str| {
+            fail(format!(
+                "--dump {}: is a {kind}, not a regular file (or a character device like /dev/null)",
+                p.display()
+            ))
+        };
+        if let Some(kind) = std::fs::metadata(p)
+            .ok()
+            .and_then(|m| kind_of(&m.file_type()))
+        {
+            return Err(refuse(kind));
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .mode(0o644)
+            .open(p)
+            .map_err(|e| match e.raw_os_error() {
+                // A FIFO created since the check, without a reader.
+                Some(libc::ENXIO) => refuse("FIFO"),
+                _ => fail(format!("cannot create dump file {}: {e}", p.display())),
+            })?;
+        let ft = file
+            .metadata()
+            .map_err(|e| fail(format!("cannot stat dump file {}: {e}", p.display())))?
+            .file_type();
+        if let Some(kind) = kind_of(&ft) {
+            return Err(refuse(kind));
+        }
+        Ok(Dump {
+            path: p.to_path_buf(),
+            file,
+            regular: ft.is_file(),
+        })
+    }
+
+    /// Before the cut: writes `len` zero bytes (and syncs a regular file), so the image of
+    /// that size can be written after the cut without running out of space.
+    fn reserve(&mut self, len: u64) -> Result<(), String> {
+        let what = |e: std::io::Error| {
+            format!(
+                "cannot write the {} dump to {}: {e}",
+                format_size(len),
+                self.path.display()
+            )
+        };
+        let zeros = vec![0u8; CHUNK_PAGES * PAGE];
+        let mut done = 0u64;
+        if self.regular {
+            self.file.set_len(0).map_err(what)?;
+        }
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            if self.regular {
+                self.file.write_all_at(&zeros[..n], done)
+            } else {
+                self.file.write_all(&zeros[..n])
+            }
+            .map_err(what)?;
+            done += n as u64;
+        }
+        if self.regular {
+            self.file.sync_all().map_err(what)?;
+        }
+        Ok(())
+    }
+
+    /// After the cut: the image itself, over the reserved space.
+    fn write(&mut self, handover: &OwnedFd) -> std::io::Result<()> {
+        let st = sys::fstat(handover.as_fd())?;
+        let len = usize::try_from(st.st_size).map_err(|_| std::io::ErrorKind::InvalidData)?;
+        let mut bytes = vec![0u8; len];
+        sys::pread_exact(handover.as_fd(), &mut bytes, 0)?;
+        if self.regular {
+            self.file.write_all_at(&bytes, 0)?;
+            self.file.set_len(len as u64)?;
+            self.file.sync_all()
+        } else {
+            self.file.write_all(&bytes)
+        }
+    }
 }
 
 /// Hands the resumed worker the pages it may rewrite: positions (in its write order) up to
@@ -652,15 +824,10 @@ fn verify(
     gate: &Gate,
     mut done: u64,
     mut sum: u64,
+    label: String,
 ) -> Result<u64, CliError> {
     let pages = st.ram / PAGE as u64;
-    let mut progress = Progress::new(
-        format!(
-            "new image: verifying {} against the old image's last state (workload running)",
-            format_size(st.ram)
-        ),
-        pages,
-    );
+    let mut progress = Progress::new(label, pages);
     let started = now();
     let mut buf = vec![0u8; CHUNK_PAGES * PAGE];
     let chunk = CHUNK_PAGES as u64;
@@ -766,7 +933,11 @@ pub fn stage2(opts: &Stage2Options, t_main: u64) -> Result<(), CliError> {
             .spawn(move || new_worker(ram, pages, last, last + 2, gate))
             .map_err(|e| fail(format!("cannot resume the workload: {e}")))?
     };
-    let verified = verify(&ram, &st, &gate, 1, first_sum);
+    let label = format!(
+        "new image: verifying {} against the old image's last state (workload running)",
+        format_size(st.ram)
+    );
+    let verified = verify(&ram, &st, &gate, 1, first_sum, label);
     let verify_end = now();
     if verified.is_ok() {
         std::thread::sleep(Duration::from_millis(LINGER_MS));

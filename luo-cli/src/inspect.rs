@@ -11,10 +11,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Read;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use backend_user::memory::{HandoverFileError, MAX_HANDOVER_BYTES, PAGE_SIZE};
+use backend_user::memory::{check_header, HandoverFileError, HEADER_LEN, PAGE_SIZE};
 use backend_user::{Memory, UserPlatform};
 use luo_core::errno::HandoverError;
 use luo_core::image;
@@ -138,28 +139,59 @@ pub struct Report {
     pub flbs: Option<Vec<FlbEntry>>,
 }
 
-/// Reads and inspects the image in `path`. The file's size is checked before it is read, so
-/// memory use is bounded by the size of a valid image.
+/// How large a file `luo inspect` reads by default: 256 MiB, far above a real image (a few
+/// pages per session and per file: `luo demo`'s is 28 KiB). `--max-size` raises it, up to
+/// [`backend_user::memory::MAX_HANDOVER_BYTES`].
+pub const DEFAULT_MAX_SIZE: u64 = 256 << 20;
+
+/// [`inspect_path_with`] with [`DEFAULT_MAX_SIZE`].
 pub fn inspect_path(path: &Path) -> Result<Report, InspectError> {
+    inspect_path_with(path, DEFAULT_MAX_SIZE)
+}
+
+/// Reads and inspects the image in `path`. Only a regular file is read (it is opened
+/// non-blocking, so a FIFO cannot hang the open); its size and header are checked before the
+/// rest is read, and a file larger than `max_size` is refused, so memory use is bounded by
+/// `max_size` and a file that is not an image is never read past its first bytes.
+pub fn inspect_path_with(path: &Path, max_size: u64) -> Result<Report, InspectError> {
     let io = |what: &str, e: std::io::Error| {
         InspectError::Io(format!("cannot {what} {}: {e}", path.display()))
     };
-    let file = std::fs::File::open(path).map_err(|e| io("open", e))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| io("open", e))?;
     let meta = file.metadata().map_err(|e| io("stat", e))?;
     if !meta.is_file() {
         return Err(InspectError::Io(format!(
-            "{} is not a regular file",
-            path.display()
+            "{} is a {}, not a regular file",
+            path.display(),
+            crate::file_kind(&meta.file_type())
         )));
     }
     let len = meta.len();
     check_size(len)?;
+    let mut header = [0u8; HEADER_LEN];
+    file.read_exact_at(&mut header, 0)
+        .map_err(|e| io("read", e))?;
+    check_header(&header, len).map_err(malformed_file)?;
+    if len > max_size {
+        return Err(InspectError::Io(format!(
+            "{} is {}, more than the {} cap (--max-size, default {}): pass --max-size {len} to read it",
+            path.display(),
+            format_size(len),
+            format_size(max_size),
+            format_size(DEFAULT_MAX_SIZE)
+        )));
+    }
     let cap = usize::try_from(len).map_err(|_| malformed_file(HandoverFileError::BadSize(len)))?;
     let mut bytes = Vec::new();
     bytes
         .try_reserve_exact(cap)
         .map_err(|_| InspectError::Io(format!("cannot allocate {len} bytes to read the image")))?;
-    file.take(len.saturating_add(1))
+    (&file)
+        .take(len.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(|e| io("read", e))?;
     if bytes.len() as u64 != len {
@@ -172,11 +204,7 @@ pub fn inspect_path(path: &Path) -> Result<Report, InspectError> {
 }
 
 fn check_size(len: u64) -> Result<(), InspectError> {
-    let page = PAGE_SIZE as u64;
-    if len < page || len % page != 0 || len > MAX_HANDOVER_BYTES {
-        return Err(malformed_file(HandoverFileError::BadSize(len)));
-    }
-    Ok(())
+    backend_user::memory::check_size(len).map_err(malformed_file)
 }
 
 fn malformed_file(e: HandoverFileError) -> InspectError {

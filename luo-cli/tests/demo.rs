@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+
 use common::{run, tempdir};
 
 fn assert_timeline(stdout: &str) {
@@ -188,4 +190,114 @@ fn stage2_by_hand_fails_cleanly() {
         "--times",
     );
     assert_one_line_error(&run(&["demo", "--stage2"]), 2, "--handover-fd");
+}
+
+/// The last line of stderr: the one-line error after any progress lines.
+fn last_line(r: &common::Run) -> &str {
+    r.stderr.lines().last().unwrap_or_default()
+}
+
+/// A refused update: exit status 1, the error says nothing was lost and the demo verified its
+/// guest RAM in place, and the old image never reached the cut.
+fn assert_refused_before_the_cut(r: &common::Run, needles: &[&str]) {
+    assert_eq!(r.code, 1, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    let last = last_line(r);
+    assert!(last.starts_with("luo: "), "{}", r.stderr);
+    for n in needles {
+        assert!(last.contains(n), "{n:?} not in {last}");
+    }
+    assert!(
+        last.contains("nothing was lost") && last.contains("verified intact"),
+        "{last}"
+    );
+    assert!(!r.stderr.contains("workload stopped after"), "{}", r.stderr);
+    assert!(!r.stdout.contains("verification: OK"), "{}", r.stdout);
+    assert!(!r.stderr.contains("panicked"));
+}
+
+#[test]
+fn luo_answers_the_next_image_probe() {
+    let r = run(&["--luo-handover-probe"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stdout,
+        "luo-handover abi=luo-v5 image=luo-user-v1 program=luo\n"
+    );
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+}
+
+#[test]
+fn demo_refuses_a_next_image_that_does_not_speak_the_handover() {
+    let dir = tempdir("next");
+    // Random bytes, executable.
+    let junk = dir.join("junk");
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    assert!(&bytes[..2] != b"#!" && &bytes[..4] != b"\x7fELF");
+    std::fs::write(&junk, &bytes).expect("junk");
+    // A script that answers with another image format version.
+    let wrong = dir.join("wrong-version");
+    std::fs::write(
+        &wrong,
+        "#!/bin/sh\necho 'luo-handover abi=luo-v5 image=luo-user-v0 program=luo'\n",
+    )
+    .expect("script");
+    for p in [&junk, &wrong] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let (junk, wrong) = (
+        junk.to_str().expect("utf-8"),
+        wrong.to_str().expect("utf-8"),
+    );
+    for (next, said) in [
+        ("/bin/true", "answered \"\" and exited with exit status: 0"),
+        (junk, "Exec format error"),
+        (
+            wrong,
+            "answered \"luo-handover abi=luo-v5 image=luo-user-v0 program=luo\"",
+        ),
+    ] {
+        let r = run(&["demo", "--ram", "1M", "--run-ms", "20", "--next", next]);
+        assert_refused_before_the_cut(&r, &[&format!("next image {next}"), said]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_dump_to_a_full_disk_is_refused_before_the_cut() {
+    let r = run(&[
+        "demo",
+        "--ram",
+        "1M",
+        "--run-ms",
+        "20",
+        "--dump",
+        "/dev/full",
+    ]);
+    assert_refused_before_the_cut(&r, &["/dev/full", "No space left on device"]);
+}
+
+#[test]
+fn demo_dump_to_a_fifo_is_refused_without_hanging() {
+    let dir = tempdir("dump-fifo");
+    let fifo = dir.join("fifo");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(ok.success());
+    let fifo = fifo.to_str().expect("utf-8");
+    let r = common::run_with_limit(
+        &["demo", "--ram", "1M", "--dump", fifo],
+        std::time::Duration::from_secs(30),
+    );
+    assert_one_line_error(&r, 1, "is a FIFO, not a regular file");
+    let _ = std::fs::remove_dir_all(&dir);
 }

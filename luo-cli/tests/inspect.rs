@@ -545,3 +545,101 @@ fn random_files_exit_2_through_the_binary() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_fifo_is_refused_without_hanging() {
+    let dir = tempdir("fifo");
+    let fifo = dir.join("fifo");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(ok.success());
+    let r = run_with_limit(
+        &["inspect", fifo.to_str().expect("path")],
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("is a FIFO, not a regular file"),
+        "{}",
+        r.stderr
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `luo inspect args...` with its address space limited to 1 GiB: an inspect that tried
+/// to read a 2 GiB file whole could not allocate the buffer.
+fn inspect_in_1g(args: &[&str]) -> common::Run {
+    let mut sh = vec!["-c", "ulimit -v 1048576 && exec \"$0\" inspect \"$@\""];
+    sh.push(env!("CARGO_BIN_EXE_luo"));
+    sh.extend_from_slice(args);
+    let o = std::process::Command::new("/bin/sh")
+        .args(&sh)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("sh");
+    common::Run {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn a_large_file_is_judged_by_its_header_before_it_is_read() {
+    let dir = tempdir("large");
+    // 2 GiB, sparse, a whole number of pages (so its size alone is acceptable), wrong magic.
+    let p = dir.join("wrong-magic.img");
+    let f = std::fs::File::create(&p).expect("create");
+    f.set_len(2 << 30).expect("set_len");
+    std::os::unix::fs::FileExt::write_all_at(&f, b"NOTLUO!!", 0).expect("write");
+    let r = inspect_in_1g(&[p.to_str().expect("path")]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("at 0x0: magic is not \"LUOUSER1\""),
+        "{}",
+        r.stderr
+    );
+
+    // The right header, but more than inspect reads by default: refused, and --max-size says
+    // how to raise the cap.
+    let p = dir.join("large.img");
+    let f = std::fs::File::create(&p).expect("create");
+    f.set_len(2 << 30).expect("set_len");
+    let mut h = header(1, 0);
+    put(&mut h, 32, (2u64 << 30) / PAGE);
+    std::os::unix::fs::FileExt::write_all_at(&f, &h, 0).expect("write");
+    let r = inspect_in_1g(&[p.to_str().expect("path")]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("2 GiB") && r.stderr.contains("--max-size"),
+        "{}",
+        r.stderr
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn max_size_caps_what_inspect_reads() {
+    let dir = tempdir("max-size");
+    let img = valid_image();
+    let p = write(&dir, "h.img", &img);
+    let p = p.to_str().expect("path");
+    let r = run(&["inspect", "--max-size", "4K", p]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("more than the 4 KiB cap")
+            && r.stderr.contains(&format!("--max-size {}", img.len())),
+        "{}",
+        r.stderr
+    );
+    let r = run(&["inspect", &format!("--max-size={}", img.len()), p]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run(&["inspect", p, "--max-size", "lots"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = run(&["inspect", p, "--max-size"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+}

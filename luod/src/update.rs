@@ -10,8 +10,6 @@
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,14 +134,10 @@ fn attempt(
                 );
                 return abort(d, &[], libc::EINVAL, why, false);
             }
-            let executable = std::fs::metadata(&d.next_image)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-            if !executable {
-                let why = format!(
-                    "next image {} is not an executable file",
-                    d.next_image.display()
-                );
-                return abort(d, &[], libc::ENOEXEC, why, false);
+            // The next image must prove it speaks this handover before anything is frozen.
+            let program = backend_user::next_image::PROGRAM_LUOD;
+            if let Err(e) = backend_user::next_image::check(&d.next_image, program) {
+                return abort(d, &[], e.errno(), e.to_string(), false);
             }
             false
         }
@@ -339,11 +333,11 @@ fn exec_next(d: &Daemon, handover: &OwnedFd) -> std::io::Error {
     if let Err(e) = backend_user::sys::set_cloexec(d.listener.as_fd(), false) {
         return e;
     }
-    std::process::Command::new(&d.next_image)
-        .args(d.opts.to_args())
-        .arg("--handover-fd")
-        .arg(handover.as_raw_fd().to_string())
-        .arg("--listen-fd")
-        .arg(listen.to_string())
-        .exec()
+    // execve of the path itself: no PATH search, no /bin/sh fallback (Command's execvp has one).
+    let mut args: Vec<std::ffi::OsString> = d.opts.to_args().into_iter().map(Into::into).collect();
+    args.push("--handover-fd".into());
+    args.push(handover.as_raw_fd().to_string().into());
+    args.push("--listen-fd".into());
+    args.push(listen.to_string().into());
+    backend_user::next_image::exec(&d.next_image, d.next_image.as_os_str(), &args)
 }

@@ -735,3 +735,87 @@ fn a_listener_killed_during_the_barrier_is_not_waited_for() {
     let s = c.retrieve_session("vm").unwrap();
     assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"kept");
 }
+
+#[test]
+fn a_next_image_that_does_not_speak_the_handover_is_refused_and_nothing_is_lost() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    // luod --backend user --next-image /bin/true: refused up front, luod and the session stay.
+    let mut d = Daemon::start(&["--next-image", "/bin/true"]);
+    let c = d.connect();
+    c.create_session("vm")
+        .unwrap()
+        .preserve_fd(memfd(b"guest"), 1)
+        .unwrap();
+    let e = c.update(None, None, b"", DEADLINE).unwrap_err();
+    assert_eq!(e.errno().get(), libc::ENOEXEC, "{e}");
+    let m = e.to_string();
+    assert!(
+        m.contains("next image /bin/true does not speak this handover")
+            && m.contains("answered \"\"")
+            && m.contains("program=luod")
+            && m.contains("nothing was lost"),
+        "{m}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(d.alive(), "{}", d.log());
+    let st = c.status().unwrap();
+    assert_eq!((st.generation, st.sessions.len()), (0, 1));
+    assert_eq!(st.sessions[0].files, Some(1));
+    drop((c, d));
+
+    // The next image behind a symlink we re-point: junk, a `luo` (another program's command
+    // line), then luod itself. Only the last is taken, and the session comes through whole.
+    let dir = std::env::temp_dir().join(format!("luod-next-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk");
+    std::fs::write(&junk, pattern(3, 4096)).unwrap();
+    let luo = dir.join("luo.sh");
+    std::fs::write(
+        &luo,
+        "#!/bin/sh\necho 'luo-handover abi=luo-v5 image=luo-user-v1 program=luo'\n",
+    )
+    .unwrap();
+    for p in [&junk, &luo] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let link = dir.join("next");
+    symlink(&junk, &link).unwrap();
+    let d = Daemon::start(&["--next-image", link.to_str().unwrap()]);
+    let c = d.connect();
+    c.create_session("vm")
+        .unwrap()
+        .preserve_fd(memfd(b"guest"), 1)
+        .unwrap();
+    let e = c.update(None, None, b"", DEADLINE).unwrap_err();
+    assert!(e.to_string().contains("Exec format error"), "{e}");
+    std::fs::remove_file(&link).unwrap();
+    symlink(&luo, &link).unwrap();
+    let e = c.update(None, None, b"", DEADLINE).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("answered \"luo-handover abi=luo-v5 image=luo-user-v1 program=luo\""),
+        "{e}"
+    );
+    std::fs::remove_file(&link).unwrap();
+    symlink(LUOD, &link).unwrap();
+    assert_eq!(c.update(None, None, b"", DEADLINE).unwrap(), 1);
+    let c = d.wait_generation(1);
+    let s = c.retrieve_session("vm").unwrap();
+    assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"guest");
+    s.finish().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn luod_answers_the_next_image_probe() {
+    let o = std::process::Command::new(LUOD)
+        .arg("--luo-handover-probe")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "luo-handover abi=luo-v5 image=luo-user-v1 program=luod\n"
+    );
+}

@@ -6,6 +6,13 @@ use luod::options::{self, Parsed};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // An old luod asking whether this binary can take its handover (before anything else).
+    if backend_user::next_image::is_probe(&args) {
+        return match backend_user::next_image::answer(backend_user::next_image::PROGRAM_LUOD) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     let opts = match options::parse(&args) {
         Ok(Parsed::Run(o)) => o,
         Ok(Parsed::Help) => {
