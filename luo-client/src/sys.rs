@@ -433,6 +433,14 @@ pub unsafe fn adopt_inherited(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Sets SIGPIPE's disposition to ignored: a write to a closed pipe or socket then fails with
+/// `EPIPE` instead of killing the process.
+pub fn ignore_sigpipe() {
+    // SAFETY: installing SIG_IGN for SIGPIPE runs no handler code and touches no memory of
+    // ours; it only changes the process's signal disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
 /// The effective uid of this process.
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.

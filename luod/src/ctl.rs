@@ -61,11 +61,20 @@ fn fail(msg: impl Into<String>) -> Fail {
     }
 }
 
-/// Writes to stdout, ignoring a closed stdout (`luoctl status | head`).
+/// Writes progress to stdout, ignoring a failure (the command's outcome does not depend on it).
 fn out(s: &str) {
-    let mut o = std::io::stdout().lock();
-    let _ = o.write_all(s.as_bytes());
-    let _ = o.flush();
+    let _ = crate::logging::stdout(s);
+}
+
+/// Writes a command's result to stdout: a failure to write it is the command's failure, except
+/// a reader that stopped reading (`luoctl status | head`).
+fn result_out(s: &str) -> Result<(), Fail> {
+    match crate::logging::stdout(s) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(fail(format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Arguments after the command: flags (with values where named in `valued`) and positionals.
@@ -167,9 +176,9 @@ pub fn main(args: &[String]) -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            let _ = writeln!(std::io::stderr(), "luoctl: {}", f.msg);
+            crate::logging::stderr(&format!("luoctl: {}\n", f.msg));
             if f.code == 2 {
-                let _ = write!(std::io::stderr(), "{USAGE}");
+                crate::logging::stderr(USAGE);
             }
             ExitCode::from(f.code)
         }
@@ -191,10 +200,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 socket = PathBuf::from(&s["--socket=".len()..]);
                 rest = &rest[1..];
             }
-            Some("-h" | "--help" | "help") => {
-                out(USAGE);
-                return Ok(());
-            }
+            Some("-h" | "--help" | "help") => return result_out(USAGE),
             _ => break,
         }
     }
@@ -361,12 +367,11 @@ fn status(socket: &PathBuf, a: &Args) -> Result<(), Fail> {
     let s = connect(socket)?
         .status()
         .map_err(|e| fail(format!("status: {e}")))?;
-    out(&if a.has("--json") {
+    result_out(&if a.has("--json") {
         status_json(&s)
     } else {
         status_table(&s)
-    });
-    Ok(())
+    })
 }
 
 fn open_file(path: &str, what: &str) -> Result<File, Fail> {

@@ -30,13 +30,7 @@ use crate::options::Options;
 /// How often idle threads wake up to notice that luod is going away.
 const POLL: Duration = Duration::from_millis(200);
 
-/// Logs a line to stderr (journald adds the timestamp).
-macro_rules! log {
-    ($($arg:tt)*) => {
-        eprintln!("luod[{}]: {}", std::process::id(), format_args!($($arg)*))
-    };
-}
-pub(crate) use log;
+pub(crate) use crate::logging::log;
 
 /// An error reply: errno and explanation.
 #[derive(Debug)]

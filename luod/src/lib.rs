@@ -12,6 +12,7 @@
 
 pub mod ctl;
 pub mod daemon;
+pub mod logging;
 pub mod manifest;
 pub mod options;
 mod update;

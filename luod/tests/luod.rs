@@ -735,3 +735,54 @@ fn a_listener_killed_during_the_barrier_is_not_waited_for() {
     let s = c.retrieve_session("vm").unwrap();
     assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"kept");
 }
+
+#[test]
+fn a_broken_stderr_never_takes_luod_down() {
+    // luod's stderr is a pipe nobody reads any more (a dead journal, a killed tee): every log
+    // line gets EPIPE. luod must keep serving: refuse an update, run one, answer afterwards.
+    let (r, w) = std::io::pipe().unwrap();
+    drop(r);
+    let d = Daemon::start_with(&[], Some(Stdio::from(w)));
+    let c = d.connect();
+    c.create_session("vm")
+        .unwrap()
+        .preserve_fd(memfd(b"kept"), 1)
+        .unwrap();
+    let mut l = d.connect().register_for_update("refuser").unwrap();
+    let refuser = std::thread::spawn(move || {
+        assert!(matches!(
+            l.next_event(Some(DEADLINE)).unwrap(),
+            Some(UpdateEvent::Prepare { .. })
+        ));
+        l.refuse(luo_client::Errno::new(libc::ECANCELED)).unwrap();
+        l
+    });
+    let e = c.update(None, None, b"", DEADLINE).unwrap_err();
+    assert_eq!(e.errno().get(), libc::ECANCELED, "{e}");
+    drop(refuser.join().unwrap());
+    assert_eq!(c.status().unwrap().phase, luo_client::wire::Phase::Idle);
+    assert_eq!(c.update(None, None, b"", DEADLINE).unwrap(), 1);
+    let c = d.wait_generation(1);
+    let s = c.retrieve_session("vm").unwrap();
+    assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"kept");
+    assert_eq!(c.status().unwrap().phase, luo_client::wire::Phase::Idle);
+    assert!(d.connect().status().is_ok());
+}
+
+#[test]
+fn help_to_a_full_disk_fails_without_a_panic() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = std::process::Command::new(LUOD)
+        .arg("--help")
+        .stdout(full)
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert_ne!(o.status.code(), Some(101), "a panic: {e}");
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(e.contains("cannot write"), "{e}");
+}

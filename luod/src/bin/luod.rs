@@ -2,18 +2,25 @@
 
 use std::process::ExitCode;
 
+use luod::logging;
 use luod::options::{self, Parsed};
 
 fn main() -> ExitCode {
+    logging::ignore_sigpipe();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = match options::parse(&args) {
         Ok(Parsed::Run(o)) => o,
         Ok(Parsed::Help) => {
-            print!("{}", options::USAGE);
-            return ExitCode::SUCCESS;
+            return match logging::stdout(options::USAGE) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    logging::stderr(&format!("luod: cannot write the usage text: {e}\n"));
+                    ExitCode::FAILURE
+                }
+            };
         }
         Err(e) => {
-            eprintln!("luod: {e}\n{}", options::USAGE);
+            logging::stderr(&format!("luod: {e}\n{}", options::USAGE));
             return ExitCode::from(2);
         }
     };
@@ -21,7 +28,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("luod: {e}");
+            logging::stderr(&format!("luod: {e}\n"));
             ExitCode::FAILURE
         }
     }

@@ -32,6 +32,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `luod --backend user` with short frame timeouts, plus `extra` arguments.
     pub fn start(extra: &[&str]) -> Daemon {
+        Daemon::start_with(extra, None)
+    }
+
+    /// As [`Daemon::start`], with luod's stderr going to `stderr` instead of `luod.log`.
+    pub fn start_with(extra: &[&str], stderr: Option<Stdio>) -> Daemon {
         let dir = std::env::temp_dir().join(format!(
             "luod-test-{}-{}",
             std::process::id(),
@@ -41,7 +46,10 @@ impl Daemon {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let sock = dir.join("luod.sock");
-        let log = std::fs::File::create(dir.join("luod.log")).unwrap();
+        let log = match stderr {
+            Some(s) => s,
+            None => std::fs::File::create(dir.join("luod.log")).unwrap().into(),
+        };
         let child = Command::new(LUOD)
             .args(["--backend", "user", "--socket"])
             .arg(&sock)
