@@ -32,6 +32,25 @@ const POLL: Duration = Duration::from_millis(200);
 
 pub(crate) use crate::logging::log;
 
+/// The most fds a frame may bring, before its header is complete (`None`) and for its opcode.
+type FdLimit = fn(Option<u16>) -> usize;
+
+/// luod's socket: UPDATE takes a kernel and an initrd; nothing else takes any.
+fn main_socket_fds(op: Option<u16>) -> usize {
+    match op {
+        None | Some(op::UPDATE) => 2,
+        Some(_) => 0,
+    }
+}
+
+/// A session channel: PRESERVE takes the file.
+fn channel_fds(op: Option<u16>) -> usize {
+    match op {
+        None | Some(op::S_PRESERVE) => 1,
+        Some(_) => 0,
+    }
+}
+
 /// An error reply: errno and explanation.
 #[derive(Debug)]
 pub(crate) struct Refusal {
@@ -436,11 +455,12 @@ impl Daemon {
 
     /// Reads the next frame; `None` when the connection is over (after telling the peer why,
     /// if it can still hear it).
-    fn next_frame(&self, sock: &UnixStream, out: &Out) -> Option<Frame> {
-        match wire::read_frame(
+    fn next_frame(&self, sock: &UnixStream, out: &Out, fds: FdLimit) -> Option<Frame> {
+        match wire::read_frame_limited(
             sock,
             wire::MAX_REQUEST_BODY,
             self.opts.frame_timeout,
+            &fds,
             &mut || self.keep_waiting(),
         ) {
             Ok(f) => Some(f),
@@ -484,13 +504,21 @@ impl Daemon {
                 ),
             ));
         }
-        if f.fds_truncated || f.fds.len() != fds_expected {
+        if f.fds_truncated {
             return Err(refuse(
                 libc::EINVAL,
                 format!(
-                    "this request carries {fds_expected} fd(s), not {}{}",
-                    f.fds.len(),
-                    if f.fds_truncated { "+" } else { "" }
+                    "this request carries {fds_expected} fd(s), and more were attached \
+                     (closed as they arrived)"
+                ),
+            ));
+        }
+        if f.fds.len() != fds_expected {
+            return Err(refuse(
+                libc::EINVAL,
+                format!(
+                    "this request carries {fds_expected} fd(s), not {}",
+                    f.fds.len()
                 ),
             ));
         }
@@ -514,7 +542,7 @@ impl Daemon {
                 return;
             }
         };
-        while let Some(f) = self.next_frame(&sock, &out) {
+        while let Some(f) = self.next_frame(&sock, &out, main_socket_fds) {
             let (opc, tag) = (f.op, f.tag);
             let r = self.dispatch(id, cred, &out, f);
             let Some(r) = r else {
@@ -823,7 +851,7 @@ impl Daemon {
                 return;
             }
         };
-        while let Some(f) = self.next_frame(&sock, &out) {
+        while let Some(f) = self.next_frame(&sock, &out, channel_fds) {
             let (opc, tag) = (f.op, f.tag);
             let r = self.channel_request(session, finished, f);
             if out.reply(opc, tag, r).is_err() {

@@ -786,3 +786,90 @@ fn help_to_a_full_disk_fails_without_a_panic() {
     assert!(!e.contains("panicked"), "{e}");
     assert!(e.contains("cannot write"), "{e}");
 }
+
+#[test]
+fn an_fd_flood_in_small_messages_leaves_luod_flat_and_root_answered() {
+    // Each connection starts a frame of the largest request body and sends it one byte per
+    // message, each message with SCM_RIGHTS fds attached: the kernel hands luod every one of
+    // them. luod must close what no opcode takes as it arrives, not collect it for the frame.
+    let d = Daemon::start(&["--frame-timeout-ms", "120000"]);
+    let before = d.fd_count();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let fds = [null.as_fd(); luo_client::sys::MAX_FDS];
+    const MESSAGES: usize = 1500;
+    let floods: Vec<UnixStream> = (0..3)
+        .map(|_| {
+            let s = d.raw();
+            std::io::Write::write_all(
+                &mut &s,
+                &wire::header(wire::MAX_REQUEST_BODY as u32, 1, op::HELLO, 3),
+            )
+            .unwrap();
+            for _ in 0..MESSAGES {
+                // Blocks while luod's receive queue is full, so luod has read all but the last
+                // few hundred messages when this loop ends.
+                assert_eq!(
+                    luo_client::sys::send_with_fds(s.as_fd(), b"x", &fds).unwrap(),
+                    1
+                );
+            }
+            s
+        })
+        .collect();
+    // 18,000 fds were sent; luod holds one socket per flood and a few in flight at most.
+    let during = d.fd_count();
+    assert!(
+        during <= before + floods.len() + 16,
+        "luod went from {before} to {during} fds"
+    );
+    // Root is still answered, at once.
+    let (st, _) = call(&d.raw(), op::HELLO, 1, b"");
+    assert_eq!(st, 0);
+    assert!(d.connect().status().is_ok());
+    // Each flood's frame, once complete, is refused for its fds.
+    for s in &floods {
+        std::io::Write::write_all(&mut &*s, &vec![0u8; wire::MAX_REQUEST_BODY - MESSAGES]).unwrap();
+        let f = read(s).unwrap();
+        assert_eq!(f.tag, 3);
+        let (errno, msg) = wire::parse_reply(&f.body).unwrap().unwrap_err();
+        assert_eq!(errno, libc::EINVAL, "{msg}");
+        assert!(msg.contains("fd"), "{msg}");
+    }
+    drop(floods);
+    let t = Instant::now();
+    while d.fd_count() > before + 2 && t.elapsed() < DEADLINE {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.fd_count() <= before + 2, "{} > {before}", d.fd_count());
+}
+
+#[test]
+fn a_trickled_frame_is_cut_at_the_absolute_deadline() {
+    // One byte every 150 ms: each read returns before luod's 200 ms poll interval, so a
+    // deadline checked only on a read timeout never fires. The frame (luod's test default
+    // --frame-timeout-ms 500) would take 11 s to complete.
+    let d = Daemon::start(&[]);
+    let s = d.raw();
+    let mut frame = wire::header(64, 1, op::CREATE, 9).to_vec();
+    frame.extend_from_slice(&[b'a'; 64]);
+    let total = frame.len();
+    let w = s.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        let mut sent = 0;
+        for b in frame {
+            if std::io::Write::write_all(&mut &w, &[b]).is_err() {
+                break;
+            }
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        sent
+    });
+    let f = read(&s).unwrap_or_else(|e| panic!("no answer to the trickled frame: {e}"));
+    let (errno, msg) = wire::parse_reply(&f.body).unwrap().unwrap_err();
+    assert_eq!(errno, libc::ETIMEDOUT, "{msg}");
+    assert!(drains_to_eof(&s));
+    let sent = trickler.join().unwrap();
+    assert!(sent < total, "the whole frame went through ({sent} bytes)");
+    assert!(d.connect().status().is_ok());
+}
