@@ -133,10 +133,11 @@ pub(crate) struct Channel {
     conn: Conn,
 }
 
-/// luod relays LUO's errno on a channel: report it as LUO's, like a kernel session's.
+/// luod relays LUO's errno on a channel without a message: report it as LUO's, like a kernel
+/// session's. A refusal of luod's own (a cap) comes with an explanation and stays luod's.
 fn luo_err(e: Error) -> Error {
     match e {
-        Error::Luod { errno, .. } => Error::Luo(errno),
+        Error::Luod { errno, message } if message.is_empty() => Error::Luo(errno),
         other => other,
     }
 }

@@ -441,6 +441,26 @@ pub fn ignore_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
+/// Raises `RLIMIT_NOFILE`'s soft limit to its hard limit; returns the limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit for getrlimit to fill.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) })?;
+    if r.rlim_cur < r.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: r.rlim_max,
+            rlim_max: r.rlim_max,
+        };
+        // SAFETY: `want` is a valid rlimit that setrlimit only reads.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) })?;
+        r.rlim_cur = r.rlim_max;
+    }
+    Ok(r.rlim_cur)
+}
+
 /// The effective uid of this process.
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.

@@ -173,15 +173,40 @@ struct Slot {
 
 impl Slot {
     fn take(d: &Arc<Daemon>, uid: u32) -> Result<Slot, Refusal> {
+        let o = &d.opts;
+        // Root and luod's uid have --admin-connections more, in all and for themselves, so
+        // that other users (and root's own clients) cannot lock the operator out.
+        let (total, per_uid) = if d.is_admin(uid) {
+            (
+                o.max_connections,
+                o.max_connections_per_uid
+                    .saturating_add(o.admin_connections),
+            )
+        } else {
+            (
+                o.max_connections.saturating_sub(o.admin_connections),
+                o.max_connections_per_uid,
+            )
+        };
         let mut c = lock(&d.conns);
-        if c.0 >= d.opts.max_connections {
-            return Err(refuse(libc::EAGAIN, "too many connections"));
-        }
-        let mine = c.1.entry(uid).or_insert(0);
-        if *mine >= d.opts.max_connections_per_uid {
+        if c.0 >= total {
             return Err(refuse(
                 libc::EAGAIN,
-                format!("uid {uid} has too many connections and session channels open"),
+                format!(
+                    "too many connections: {} open, {total} allowed for uid {uid} \
+                     (--max-connections {}, of which --admin-connections {} are kept for root)",
+                    c.0, o.max_connections, o.admin_connections
+                ),
+            ));
+        }
+        let mine = c.1.entry(uid).or_insert(0);
+        if *mine >= per_uid {
+            return Err(refuse(
+                libc::EAGAIN,
+                format!(
+                    "uid {uid} has {per_uid} connections and session channels open, \
+                     its limit (--max-connections-per-uid)"
+                ),
             ));
         }
         *mine += 1;
@@ -299,6 +324,12 @@ impl Daemon {
     /// Opens the backend, restores the previous image's sessions, and binds (or inherits)
     /// the socket.
     pub fn start(opts: Options) -> Result<Arc<Daemon>, String> {
+        // Every session, channel and (user backend) preserved file is an fd of luod's; the
+        // caps keep the count bounded, the hard limit is what the system grants.
+        let nofile = match sys::raise_nofile_limit() {
+            Ok(n) => format!("fd limit {n}"),
+            Err(e) => format!("fd limit not raised: {e}"),
+        };
         let (device, lu) = match opts.backend {
             BackendKind::Kernel => {
                 if opts.handover_fd.is_some() {
@@ -348,7 +379,7 @@ impl Daemon {
             }
         };
         log!(
-            "{} backend, generation {generation}, {} session(s) restored, listening on {}",
+            "{} backend, generation {generation}, {} session(s) restored, listening on {}, {nofile}",
             opts.backend.as_str(),
             table.len(),
             opts.socket.display()
@@ -695,7 +726,7 @@ impl Daemon {
             .stack_size(256 << 10)
             .spawn(move || {
                 let _slot = slot;
-                d.serve_channel(mine, &session, &finished);
+                d.serve_channel(mine, uid, &session, &finished);
             })
             .map_err(|e| refuse(libc::EAGAIN, format!("cannot start a channel thread: {e}")))?;
         Ok((vec![HandoutKind::Channel.to_u8()], vec![theirs.into()]))
@@ -836,7 +867,7 @@ impl Daemon {
     }
 
     /// A session channel (user backend): each frame is one session ioctl on `session`.
-    fn serve_channel(&self, sock: UnixStream, session: &Session, finished: &AtomicBool) {
+    fn serve_channel(&self, sock: UnixStream, uid: u32, session: &Session, finished: &AtomicBool) {
         if let Err(e) = self.setup(&sock) {
             log!("channel: {e}");
             return;
@@ -853,14 +884,20 @@ impl Daemon {
         };
         while let Some(f) = self.next_frame(&sock, &out, channel_fds) {
             let (opc, tag) = (f.op, f.tag);
-            let r = self.channel_request(session, finished, f);
+            let r = self.channel_request(uid, session, finished, f);
             if out.reply(opc, tag, r).is_err() {
                 break;
             }
         }
     }
 
-    fn channel_request(&self, session: &Session, finished: &AtomicBool, mut f: Frame) -> Reply {
+    fn channel_request(
+        &self,
+        uid: u32,
+        session: &Session,
+        finished: &AtomicBool,
+        mut f: Frame,
+    ) -> Reply {
         let fds = usize::from(f.op == op::S_PRESERVE);
         Self::precheck(&f, fds)?;
         let luo = |e: luo_client::Error| refuse(e.errno().get(), String::new());
@@ -875,7 +912,25 @@ impl Daemon {
             op::S_PRESERVE => {
                 let t = token(&f.body)?;
                 let fd = f.fds.pop().ok_or_else(|| refuse(libc::EBADF, "no fd"))?;
+                // The table lock serializes the count and the preserve, so two channels of
+                // one uid cannot both take the last file.
+                let t_lock = lock_table(self);
+                let files: usize = t_lock
+                    .iter()
+                    .filter(|((u, _, _), _)| *u == uid)
+                    .filter_map(|(_, e)| e.session.file_count())
+                    .sum();
+                if files >= self.opts.max_files_per_uid {
+                    return Err(refuse(
+                        libc::EDQUOT,
+                        format!(
+                            "uid {uid} has {files} preserved files, its limit \
+                             (--max-files-per-uid); release a session to preserve more"
+                        ),
+                    ));
+                }
                 session.preserve_fd(&fd, t).map_err(luo)?;
+                drop(t_lock);
                 ok(Vec::new())
             }
             op::S_RETRIEVE_FD => {

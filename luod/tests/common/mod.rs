@@ -234,3 +234,28 @@ pub fn is_root() -> bool {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// Runs `f` on a thread of its own whose effective uid is `uid` (root only): a socket it
+/// connects carries that uid in `SO_PEERCRED`. Linux credentials are per thread at the system
+/// call level (glibc's `seteuid` would change every thread; the raw call changes this one), and
+/// the real and saved uids stay 0, so the thread could switch back; it simply ends instead.
+pub fn as_uid<T: Send + 'static>(uid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: setresgid/setresuid with -1 for the unchanged ids take no pointers; the raw
+        // system call changes only the calling thread's credentials, which is what we want.
+        let r = unsafe {
+            let g = libc::syscall(libc::SYS_setresgid, -1i64, i64::from(uid), -1i64);
+            let u = libc::syscall(libc::SYS_setresuid, -1i64, i64::from(uid), -1i64);
+            g.min(u)
+        };
+        assert_eq!(
+            r,
+            0,
+            "setresuid to {uid}: {}",
+            std::io::Error::last_os_error()
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
