@@ -272,6 +272,20 @@ impl Luod {
         Ok(())
     }
 
+    /// Root: drops luod's copy of `uid`'s session `name` and closes the session channels it
+    /// handed out for it (user backend), so the session is really gone. Kernel backend: a
+    /// client that still holds the session fd keeps the session alive; luod no longer does,
+    /// and no longer lists it. `EPERM` for other uids, `EBADRQC` from a luod that predates it.
+    pub fn release_session_of(&self, uid: u32, dir: Dir, name: &str) -> Result<()> {
+        let body = wire::Writer::new()
+            .u8(dir.to_u8())
+            .u32(uid)
+            .bytes(name.as_bytes())
+            .finish();
+        self.conn.call(op::RELEASE_UID, &body, &[], None)?;
+        Ok(())
+    }
+
     /// luod's state and the sessions this uid may see (all of them for root).
     pub fn status(&self) -> Result<Status> {
         let r = self.conn.call(op::STATUS, &[], &[], None)?;
@@ -292,11 +306,29 @@ impl Luod {
         cmdline: &[u8],
         barrier_timeout: Duration,
     ) -> Result<u64> {
+        self.update_with(kernel, initrd, cmdline, barrier_timeout, false)
+            .map(|(generation, _)| generation)
+    }
+
+    /// [`Luod::update`], optionally forced (root's override, see `docs/luod.md`): listeners
+    /// that refuse or are late, and sessions whose files cannot be frozen, no longer stop the
+    /// update; their sessions are dropped instead. Returns the next generation and luod's
+    /// account of what it dropped (empty when nothing was). A luod that predates `force`
+    /// refuses it with `EBADMSG`.
+    pub fn update_with(
+        &self,
+        kernel: Option<BorrowedFd<'_>>,
+        initrd: Option<BorrowedFd<'_>>,
+        cmdline: &[u8],
+        barrier_timeout: Duration,
+        force: bool,
+    ) -> Result<(u64, String)> {
         let req = UpdateRequest {
             barrier_timeout_ms: u32::try_from(barrier_timeout.as_millis()).unwrap_or(u32::MAX),
             cmdline: cmdline.to_vec(),
             has_kernel: kernel.is_some(),
             has_initrd: initrd.is_some(),
+            force,
         };
         let fds: Vec<BorrowedFd<'_>> = kernel.into_iter().chain(initrd).collect();
         let r = self.conn.call(
@@ -306,7 +338,8 @@ impl Luod {
             Some(barrier_timeout + DEFAULT_TIMEOUT),
         )?;
         let mut rd = Reader::new(&r.payload);
-        rd.u64("generation").map_err(|e| protocol(e.to_string()))
+        let generation = rd.u64("generation").map_err(|e| protocol(e.to_string()))?;
+        Ok((generation, String::from_utf8_lossy(rd.rest()).into_owned()))
     }
 
     /// Turns this connection into an update listener: luod will not reboot until this client

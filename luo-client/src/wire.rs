@@ -63,6 +63,8 @@ pub mod op {
     pub const BARRIER: u16 = 0x08;
     /// Load the next kernel, run the barrier, reboot.
     pub const UPDATE: u16 = 0x09;
+    /// Root: drop luod's copy of another uid's session (and close its session channels).
+    pub const RELEASE_UID: u16 = 0x0A;
     /// Session channel (user backend): PRESERVE_FD.
     pub const S_PRESERVE: u16 = 0x20;
     /// Session channel: RETRIEVE_FD.
@@ -562,6 +564,10 @@ impl Status {
     }
 }
 
+/// The UPDATE flags this version knows: 1 kernel fd, 2 initrd fd, 4 force. A luod that
+/// predates a flag refuses it (`EBADMSG`), so a client never gets a silently weaker request.
+pub const UPDATE_FLAGS: u32 = 7;
+
 /// UPDATE request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UpdateRequest {
@@ -573,12 +579,17 @@ pub struct UpdateRequest {
     pub has_kernel: bool,
     /// An initrd fd is attached (after the kernel's).
     pub has_initrd: bool,
+    /// Root's forced update: listeners that refuse or are late do not stop it (their sessions
+    /// are dropped instead), nor do sessions whose files cannot be frozen (dropped too).
+    pub force: bool,
 }
 
 impl UpdateRequest {
     /// Encodes the body (the fds travel separately).
     pub fn encode(&self) -> Vec<u8> {
-        let flags = u32::from(self.has_kernel) | (u32::from(self.has_initrd) << 1);
+        let flags = u32::from(self.has_kernel)
+            | (u32::from(self.has_initrd) << 1)
+            | (u32::from(self.force) << 2);
         Writer::new()
             .u32(flags)
             .u32(self.barrier_timeout_ms)
@@ -589,7 +600,7 @@ impl UpdateRequest {
     pub fn decode(b: &[u8]) -> Result<Self, Malformed> {
         let mut r = Reader::new(b);
         let flags = r.u32("update flags")?;
-        if flags & !3 != 0 {
+        if flags & !UPDATE_FLAGS != 0 {
             return Err(Malformed("update flags"));
         }
         let barrier_timeout_ms = r.u32("barrier timeout")?;
@@ -602,6 +613,7 @@ impl UpdateRequest {
             cmdline,
             has_kernel: flags & 1 != 0,
             has_initrd: flags & 2 != 0,
+            force: flags & 4 != 0,
         })
     }
     /// Fds this request must carry.
@@ -969,9 +981,10 @@ mod tests {
             cmdline: b"console=ttyS0 luo_nboot=1".to_vec(),
             has_kernel: true,
             has_initrd: false,
+            force: true,
         };
         assert_eq!(UpdateRequest::decode(&u.encode()).unwrap(), u);
-        assert!(UpdateRequest::decode(&[4, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(UpdateRequest::decode(&[8, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(UpdateRequest::decode(&[0, 0, 0, 0, 0, 0, 0, 0, b'a', 0]).is_err());
     }
 

@@ -22,9 +22,12 @@ usage: luoctl [--socket PATH] COMMAND [ARGS]
 
   status [--json]                      luod's state and the sessions you may see
   update [--kernel BZIMAGE] [--initrd FILE] [--append ARGS] [--reuse-cmdline]
-         [--barrier-timeout-ms N] [--no-wait] [--wait-ms N]
+         [--barrier-timeout-ms N] [--force] [--no-wait] [--wait-ms N]
                                        load the next kernel, run the barrier, reboot
-                                       (user backend: luod execs its next image; no kernel)
+                                       (user backend: luod execs its next image; no kernel);
+                                       --force (root): listeners that refuse or are late and
+                                       sessions that cannot be frozen do not stop it: their
+                                       sessions are dropped, and lost
   preserve NAME TOKEN [--file FILE] [--open] [--hold]
                                        copy FILE (or stdin) into a memfd and preserve it in
                                        your outgoing session NAME (created unless --open);
@@ -33,7 +36,9 @@ usage: luoctl [--socket PATH] COMMAND [ARGS]
                                        write the file preserved under TOKEN in your incoming
                                        session NAME to FILE (or stdout)
   finish NAME                          FINISH your incoming session NAME
-  release NAME [--incoming]            make luod drop its copy of your session NAME
+  release NAME [--incoming] [--uid UID]
+                                       make luod drop its copy of your session NAME;
+                                       --uid (root): another uid's, channels included
   listen [--label L] [--delay-ms N] [--refuse ERRNO] [--never]
                                        be an update listener: print events, reach the barrier
 
@@ -220,7 +225,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                     "--barrier-timeout-ms",
                     "--wait-ms",
                 ],
-                &["--reuse-cmdline", "--no-wait"],
+                &["--reuse-cmdline", "--no-wait", "--force"],
             )?,
         ),
         "preserve" => preserve(
@@ -239,16 +244,22 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 .map_err(|e| fail(format!("FINISH {name:?}: {e}")))
         }
         "release" => {
-            let a = Args::parse(rest, &[], &["--incoming"])?;
+            let a = Args::parse(rest, &["--uid"], &["--incoming"])?;
             let name = &a.positional(1, "NAME")?[0];
             let dir = if a.has("--incoming") {
                 Dir::Incoming
             } else {
                 Dir::Outgoing
             };
-            connect(&socket)?
-                .release_session(dir, name)
-                .map_err(|e| fail(format!("release {name:?}: {e}")))
+            let l = connect(&socket)?;
+            match a.num("--uid")? {
+                None => l.release_session(dir, name),
+                Some(uid) => {
+                    let uid = u32::try_from(uid).map_err(|_| usage("--uid: not a uid"))?;
+                    l.release_session_of(uid, dir, name)
+                }
+            }
+            .map_err(|e| fail(format!("release {name:?}: {e}")))
         }
         "listen" => listen(
             &socket,
@@ -408,14 +419,18 @@ fn update(socket: &PathBuf, a: &Args) -> Result<(), Fail> {
     let luod = connect(socket)?;
     let backend = luod.hello().backend;
     let from = luod.hello().generation;
-    let r = luod.update(
+    let r = luod.update_with(
         kernel.as_ref().map(|f| f.as_fd()),
         initrd.as_ref().map(|f| f.as_fd()),
         cmdline.as_bytes(),
         timeout,
+        a.has("--force"),
     );
     match r {
-        Ok(next) => {
+        Ok((next, dropped)) => {
+            if !dropped.is_empty() {
+                out(&format!("forced: {dropped}\n"));
+            }
             out(&format!(
                 "barrier reached; luod is exec'ing its next image (generation {from} -> {next})\n"
             ));

@@ -97,16 +97,62 @@ impl Out {
     }
 }
 
+/// A session luod holds, shared with its session channels (user backend).
+pub(crate) struct Held {
+    pub(crate) session: Session,
+    /// An incoming session finished through luod's channel.
+    pub(crate) finished: AtomicBool,
+    /// `(st_dev, st_ino)` of each file preserved through a channel, by token: how luod finds
+    /// the file that cannot be frozen when an update fails (user backend).
+    pub(crate) files: Mutex<BTreeMap<u64, (u64, u64)>>,
+    /// luod's ends of the open session channels, by channel id: shut down to revoke the
+    /// session (root's release of another uid's session, a forced update).
+    pub(crate) channels: Mutex<Vec<(u64, UnixStream)>>,
+}
+
 /// A session luod holds.
 pub(crate) struct Entry {
-    pub(crate) session: Arc<Session>,
-    /// An incoming session finished through luod's channel.
-    pub(crate) finished: Arc<AtomicBool>,
+    pub(crate) held: Arc<Held>,
     pub(crate) handed_out: bool,
 }
 
-/// Sessions by (owner, direction, client name).
-pub(crate) type Table = BTreeMap<(u32, Dir, String), Entry>;
+impl Entry {
+    pub(crate) fn new(session: Session, handed_out: bool) -> Entry {
+        Entry {
+            held: Arc::new(Held {
+                session,
+                finished: AtomicBool::new(false),
+                files: Mutex::new(BTreeMap::new()),
+                channels: Mutex::new(Vec::new()),
+            }),
+            handed_out,
+        }
+    }
+
+    /// Closes luod's copy for good: every session channel is shut down, and once their threads
+    /// let go (within about `wait`), the session itself is closed (outgoing: unpreserved, as
+    /// far as luod holds it; incoming: finished). False if a channel thread did not let go in
+    /// time (the session then closes when it does).
+    pub(crate) fn revoke(self, wait: Duration) -> bool {
+        for (_, c) in lock(&self.held.channels).iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        let t = std::time::Instant::now();
+        while Arc::strong_count(&self.held) > 1 {
+            if t.elapsed() >= wait {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+}
+
+/// A session's key: owner, direction, client name.
+pub(crate) type Key = (u32, Dir, String);
+
+/// Sessions by key.
+pub(crate) type Table = BTreeMap<Key, Entry>;
 
 /// An update listener.
 pub(crate) struct Listener {
@@ -305,14 +351,7 @@ fn restore(device: &Device) -> (Option<u64>, Table) {
         let kname = wire::kernel_name(uid, &name);
         match device.retrieve_session(&kname) {
             Ok(s) => {
-                table.insert(
-                    (uid, Dir::Incoming, name),
-                    Entry {
-                        session: Arc::new(s),
-                        finished: Arc::new(AtomicBool::new(false)),
-                        handed_out: false,
-                    },
-                );
+                table.insert((uid, Dir::Incoming, name), Entry::new(s, false));
             }
             Err(e) => log!("session {kname:?} listed in the manifest: {e}"),
         }
@@ -617,6 +656,7 @@ impl Daemon {
             op::OPEN => self.lookup(uid, Dir::Outgoing, &f.body),
             op::RETRIEVE => self.lookup(uid, Dir::Incoming, &f.body),
             op::RELEASE => self.release(uid, &f.body),
+            op::RELEASE_UID => self.release_uid(uid, &f.body),
             op::STATUS => self.status(uid, &f.body),
             op::REGISTER => self.register(id, cred, out, &f.body),
             op::BARRIER => return self.barrier(id, out, f.tag, &f.body),
@@ -676,11 +716,7 @@ impl Daemon {
             .device
             .create_session(&kname)
             .map_err(|e| refuse(e.errno().get(), format!("CREATE_SESSION {kname:?}: {e}")))?;
-        let entry = Entry {
-            session: Arc::new(s),
-            finished: Arc::new(AtomicBool::new(false)),
-            handed_out: true,
-        };
+        let entry = Entry::new(s, true);
         // A session the client never received is closed again (and so gone from the
         // kernel), so that a retry is a plain CREATE, not an EEXIST.
         let r = self.hand_out(uid, &entry)?;
@@ -709,7 +745,7 @@ impl Daemon {
     /// The reply that gives a client its handle: a dup of the kernel session fd, or a new
     /// session channel (user backend).
     fn hand_out(self: &Arc<Self>, uid: u32, entry: &Entry) -> Reply {
-        if let Some(fd) = entry.session.kernel_fd() {
+        if let Some(fd) = entry.held.session.kernel_fd() {
             let dup = fd
                 .try_clone_to_owned()
                 .map_err(|e| refuse(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
@@ -719,16 +755,27 @@ impl Daemon {
             .map_err(|e| refuse(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
         let slot = Slot::take(self, uid)?;
         let d = self.clone();
-        let session = entry.session.clone();
-        let finished = entry.finished.clone();
-        std::thread::Builder::new()
+        let held = entry.held.clone();
+        let chan_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let registered = mine
+            .try_clone()
+            .map_err(|e| refuse(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
+        lock(&held.channels).push((chan_id, registered));
+        let spawned = std::thread::Builder::new()
             .name("luod-chan".into())
             .stack_size(256 << 10)
-            .spawn(move || {
-                let _slot = slot;
-                d.serve_channel(mine, uid, &session, &finished);
-            })
-            .map_err(|e| refuse(libc::EAGAIN, format!("cannot start a channel thread: {e}")))?;
+            .spawn({
+                let held = held.clone();
+                move || {
+                    let _slot = slot;
+                    d.serve_channel(mine, uid, &held);
+                    lock(&held.channels).retain(|(id, _)| *id != chan_id);
+                }
+            });
+        if spawned.is_err() {
+            lock(&held.channels).retain(|(id, _)| *id != chan_id);
+        }
+        spawned.map_err(|e| refuse(libc::EAGAIN, format!("cannot start a channel thread: {e}")))?;
         Ok((vec![HandoutKind::Channel.to_u8()], vec![theirs.into()]))
     }
 
@@ -754,6 +801,47 @@ impl Daemon {
         }
     }
 
+    /// RELEASE_UID (root): drop another uid's session for good, channels included.
+    fn release_uid(&self, caller: u32, body: &[u8]) -> Reply {
+        if !self.is_admin(caller) {
+            return Err(refuse(
+                libc::EPERM,
+                format!("uid {caller} may not release another uid's session: only root may"),
+            ));
+        }
+        let mut r = Reader::new(body);
+        let (dir, uid) = r
+            .u8("direction")
+            .and_then(Dir::from_u8)
+            .and_then(|dir| Ok((dir, r.u32("uid")?)))
+            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
+        let name = Self::name(r.rest())?;
+        let removed = lock_table(self).remove(&(uid, dir, name.clone()));
+        let kname = wire::kernel_name(uid, &name);
+        let Some(e) = removed else {
+            return Err(refuse(
+                libc::ENOENT,
+                format!("uid {uid} has no {} session {name:?}", dir.as_str()),
+            ));
+        };
+        let files = e.held.session.file_count();
+        if !e.revoke(self.revoke_wait()) {
+            log!("session {kname:?}: a channel thread still holds it; it closes when that ends");
+        }
+        log!(
+            "uid {caller} released {} session {kname:?} of uid {uid}{}",
+            dir.as_str(),
+            files.map_or(String::new(), |n| format!(" ({n} file(s))"))
+        );
+        ok(Vec::new())
+    }
+
+    /// How long revoking a session waits for its channel threads (they notice a shutdown at
+    /// once, or after the frame they are reading).
+    pub(crate) fn revoke_wait(&self) -> Duration {
+        self.opts.frame_timeout + Duration::from_secs(2)
+    }
+
     fn status(&self, uid: u32, body: &[u8]) -> Reply {
         if !body.is_empty() {
             return Err(refuse(werr::EBADMSG, "STATUS has no body"));
@@ -771,10 +859,11 @@ impl Daemon {
                 dir: *dir,
                 name: name.clone(),
                 files: e
+                    .held
                     .session
                     .file_count()
                     .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-                finished: e.finished.load(Ordering::Relaxed),
+                finished: e.held.finished.load(Ordering::Relaxed),
                 handed_out: e.handed_out,
             })
             .collect();
@@ -793,6 +882,18 @@ impl Daemon {
     fn register(&self, id: u64, cred: PeerCred, out: &Arc<Out>, body: &[u8]) -> Reply {
         wire::check_label(body).map_err(|m| refuse(libc::EINVAL, m))?;
         let label = String::from_utf8_lossy(body).into_owned();
+        // A listener holds back updates for its sessions: a uid with none has nothing to
+        // protect, and may not stall the host's updates (root's --force overrides the rest).
+        if !self.is_admin(cred.uid) && !lock_table(self).keys().any(|k| k.0 == cred.uid) {
+            return Err(refuse(
+                libc::EPERM,
+                format!(
+                    "uid {} has no session in luod: only a uid with a session (or root) may \
+                     register for updates",
+                    cred.uid
+                ),
+            ));
+        }
         let mut u = lock_upd(self);
         if u.listeners.contains_key(&id) {
             return Err(refuse(
@@ -867,7 +968,7 @@ impl Daemon {
     }
 
     /// A session channel (user backend): each frame is one session ioctl on `session`.
-    fn serve_channel(&self, sock: UnixStream, uid: u32, session: &Session, finished: &AtomicBool) {
+    fn serve_channel(&self, sock: UnixStream, uid: u32, held: &Held) {
         if let Err(e) = self.setup(&sock) {
             log!("channel: {e}");
             return;
@@ -884,20 +985,15 @@ impl Daemon {
         };
         while let Some(f) = self.next_frame(&sock, &out, channel_fds) {
             let (opc, tag) = (f.op, f.tag);
-            let r = self.channel_request(uid, session, finished, f);
+            let r = self.channel_request(uid, held, f);
             if out.reply(opc, tag, r).is_err() {
                 break;
             }
         }
     }
 
-    fn channel_request(
-        &self,
-        uid: u32,
-        session: &Session,
-        finished: &AtomicBool,
-        mut f: Frame,
-    ) -> Reply {
+    fn channel_request(&self, uid: u32, held: &Held, mut f: Frame) -> Reply {
+        let session = &held.session;
         let fds = usize::from(f.op == op::S_PRESERVE);
         Self::precheck(&f, fds)?;
         let luo = |e: luo_client::Error| refuse(e.errno().get(), String::new());
@@ -918,7 +1014,7 @@ impl Daemon {
                 let files: usize = t_lock
                     .iter()
                     .filter(|((u, _, _), _)| *u == uid)
-                    .filter_map(|(_, e)| e.session.file_count())
+                    .filter_map(|(_, e)| e.held.session.file_count())
                     .sum();
                 if files >= self.opts.max_files_per_uid {
                     return Err(refuse(
@@ -931,6 +1027,9 @@ impl Daemon {
                 }
                 session.preserve_fd(&fd, t).map_err(luo)?;
                 drop(t_lock);
+                if let Ok(st) = backend_user::sys::fstat(fd.as_fd()) {
+                    lock(&held.files).insert(t, (st.st_dev, st.st_ino));
+                }
                 ok(Vec::new())
             }
             op::S_RETRIEVE_FD => {
@@ -942,7 +1041,7 @@ impl Daemon {
                     return Err(refuse(werr::EBADMSG, "FINISH has no body"));
                 }
                 session.finish().map_err(luo)?;
-                finished.store(true, Ordering::Relaxed);
+                held.finished.store(true, Ordering::Relaxed);
                 ok(Vec::new())
             }
             op::S_GET_NAME => {
@@ -966,12 +1065,35 @@ pub(crate) fn memfd_with(bytes: &[u8]) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The sessions a listener speaks for: its uid's session named like its label, if there is
+/// one (a VMM registers with its session's name), else every session of its uid.
+pub(crate) fn sessions_of(t: &Table, uid: u32, label: &str) -> Vec<(u32, Dir, String)> {
+    let mine: Vec<_> = t.keys().filter(|k| k.0 == uid).cloned().collect();
+    let named: Vec<_> = mine.iter().filter(|k| k.2 == label).cloned().collect();
+    if named.is_empty() {
+        mine
+    } else {
+        named
+    }
+}
+
+/// `"1000/vm0", "1000/vm1"` (or `no session`).
+pub(crate) fn names(keys: &[(u32, Dir, String)]) -> String {
+    if keys.is_empty() {
+        return "no session".into();
+    }
+    keys.iter()
+        .map(|(u, dir, n)| format!("{} session {:?}", dir.as_str(), wire::kernel_name(*u, n)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A one-line account of what luod holds, for update failures: what was not lost.
 pub(crate) fn holdings(t: &Table) -> String {
     let out: Vec<_> = t.iter().filter(|(k, _)| k.1 == Dir::Outgoing).collect();
     let files: Option<usize> = out
         .iter()
-        .map(|(_, e)| e.session.file_count())
+        .map(|(_, e)| e.held.session.file_count())
         .sum::<Option<usize>>();
     let files = files.map_or(String::new(), |f| format!(" with {f} preserved file(s)"));
     format!(

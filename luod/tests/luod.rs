@@ -978,3 +978,201 @@ fn preserved_files_per_uid_are_capped_with_a_clear_errno() {
         });
     }
 }
+
+/// A client of luod as `uid` (root only), with one outgoing session `name` holding `data`.
+fn client_as(d: &Daemon, uid: u32, name: &'static str, data: &'static [u8]) -> luo_client::Luod {
+    let sock = d.sock.clone();
+    as_uid(uid, move || {
+        let c = luo_client::Luod::connect(&sock).unwrap();
+        c.create_session(name)
+            .unwrap()
+            .preserve_fd(memfd(data), 1)
+            .unwrap();
+        c
+    })
+}
+
+/// Collects a listener's events until luod closes the connection, answering each Prepare
+/// with `answer` (None: never).
+fn run_listener(
+    mut l: luo_client::UpdateListener,
+    answer: Option<i32>,
+) -> std::thread::JoinHandle<Vec<UpdateEvent>> {
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        loop {
+            match l.next_event(Some(DEADLINE)).unwrap() {
+                Some(UpdateEvent::Closed) | None => return seen,
+                Some(ev) => {
+                    if let (UpdateEvent::Prepare { .. }, Some(e)) = (&ev, answer) {
+                        let _ = l.refuse(luo_client::Errno::new(e));
+                    }
+                    seen.push(ev);
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn an_unprivileged_listener_cannot_hold_back_roots_update() {
+    if !is_root() {
+        eprintln!("SKIP: needs root to run listeners as other uids");
+        return;
+    }
+    let d = Daemon::start(&[]);
+    let c = d.connect();
+    c.create_session("rootvm")
+        .unwrap()
+        .preserve_fd(memfd(b"root's guest"), 1)
+        .unwrap();
+    // A uid without a session has nothing to protect: it may not register.
+    let sock = d.sock.clone();
+    let e = as_uid(61_040, move || {
+        luo_client::Luod::connect(&sock)
+            .unwrap()
+            .register_for_update("stall")
+            .map(|_| ())
+            .unwrap_err()
+    });
+    assert_eq!(e.errno().get(), libc::EPERM, "{e}");
+    // Two users with a session each: one refuses every update, one never answers.
+    let refuser = client_as(&d, 61_041, "vm1", b"one")
+        .register_for_update("vm1")
+        .unwrap();
+    let silent = client_as(&d, 61_042, "vm2", b"two")
+        .register_for_update("vmm")
+        .unwrap();
+    let refuser = run_listener(refuser, Some(libc::ECANCELED));
+    let silent = run_listener(silent, None);
+
+    let o = d.luoctl(&["update", "--barrier-timeout-ms", "500"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("ECANCELED") && e.contains("uid 61041") && e.contains("\"61041/vm1\""),
+        "{e}"
+    );
+    assert!(
+        e.contains("--force") && e.contains("nothing was lost"),
+        "{e}"
+    );
+
+    // Root overrides: both listeners' sessions are dropped, root's goes through.
+    let o = d.luoctl(&["update", "--force", "--barrier-timeout-ms", "500"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}\n{out}\n{}", stderr(&o), d.log());
+    assert!(
+        out.contains("\"61041/vm1\"") && out.contains("\"61042/vm2\"") && out.contains("lost"),
+        "{out}"
+    );
+    let c = d.wait_generation(1);
+    let s = c.retrieve_session("rootvm").unwrap();
+    assert_eq!(contents(s.retrieve_fd(1).unwrap()), b"root's guest");
+    let st = c.status().unwrap();
+    assert!(
+        st.sessions.iter().all(|x| x.uid == 0),
+        "dropped sessions were carried: {:?}",
+        st.sessions
+    );
+    // Each dropped listener was told why.
+    for (events, what) in [
+        (refuser.join().unwrap(), "vm1"),
+        (silent.join().unwrap(), "vm2"),
+    ] {
+        assert!(
+            events
+                .iter()
+                .any(|ev| matches!(ev, UpdateEvent::Aborted { message, .. }
+                if message.contains("forced") && message.contains(what))),
+            "{events:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unfreezable_file_is_named_and_root_can_force_or_release_it() {
+    if !is_root() {
+        eprintln!("SKIP: needs root to run a client as another uid");
+        return;
+    }
+    let d = Daemon::start(&[]);
+    let c = d.connect();
+    c.create_session("rootvm")
+        .unwrap()
+        .preserve_fd(memfd(b"root's guest"), 1)
+        .unwrap();
+    let m = memfd(b"small");
+    let sock = d.sock.clone();
+    let m2 = m.try_clone().unwrap();
+    let user = as_uid(61_043, move || {
+        let c = luo_client::Luod::connect(&sock).unwrap();
+        c.create_session("big")
+            .unwrap()
+            .preserve_fd(&m2, 1)
+            .unwrap();
+        c
+    });
+    // The user grows its file past what LUO can hand over: every update fails at the freeze.
+    m.set_len((u64::from(u32::MAX) + 2) * 4096).unwrap();
+    let o = d.luoctl(&["update"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("EFBIG")
+            && e.contains("\"61043/big\"")
+            && e.contains("uid 61043")
+            && e.contains("token 1"),
+        "{e}"
+    );
+    // Root forces it: the culprit's session is dropped, the rest goes through.
+    let o = d.luoctl(&["update", "--force"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}\n{}", stderr(&o), d.log());
+    assert!(
+        out.contains("\"61043/big\"") && out.contains("lost"),
+        "{out}"
+    );
+    let c = d.wait_generation(1);
+    assert_eq!(
+        contents(
+            c.retrieve_session("rootvm")
+                .unwrap()
+                .retrieve_fd(1)
+                .unwrap()
+        ),
+        b"root's guest"
+    );
+    drop(user);
+    // In the next generation the same user does it again; root releases that session alone.
+    let sock = d.sock.clone();
+    let m2 = m.try_clone().unwrap();
+    m.set_len(5).unwrap();
+    let user = as_uid(61_043, move || {
+        let c = luo_client::Luod::connect(&sock).unwrap();
+        c.create_session("big")
+            .unwrap()
+            .preserve_fd(&m2, 1)
+            .unwrap();
+        c
+    });
+    m.set_len((u64::from(u32::MAX) + 2) * 4096).unwrap();
+    let o = d.luoctl_with_input(&["release", "big", "--uid", "61043"], b"", Some(61_043));
+    assert!(
+        !o.status.success(),
+        "only root may release another uid's session"
+    );
+    assert!(stderr(&o).contains("EPERM"), "{}", stderr(&o));
+    let o = d.luoctl(&["release", "big", "--uid", "61043"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let st = c.status().unwrap();
+    assert!(
+        !st.sessions.iter().any(|x| x.uid == 61_043),
+        "{:?}",
+        st.sessions
+    );
+    drop(user);
+    let o = d.luoctl(&["update"]);
+    assert!(o.status.success(), "{}\n{}", stderr(&o), d.log());
+    d.wait_generation(2);
+}
