@@ -6,9 +6,9 @@
 //! timeout). The two locks, `table` and `upd`, are never held together except in the update
 //! path's reboot step, which takes `table` and then `upd` briefly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -26,6 +26,7 @@ use luo_client::{Device, Session};
 
 use crate::manifest::{Manifest, MANIFEST_SESSION};
 use crate::options::Options;
+use crate::systemd::{self, Notifier, Stored};
 
 /// How often idle threads wake up to notice that luod is going away.
 const POLL: Duration = Duration::from_millis(200);
@@ -99,6 +100,7 @@ impl Out {
 
 /// A session luod holds, shared with its session channels (user backend).
 pub(crate) struct Held {
+    pub(crate) key: Key,
     pub(crate) session: Session,
     /// An incoming session finished through luod's channel.
     pub(crate) finished: AtomicBool,
@@ -117,9 +119,10 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    pub(crate) fn new(session: Session, handed_out: bool) -> Entry {
+    pub(crate) fn new(key: Key, session: Session, handed_out: bool) -> Entry {
         Entry {
             held: Arc::new(Held {
+                key,
                 session,
                 finished: AtomicBool::new(false),
                 files: Mutex::new(BTreeMap::new()),
@@ -193,6 +196,12 @@ pub struct Daemon {
     /// Open connections and channels: in total, and per uid.
     conns: Mutex<(usize, HashMap<u32, usize>)>,
     next_id: AtomicU64,
+    /// systemd's notification socket (fd store), if luod runs under systemd.
+    pub(crate) notifier: Notifier,
+    /// The `FDNAME`s luod put in the fd store and has not removed.
+    pub(crate) stored: Mutex<BTreeSet<String>>,
+    /// Readable when SIGTERM or SIGINT is pending (both are blocked in every thread).
+    signals: OwnedFd,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -351,12 +360,119 @@ fn restore(device: &Device) -> (Option<u64>, Table) {
         let kname = wire::kernel_name(uid, &name);
         match device.retrieve_session(&kname) {
             Ok(s) => {
-                table.insert((uid, Dir::Incoming, name), Entry::new(s, false));
+                let key = (uid, Dir::Incoming, name);
+                table.insert(key.clone(), Entry::new(key, s, false));
             }
             Err(e) => log!("session {kname:?} listed in the manifest: {e}"),
         }
     }
     (Some(m.generation), table)
+}
+
+fn is_socket(fd: BorrowedFd<'_>) -> bool {
+    backend_user::sys::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+}
+
+/// Takes back the sessions the fd store kept while luod was down (it was killed or stopped;
+/// see `docs/luod.md`). Kernel backend: each stored fd is luod's copy of a session fd, taken
+/// back if GET_NAME is the name it was stored under. User backend: each stored fd is a
+/// preserved file; the outgoing sessions are created again, with the same names and tokens,
+/// in the new in-process LUO. What does not check out is removed from the store and logged.
+/// Returns a note for the start-up line.
+fn restore_from_store(
+    device: &Device,
+    notifier: &Notifier,
+    table: &mut Table,
+    stored: &mut BTreeSet<String>,
+    items: Vec<(Stored, String, OwnedFd)>,
+) -> String {
+    if items.is_empty() {
+        return String::new();
+    }
+    let n_items = items.len();
+    let drop_item = |name: &str, why: String| {
+        log!("fd store entry {name:?}: {why}; removed from the store");
+        let _ = notifier.remove(name);
+    };
+    // (uid, name) -> [(token, FDNAME, file)]
+    type StoredFiles = Vec<(u64, String, OwnedFd)>;
+    let mut files: BTreeMap<(u32, String), StoredFiles> = BTreeMap::new();
+    let mut sessions = 0usize;
+    for (what, name, fd) in items {
+        match (what, device.backend()) {
+            (Stored::Session { uid, dir, name: n }, BackendKind::Kernel) => {
+                let s = Session::from_kernel_fd(fd);
+                let want = wire::kernel_name(uid, &n);
+                match s.name() {
+                    Ok(got) if got == want => {}
+                    Ok(got) => {
+                        drop_item(&name, format!("the session is {got:?}, not {want:?}"));
+                        continue;
+                    }
+                    Err(e) => {
+                        drop_item(&name, format!("not a LUO session: {e}"));
+                        continue;
+                    }
+                }
+                let key = (uid, dir, n);
+                if table.contains_key(&key) {
+                    drop_item(&name, "luod has that session already".into());
+                    continue;
+                }
+                table.insert(key.clone(), Entry::new(key, s, false));
+                stored.insert(name);
+                sessions += 1;
+            }
+            (
+                Stored::File {
+                    uid,
+                    name: n,
+                    token,
+                },
+                BackendKind::User,
+            ) => {
+                files.entry((uid, n)).or_default().push((token, name, fd));
+            }
+            (_, b) => drop_item(&name, format!("not for the {} backend", b.as_str())),
+        }
+    }
+    for ((uid, n), fds) in files {
+        let kname = wire::kernel_name(uid, &n);
+        let key = (uid, Dir::Outgoing, n);
+        if table.contains_key(&key) {
+            for (_, name, _) in &fds {
+                drop_item(name, format!("luod has a session {kname:?} already"));
+            }
+            continue;
+        }
+        let s = match device.create_session(&kname) {
+            Ok(s) => s,
+            Err(e) => {
+                for (_, name, _) in &fds {
+                    drop_item(
+                        name,
+                        format!("cannot create the session {kname:?} again: {e}"),
+                    );
+                }
+                continue;
+            }
+        };
+        let entry = Entry::new(key.clone(), s, false);
+        for (token, name, fd) in fds {
+            match entry.held.session.preserve_fd(&fd, token) {
+                Ok(()) => {
+                    if let Ok(st) = backend_user::sys::fstat(fd.as_fd()) {
+                        lock(&entry.held.files).insert(token, (st.st_dev, st.st_ino));
+                    }
+                    stored.insert(name);
+                }
+                Err(e) => drop_item(&name, format!("cannot preserve it in {kname:?} again: {e}")),
+            }
+        }
+        table.insert(key, entry);
+        sessions += 1;
+    }
+    format!(" ({sessions} from systemd's fd store, {n_items} fd(s))")
 }
 
 impl Daemon {
@@ -369,6 +485,36 @@ impl Daemon {
             Ok(n) => format!("fd limit {n}"),
             Err(e) => format!("fd limit not raised: {e}"),
         };
+        // Before any thread exists, so that every thread inherits the blocked mask.
+        let signals =
+            sys::term_signalfd().map_err(|e| format!("cannot set up SIGTERM handling: {e}"))?;
+        // What systemd passed: the fd store's contents and the activation socket. An image
+        // started by luod itself (after a userspace update) has the same pid and environment
+        // but not those fds any more.
+        let (passed, missing) = if opts.handover_fd.is_none() && opts.listen_fd.is_none() {
+            systemd::listen_fds()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        if !missing.is_empty() {
+            log!("fds systemd announced are not open: {}", missing.join(", "));
+        }
+        let notifier = Notifier::from_env().unwrap_or_else(|e| {
+            log!("{e}; running without systemd notifications and fd store");
+            Notifier::from_env_none()
+        });
+        let mut from_store = Vec::new();
+        let mut activation: Option<OwnedFd> = None;
+        for (name, fd) in passed {
+            match Stored::parse(&name) {
+                Some(what) => from_store.push((what, name, fd)),
+                None if activation.is_none() && is_socket(fd.as_fd()) => activation = Some(fd),
+                None => {
+                    log!("fd {name:?} from systemd is not luod's; closing it");
+                    let _ = notifier.remove(&name);
+                }
+            }
+        }
         let (device, lu) = match opts.backend {
             BackendKind::Kernel => {
                 if opts.handover_fd.is_some() {
@@ -397,19 +543,22 @@ impl Daemon {
                 (d, Some(lu))
             }
         };
-        let listener = match opts.listen_fd {
-            Some(fd) => {
+        let listener = match (opts.listen_fd, activation) {
+            (Some(fd), _) => {
                 let l = adopt(fd, "listen")?;
                 backend_user::sys::set_cloexec(l.as_fd(), true)
                     .map_err(|e| format!("listen fd: {e}"))?;
                 UnixListener::from(l)
             }
-            None => bind(&opts)?,
+            (None, Some(l)) => UnixListener::from(l),
+            (None, None) => bind(&opts)?,
         };
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("listen socket: {e}"))?;
-        let (prev, table) = restore(&device);
+        let (prev, mut table) = restore(&device);
+        let mut stored = BTreeSet::new();
+        let back = restore_from_store(&device, &notifier, &mut table, &mut stored, from_store);
         let generation = prev.map_or(0, |g| g.saturating_add(1));
         let next_image = match &opts.next_image {
             Some(p) => p.clone(),
@@ -418,12 +567,25 @@ impl Daemon {
             }
         };
         log!(
-            "{} backend, generation {generation}, {} session(s) restored, listening on {}, {nofile}",
+            "{} backend, generation {generation}, {} session(s) restored{back}, listening on {}, \
+             {nofile}{}",
             opts.backend.as_str(),
             table.len(),
-            opts.socket.display()
+            opts.socket.display(),
+            if notifier.enabled() {
+                ", systemd fd store in use"
+            } else {
+                ""
+            }
         );
-        Ok(Arc::new(Daemon {
+        let ready = format!(
+            "READY=1\nSTATUS=generation {generation}, {} session(s)\n",
+            table.len()
+        );
+        if let Err(e) = notifier.send(&ready, &[]) {
+            log!("sd_notify READY=1: {e}");
+        }
+        let d = Arc::new(Daemon {
             opts,
             device,
             lu,
@@ -443,7 +605,73 @@ impl Daemon {
             accept_gate: Mutex::new(()),
             conns: Mutex::new((0, HashMap::new())),
             next_id: AtomicU64::new(1),
-        }))
+            notifier,
+            stored: Mutex::new(stored),
+            signals,
+        });
+        // Incoming sessions restored from the manifest (kernel backend) go to the fd store
+        // now; those that came from it are there already.
+        let fresh: Vec<(Key, Arc<Held>)> = lock_table(&d)
+            .iter()
+            .map(|(k, e)| (k.clone(), e.held.clone()))
+            .collect();
+        for (k, held) in fresh {
+            if let Some(fd) = held.session.kernel_fd() {
+                d.keep(
+                    Stored::Session {
+                        uid: k.0,
+                        dir: k.1,
+                        name: k.2.clone(),
+                    },
+                    fd,
+                );
+            }
+        }
+        Ok(d)
+    }
+
+    /// Puts an fd that holds a session in systemd's fd store (nothing without systemd).
+    pub(crate) fn keep(&self, what: Stored, fd: BorrowedFd<'_>) {
+        let name = what.fd_name();
+        if lock(&self.stored).contains(&name) {
+            return;
+        }
+        match self.notifier.store(&name, fd) {
+            Ok(true) => {
+                lock(&self.stored).insert(name);
+            }
+            Ok(false) => {}
+            Err(e) => log!("cannot put {name:?} in the fd store: {e}; it will not survive luod"),
+        }
+    }
+
+    /// Removes what luod stored for a session it let go of.
+    pub(crate) fn forget(&self, held: &Held) {
+        let (uid, dir, name) = held.key.clone();
+        let mut names = vec![Stored::Session {
+            uid,
+            dir,
+            name: name.clone(),
+        }
+        .fd_name()];
+        for token in lock(&held.files).keys() {
+            names.push(
+                Stored::File {
+                    uid,
+                    name: name.clone(),
+                    token: *token,
+                }
+                .fd_name(),
+            );
+        }
+        let mut stored = lock(&self.stored);
+        for n in names {
+            if stored.remove(&n) {
+                if let Err(e) = self.notifier.remove(&n) {
+                    log!("cannot remove {n:?} from the fd store: {e}");
+                }
+            }
+        }
     }
 
     /// The listening socket's fd (kept open across a userspace update).
@@ -456,13 +684,23 @@ impl Daemon {
         uid == 0 || uid == self.euid
     }
 
-    /// Accepts connections forever.
+    /// Accepts connections until SIGTERM or SIGINT (then returns `Ok`, see [`Daemon::stop`]).
     pub fn run(self: &Arc<Self>) -> Result<(), String> {
         loop {
-            match sys::poll_readable(self.listener.as_fd(), POLL.as_millis() as i32) {
-                Ok(false) => continue,
-                Ok(true) => {}
-                Err(e) => return Err(format!("poll: {e}")),
+            let ready = sys::poll_readable_any(
+                &[self.listener.as_fd(), self.signals.as_fd()],
+                POLL.as_millis() as i32,
+            )
+            .map_err(|e| format!("poll: {e}"))?;
+            if ready[1] {
+                if let Ok(Some(signo)) = sys::read_signal(self.signals.as_fd()) {
+                    if self.stop(signo) {
+                        return Ok(());
+                    }
+                }
+            }
+            if !ready[0] {
+                continue;
             }
             let _gate = lock(&self.accept_gate);
             if self.stopping.load(Ordering::Acquire) {
@@ -481,6 +719,83 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// SIGTERM or SIGINT: a clean stop, unless an update is rebooting (then the signal is
+    /// ignored: the exec or kexec is imminent and must not be cut in half). What luod holds
+    /// is in systemd's fd store already (pushed as it arrived); this says what was kept and
+    /// what goes down with luod. Returns true to stop.
+    fn stop(&self, signo: u32) -> bool {
+        let sig = if signo == libc::SIGINT as u32 {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        if lock_upd(self).phase == Phase::Rebooting {
+            log!("{sig} ignored: an update is rebooting");
+            return false;
+        }
+        self.stopping.store(true, Ordering::Release);
+        let stored = lock(&self.stored).clone();
+        let (mut kept, mut lost) = (Vec::new(), Vec::new());
+        for ((uid, dir, name), e) in lock_table(self).iter() {
+            let kname = wire::kernel_name(*uid, name);
+            let is_kept = match e.held.session.kernel_fd() {
+                Some(_) => stored.contains(
+                    &Stored::Session {
+                        uid: *uid,
+                        dir: *dir,
+                        name: name.clone(),
+                    }
+                    .fd_name(),
+                ),
+                None => {
+                    let files = lock(&e.held.files);
+                    *dir == Dir::Outgoing
+                        && !files.is_empty()
+                        && files.len() == e.held.session.file_count().unwrap_or(0)
+                        && files.keys().all(|t| {
+                            stored.contains(
+                                &Stored::File {
+                                    uid: *uid,
+                                    name: name.clone(),
+                                    token: *t,
+                                }
+                                .fd_name(),
+                            )
+                        })
+                }
+            };
+            let what = format!("{} {kname:?}", dir.as_str());
+            if is_kept {
+                kept.push(what);
+            } else {
+                lost.push(what);
+            }
+        }
+        let _ = self.notifier.send("STOPPING=1\n", &[]);
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        let why_lost = if lost.is_empty() {
+            ""
+        } else if !self.notifier.enabled() {
+            " (no fd store: luod was not started by systemd with FileDescriptorStoreMax=)"
+        } else if self.lu.is_some() {
+            " (user backend: incoming and empty sessions live only in luod's memory)"
+        } else {
+            ""
+        };
+        log!(
+            "stopping on {sig}: kept in systemd's fd store: {}; lost with luod{why_lost}: {}",
+            list(&kept),
+            list(&lost)
+        );
+        true
     }
 
     fn spawn_conn(self: &Arc<Self>, sock: UnixStream) {
@@ -716,10 +1031,20 @@ impl Daemon {
             .device
             .create_session(&kname)
             .map_err(|e| refuse(e.errno().get(), format!("CREATE_SESSION {kname:?}: {e}")))?;
-        let entry = Entry::new(s, true);
+        let entry = Entry::new(key.clone(), s, true);
         // A session the client never received is closed again (and so gone from the
         // kernel), so that a retry is a plain CREATE, not an EEXIST.
         let r = self.hand_out(uid, &entry)?;
+        if let Some(fd) = entry.held.session.kernel_fd() {
+            self.keep(
+                Stored::Session {
+                    uid,
+                    dir: Dir::Outgoing,
+                    name: key.2.clone(),
+                },
+                fd,
+            );
+        }
         t.insert(key, entry);
         Ok(r)
     }
@@ -791,6 +1116,7 @@ impl Daemon {
             // Dropped outside the lock: closing an incoming session finishes it, which runs
             // handler callbacks.
             Some(e) => {
+                self.forget(&e.held);
                 drop(e);
                 ok(Vec::new())
             }
@@ -825,6 +1151,7 @@ impl Daemon {
             ));
         };
         let files = e.held.session.file_count();
+        self.forget(&e.held);
         if !e.revoke(self.revoke_wait()) {
             log!("session {kname:?}: a channel thread still holds it; it closes when that ends");
         }
@@ -1030,6 +1357,14 @@ impl Daemon {
                 if let Ok(st) = backend_user::sys::fstat(fd.as_fd()) {
                     lock(&held.files).insert(t, (st.st_dev, st.st_ino));
                 }
+                self.keep(
+                    Stored::File {
+                        uid: held.key.0,
+                        name: held.key.2.clone(),
+                        token: t,
+                    },
+                    fd.as_fd(),
+                );
                 ok(Vec::new())
             }
             op::S_RETRIEVE_FD => {

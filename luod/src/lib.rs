@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod logging;
 pub mod manifest;
 pub mod options;
+pub mod systemd;
 mod update;
 
 pub use daemon::Daemon;

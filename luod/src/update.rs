@@ -367,6 +367,12 @@ fn attempt(
                                 Vec::new(),
                             )),
                         );
+                        // The outgoing sessions are in the handover now (incoming in the next
+                        // image): their files leave the fd store, which would otherwise hand
+                        // them to a later luod a second time.
+                        for e in table.values() {
+                            d.forget(&e.held);
+                        }
                         let e = exec_next(d, &handover);
                         // The state is serialized into `handover` and this image can no longer
                         // change it; without a next image there is nobody to hand it to.
@@ -393,6 +399,7 @@ fn drop_sessions(d: &Daemon, keys: &[(u32, Dir, String)]) -> String {
     }
     let mut lost = Vec::new();
     for (k, e) in entries {
+        d.forget(&e.held);
         let files = e
             .held
             .session

@@ -1176,3 +1176,91 @@ fn an_unfreezable_file_is_named_and_root_can_force_or_release_it() {
     assert!(o.status.success(), "{}\n{}", stderr(&o), d.log());
     d.wait_generation(2);
 }
+
+#[test]
+fn a_killed_or_stopped_luod_gets_its_sessions_back_from_the_fd_store() {
+    let store = FdStore::new();
+    let mut d = Daemon::start_full(&[], None, &[("NOTIFY_SOCKET", store.path.as_os_str())]);
+    store.wait("no READY=1", |s| s.ready >= 1);
+    let ram = pattern(8, 1 << 20);
+    {
+        let c = d.connect();
+        let s = c.create_session("vm").unwrap();
+        s.preserve_fd(memfd(&ram), 1).unwrap();
+        s.preserve_fd(memfd(b"device"), 2).unwrap();
+        c.create_session("other:1")
+            .unwrap()
+            .preserve_fd(memfd(b"other"), 5)
+            .unwrap();
+        // A released session leaves the store with luod's copy.
+        c.create_session("gone")
+            .unwrap()
+            .preserve_fd(memfd(b"x"), 1)
+            .unwrap();
+        c.release_session(Dir::Outgoing, "gone").unwrap();
+    }
+    store.wait("the three files are not stored", |s| {
+        s.fds.len() == 3 && !s.fds.iter().any(|(n, _)| n.contains("gone"))
+    });
+
+    // kill -9: luod cannot do anything; the store has it all.
+    d.restart_with_fds(&store.path, store.copies());
+    let c = d.connect();
+    let st = c.status().unwrap();
+    let mut got: Vec<_> = st
+        .sessions
+        .iter()
+        .map(|x| (x.dir, x.name.clone(), x.files))
+        .collect();
+    got.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        got,
+        [
+            (Dir::Outgoing, "other:1".to_string(), Some(1)),
+            (Dir::Outgoing, "vm".to_string(), Some(2)),
+        ],
+        "{}",
+        d.log()
+    );
+    // The restored luod did not store them a second time.
+    assert_eq!(store.names().len(), 3, "{:?}", store.names());
+    // Its client reconnects to the same session.
+    let s = c.open_session("vm").unwrap();
+    s.preserve_fd(memfd(b"after"), 3).unwrap();
+    drop((s, c));
+    store.wait("the new file is not stored", |s| s.fds.len() == 4);
+
+    // SIGTERM: a clean stop that says what it kept.
+    // SAFETY: kill with a valid signal number signals our own child; it touches no memory.
+    let r = unsafe { libc::kill(d.pid() as i32, libc::SIGTERM) };
+    assert_eq!(r, 0, "kill");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < DEADLINE, "luod ignored SIGTERM\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    store.wait("no STOPPING=1", |s| s.stopping >= 1);
+    let log = d.log();
+    assert!(
+        log.contains("stopping on SIGTERM: kept in systemd's fd store: outgoing \"0/other:1\", outgoing \"0/vm\"; lost with luod: none"),
+        "{log}"
+    );
+
+    // And back once more, then through an update: they are whole LUO sessions.
+    d.restart_with_fds(&store.path, store.copies());
+    let c = d.connect();
+    assert_eq!(c.update(None, None, b"", DEADLINE).unwrap(), 1);
+    let c = d.wait_generation(1);
+    let s = c.retrieve_session("vm").unwrap();
+    assert_eq!(contents(s.retrieve_fd(1).unwrap()), ram);
+    assert_eq!(contents(s.retrieve_fd(2).unwrap()), b"device");
+    assert_eq!(contents(s.retrieve_fd(3).unwrap()), b"after");
+    let s = c.retrieve_session("other:1").unwrap();
+    assert_eq!(contents(s.retrieve_fd(5).unwrap()), b"other");
+    // Carried by the handover now, so the files left the store.
+    store.wait("files still stored after the update", |s| s.fds.is_empty());
+}
