@@ -286,6 +286,23 @@ impl Luod {
         Ok(())
     }
 
+    /// Hands luod a kernel session fd this client still holds, for a luod that lost its own
+    /// copy (it was restarted without systemd's fd store): luod checks with GET_NAME that the
+    /// session is this uid's `"<uid>/<name>"` and holds (and lists, and hands over at the next
+    /// update) it again. `EEXIST` if luod has that session; `EOPNOTSUPP` from the user
+    /// backend (its sessions live inside luod); `EBADRQC` from a luod that predates it.
+    pub fn adopt_session(&self, dir: Dir, name: &str, session: &Session) -> Result<()> {
+        let fd = session.kernel_fd().ok_or_else(|| {
+            protocol("only a kernel session fd can be adopted (a session channel is luod's own)")
+        })?;
+        let body = wire::Writer::new()
+            .u8(dir.to_u8())
+            .bytes(name.as_bytes())
+            .finish();
+        self.conn.call(op::ADOPT, &body, &[fd], None)?;
+        Ok(())
+    }
+
     /// luod's state and the sessions this uid may see (all of them for root).
     pub fn status(&self) -> Result<Status> {
         let r = self.conn.call(op::STATUS, &[], &[], None)?;

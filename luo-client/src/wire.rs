@@ -65,6 +65,9 @@ pub mod op {
     pub const UPDATE: u16 = 0x09;
     /// Root: drop luod's copy of another uid's session (and close its session channels).
     pub const RELEASE_UID: u16 = 0x0A;
+    /// Kernel backend: hand luod a session fd the client still holds (after luod restarted
+    /// without it), so luod holds and lists it again.
+    pub const ADOPT: u16 = 0x0B;
     /// Session channel (user backend): PRESERVE_FD.
     pub const S_PRESERVE: u16 = 0x20;
     /// Session channel: RETRIEVE_FD.

@@ -40,6 +40,7 @@ type FdLimit = fn(Option<u16>) -> usize;
 fn main_socket_fds(op: Option<u16>) -> usize {
     match op {
         None | Some(op::UPDATE) => 2,
+        Some(op::ADOPT) => 1,
         Some(_) => 0,
     }
 }
@@ -953,6 +954,7 @@ impl Daemon {
     ) -> Option<Reply> {
         let fds = match f.op {
             op::UPDATE => UpdateRequest::decode(&f.body).map_or(0, |u| u.fd_count()),
+            op::ADOPT => 1,
             _ => 0,
         };
         if let Err(e) = Self::precheck(&f, fds) {
@@ -972,6 +974,7 @@ impl Daemon {
             op::RETRIEVE => self.lookup(uid, Dir::Incoming, &f.body),
             op::RELEASE => self.release(uid, &f.body),
             op::RELEASE_UID => self.release_uid(uid, &f.body),
+            op::ADOPT => self.adopt(uid, f),
             op::STATUS => self.status(uid, &f.body),
             op::REGISTER => self.register(id, cred, out, &f.body),
             op::BARRIER => return self.barrier(id, out, f.tag, &f.body),
@@ -1125,6 +1128,60 @@ impl Daemon {
                 format!("you have no {} session {name:?}", dir.as_str()),
             )),
         }
+    }
+
+    /// ADOPT (kernel backend): take back a session fd a client kept while luod was down.
+    fn adopt(&self, uid: u32, mut f: Frame) -> Reply {
+        if self.lu.is_some() {
+            return Err(refuse(
+                libc::EOPNOTSUPP,
+                "the user backend's sessions live inside luod: there is no session fd to adopt",
+            ));
+        }
+        let mut r = Reader::new(&f.body);
+        let dir = r
+            .u8("direction")
+            .and_then(Dir::from_u8)
+            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
+        let name = Self::name(r.rest())?;
+        let fd = f.fds.pop().ok_or_else(|| refuse(libc::EBADF, "no fd"))?;
+        let session = Session::from_kernel_fd(fd);
+        let want = wire::kernel_name(uid, &name);
+        // The kernel says whose it is: a LUO session's name is set at creation, by luod.
+        let got = session.name().map_err(|e| {
+            refuse(
+                libc::EINVAL,
+                format!("the fd you sent is not a LUO session ({e})"),
+            )
+        })?;
+        if got != want {
+            return Err(refuse(
+                libc::EPERM,
+                format!("the session you sent is {got:?}, not yours {want:?}"),
+            ));
+        }
+        let mut t = lock_table(self);
+        let key = (uid, dir, name);
+        if t.contains_key(&key) {
+            return Err(refuse(
+                libc::EEXIST,
+                format!("luod holds {} session {want:?} already", dir.as_str()),
+            ));
+        }
+        let entry = Entry::new(key.clone(), session, true);
+        if let Some(fd) = entry.held.session.kernel_fd() {
+            self.keep(
+                Stored::Session {
+                    uid,
+                    dir,
+                    name: key.2.clone(),
+                },
+                fd,
+            );
+        }
+        t.insert(key, entry);
+        log!("uid {uid} handed back {} session {want:?}", dir.as_str());
+        ok(Vec::new())
     }
 
     /// RELEASE_UID (root): drop another uid's session for good, channels included.

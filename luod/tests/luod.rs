@@ -1264,3 +1264,54 @@ fn a_killed_or_stopped_luod_gets_its_sessions_back_from_the_fd_store() {
     // Carried by the handover now, so the files left the store.
     store.wait("files still stored after the update", |s| s.fds.is_empty());
 }
+
+#[test]
+fn adopt_takes_only_a_session_fd_of_the_callers_own() {
+    // The user backend has no session fds to hand back.
+    let d = Daemon::start(&[]);
+    let s = d.raw();
+    let m = memfd(b"x");
+    wire::write_frame(&s, op::ADOPT, 1, b"\x00vm", &[m.as_fd()]).unwrap();
+    let f = read(&s).unwrap();
+    let (errno, msg) = wire::parse_reply(&f.body).unwrap().unwrap_err();
+    assert_eq!(errno, libc::EOPNOTSUPP, "{msg}");
+    drop((s, d));
+
+    // The kernel backend checks the fd with GET_NAME: a file that is not a LUO session is
+    // refused (here the "device" is /dev/null, so luod runs without a LUO kernel).
+    let d = Daemon::start(&["--backend", "kernel", "--device", "/dev/null"]);
+    let s = d.raw();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    wire::write_frame(&s, op::ADOPT, 2, b"\x00vm", &[null.as_fd()]).unwrap();
+    let f = read(&s).unwrap();
+    let (errno, msg) = wire::parse_reply(&f.body).unwrap().unwrap_err();
+    assert_eq!(errno, libc::EINVAL, "{msg}");
+    assert!(msg.contains("not a LUO session"), "{msg}");
+    // Exactly one fd, a direction and a valid name.
+    assert_eq!(call(&s, op::ADOPT, 3, b"\x00vm").0, libc::EINVAL);
+    wire::write_frame(&s, op::ADOPT, 4, b"\x00vm", &[null.as_fd(), null.as_fd()]).unwrap();
+    assert_eq!(
+        wire::parse_reply(&read(&s).unwrap().body)
+            .unwrap()
+            .unwrap_err()
+            .0,
+        libc::EINVAL
+    );
+    wire::write_frame(&s, op::ADOPT, 5, b"\x07vm", &[null.as_fd()]).unwrap();
+    assert_eq!(
+        wire::parse_reply(&read(&s).unwrap().body)
+            .unwrap()
+            .unwrap_err()
+            .0,
+        libc::EBADMSG
+    );
+    wire::write_frame(&s, op::ADOPT, 6, b"\x00a/b", &[null.as_fd()]).unwrap();
+    assert_eq!(
+        wire::parse_reply(&read(&s).unwrap().body)
+            .unwrap()
+            .unwrap_err()
+            .0,
+        libc::EINVAL
+    );
+    assert!(d.connect().status().unwrap().sessions.is_empty());
+}
