@@ -25,18 +25,27 @@ impl Notifier {
     /// Connects to `$NOTIFY_SOCKET` (a path, or `@name` for an abstract socket). Without it,
     /// every call does nothing and [`Notifier::enabled`] is false.
     pub fn from_env() -> Result<Notifier, String> {
-        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-            return Ok(Notifier { sock: None });
-        };
+        match std::env::var_os("NOTIFY_SOCKET") {
+            None => Ok(Notifier { sock: None }),
+            Some(path) => Notifier::connect(&path),
+        }
+    }
+
+    /// Connects to a notification socket: a path, or `@name` for an abstract socket.
+    pub fn connect(path: &std::ffi::OsStr) -> Result<Notifier, String> {
         let sock = UnixDatagram::unbound().map_err(|e| format!("NOTIFY_SOCKET: {e}"))?;
-        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        // systemd reads every datagram at once; a bound on the wait keeps a wedged manager
+        // from stalling luod (the fd is then not stored, and luod says so).
+        sock.set_write_timeout(Some(std::time::Duration::from_secs(2)))
+            .map_err(|e| format!("NOTIFY_SOCKET: {e}"))?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path);
         let r = match bytes.strip_prefix(b"@") {
             Some(name) => {
                 use std::os::linux::net::SocketAddrExt;
                 std::os::unix::net::SocketAddr::from_abstract_name(name)
                     .and_then(|a| sock.connect_addr(&a))
             }
-            None => sock.connect(&path),
+            None => sock.connect(path),
         };
         r.map_err(|e| format!("NOTIFY_SOCKET {}: {e}", path.to_string_lossy()))?;
         Ok(Notifier { sock: Some(sock) })
@@ -204,6 +213,25 @@ pub fn listen_fds() -> (Vec<(String, OwnedFd)>, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notifications_reach_an_abstract_socket_with_their_fd() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("luod-test-notify-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let server = UnixDatagram::bind_addr(&addr).unwrap();
+        let n = Notifier::connect(std::ffi::OsStr::new(&format!("@{name}"))).unwrap();
+        assert!(n.enabled());
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(n.store("luod-s.o.1.vm", f.as_fd()).unwrap());
+        let mut buf = [0u8; 256];
+        let mut fds = Vec::new();
+        let r = sys::recv_with_fds(server.as_fd(), &mut buf, &mut fds).unwrap();
+        assert_eq!(&buf[..r.len], b"FDSTORE=1\nFDNAME=luod-s.o.1.vm\n");
+        assert_eq!(fds.len(), 1);
+        assert!(!Notifier::from_env_none().send("READY=1\n", &[]).unwrap());
+        assert!(Notifier::connect(std::ffi::OsStr::new("/nonexistent/notify")).is_err());
+    }
 
     #[test]
     fn fd_names_round_trip_and_strangers_are_refused() {
