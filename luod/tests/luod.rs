@@ -1250,8 +1250,19 @@ fn a_killed_or_stopped_luod_gets_its_sessions_back_from_the_fd_store() {
         "{log}"
     );
 
-    // And back once more, then through an update: they are whole LUO sessions.
-    d.restart_with_fds(&store.path, store.copies());
+    // And back once more, this time with the listening socket from systemd too (luod.socket):
+    // luod takes it instead of binding (binding would fail: the path answers, as if another
+    // luod ran). Then through an update: they are whole LUO sessions.
+    let _ = std::fs::remove_file(&d.sock);
+    let activation = std::os::unix::net::UnixListener::bind(&d.sock).unwrap();
+    let mut fds = store.copies();
+    fds.push(("luod.socket".into(), activation.into()));
+    d.restart_with_fds(&store.path, fds);
+    assert!(
+        d.log().contains("2 from systemd's fd store, 4 fd(s)"),
+        "{}",
+        d.log()
+    );
     let c = d.connect();
     assert_eq!(c.update(None, None, b"", DEADLINE).unwrap(), 1);
     let c = d.wait_generation(1);
