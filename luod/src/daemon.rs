@@ -459,6 +459,7 @@ fn restore_from_store(
             }
         };
         let entry = Entry::new(key.clone(), s, false);
+        let mut back = 0;
         for (token, name, fd) in fds {
             match entry.held.session.preserve_fd(&fd, token) {
                 Ok(()) => {
@@ -466,12 +467,16 @@ fn restore_from_store(
                         lock(&entry.held.files).insert(token, (st.st_dev, st.st_ino));
                     }
                     stored.insert(name);
+                    back += 1;
                 }
                 Err(e) => drop_item(&name, format!("cannot preserve it in {kname:?} again: {e}")),
             }
         }
-        table.insert(key, entry);
-        sessions += 1;
+        // A session none of whose files came back is not made up empty.
+        if back > 0 {
+            table.insert(key, entry);
+            sessions += 1;
+        }
     }
     format!(" ({sessions} from systemd's fd store, {n_items} fd(s))")
 }

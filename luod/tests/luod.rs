@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -1325,4 +1325,69 @@ fn adopt_takes_only_a_session_fd_of_the_callers_own() {
         libc::EINVAL
     );
     assert!(d.connect().status().unwrap().sessions.is_empty());
+}
+
+#[test]
+fn fd_store_entries_that_do_not_check_out_are_dropped_from_the_store() {
+    // Kernel backend (the "device" is /dev/null: no LUO kernel here): a stored "session" that
+    // is not a LUO session, a file entry (user backend's), and a name luod never made.
+    let store = FdStore::new();
+    let mut d = Daemon::start(&["--backend", "kernel", "--device", "/dev/null"]);
+    let null = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
+    d.restart_with_fds(
+        &store.path,
+        vec![
+            ("luod-s.o.0.vm".into(), null()),
+            ("luod-f.0.0000000000000001.vm".into(), null()),
+            ("garbage".into(), null()),
+        ],
+    );
+    store.wait("READY=1", |s| s.ready >= 1);
+    assert!(d.connect().status().unwrap().sessions.is_empty());
+    let log = d.log();
+    assert!(
+        log.contains("\"luod-s.o.0.vm\": not a LUO session"),
+        "{log}"
+    );
+    assert!(log.contains("not for the kernel backend"), "{log}");
+    assert!(
+        log.contains("\"garbage\" from systemd is not luod's"),
+        "{log}"
+    );
+
+    // User backend: a stored file that LUO's memfd handler does not take (not a memfd), and a
+    // kernel session entry; a good memfd next to them comes back.
+    let mut d = Daemon::start(&[]);
+    let ok = memfd(b"good");
+    // A store of its own, so that its removals are counted apart.
+    let store = FdStore::new();
+    d.restart_with_fds(
+        &store.path,
+        vec![
+            ("luod-f.0.0000000000000001.bad".into(), null()),
+            ("luod-s.i.0.vm".into(), null()),
+            ("luod-f.0.0000000000000002.good".into(), ok.into()),
+        ],
+    );
+    store.wait("READY=1", |s| s.ready >= 1);
+    let c = d.connect();
+    let st = c.status().unwrap();
+    assert_eq!(st.sessions.len(), 1, "{:?}\n{}", st.sessions, d.log());
+    assert_eq!(
+        (st.sessions[0].name.as_str(), st.sessions[0].files),
+        ("good", Some(1))
+    );
+    assert!(
+        d.log().contains("cannot preserve it in \"0/bad\" again"),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("not for the user backend"), "{}", d.log());
+    store.wait("the two bad entries are not removed", |s| {
+        let mut r = s.removed.clone();
+        r.sort();
+        r == ["luod-f.0.0000000000000001.bad", "luod-s.i.0.vm"]
+    });
+    // No session "bad" was left behind empty.
+    assert!(c.open_session("bad").is_err());
 }

@@ -345,6 +345,8 @@ pub struct StoreState {
     pub ready: usize,
     /// `STOPPING=1` notifications.
     pub stopping: usize,
+    /// The `FDNAME`s of `FDSTOREREMOVE=1` notifications.
+    pub removed: Vec<String>,
 }
 
 /// systemd's side of `sd_notify` and the fd store, enough for luod: a datagram socket that
@@ -392,7 +394,10 @@ impl FdStore {
                         match *l {
                             "READY=1" => st.ready += 1,
                             "STOPPING=1" => st.stopping += 1,
-                            "FDSTOREREMOVE=1" => st.fds.retain(|(n, _)| *n != name),
+                            "FDSTOREREMOVE=1" => {
+                                st.fds.retain(|(n, _)| *n != name);
+                                st.removed.push(name.clone());
+                            }
                             "FDSTORE=1" => {
                                 for fd in fds.drain(..) {
                                     st.fds.push((name.clone(), fd));
