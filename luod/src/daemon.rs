@@ -386,6 +386,7 @@ fn restore_from_store(
     table: &mut Table,
     stored: &mut BTreeSet<String>,
     items: Vec<(Stored, String, OwnedFd)>,
+    generation: &mut Option<u64>,
 ) -> String {
     if items.is_empty() {
         return String::new();
@@ -433,6 +434,17 @@ fn restore_from_store(
                 BackendKind::User,
             ) => {
                 files.entry((uid, n)).or_default().push((token, name, fd));
+            }
+            (Stored::Generation(g), _) => {
+                // The highest one counts; any other is stale.
+                if generation.is_some_and(|old| old >= g) {
+                    drop_item(&name, "an older generation".into());
+                } else {
+                    if let Some(old) = generation.replace(g) {
+                        let _ = notifier.remove(&Stored::Generation(old).fd_name());
+                    }
+                    stored.insert(name);
+                }
             }
             (_, b) => drop_item(&name, format!("not for the {} backend", b.as_str())),
         }
@@ -564,8 +576,21 @@ impl Daemon {
             .map_err(|e| format!("listen socket: {e}"))?;
         let (prev, mut table) = restore(&device);
         let mut stored = BTreeSet::new();
-        let back = restore_from_store(&device, &notifier, &mut table, &mut stored, from_store);
-        let generation = prev.map_or(0, |g| g.saturating_add(1));
+        let mut stored_gen = None;
+        let back = restore_from_store(
+            &device,
+            &notifier,
+            &mut table,
+            &mut stored,
+            from_store,
+            &mut stored_gen,
+        );
+        // After an update the manifest says; after luod's own restart, the fd store.
+        let generation = match (prev, stored_gen) {
+            (Some(g), _) => g.saturating_add(1),
+            (None, Some(g)) => g,
+            (None, None) => 0,
+        };
         let next_image = match &opts.next_image {
             Some(p) => p.clone(),
             None => {
@@ -615,6 +640,17 @@ impl Daemon {
             stored: Mutex::new(stored),
             signals,
         });
+        // The generation goes to the fd store (replacing the previous image's, after a
+        // userspace update: that image stored generation - 1).
+        if let Some(p) = prev {
+            let _ = d.notifier.remove(&Stored::Generation(p).fd_name());
+        }
+        if d.notifier.enabled() {
+            match memfd_with(b"") {
+                Ok(m) => d.keep(Stored::Generation(generation), m.as_fd()),
+                Err(e) => log!("cannot store the generation: {e}"),
+            }
+        }
         // Incoming sessions restored from the manifest (kernel backend) go to the fd store
         // now; those that came from it are there already.
         let fresh: Vec<(Key, Arc<Held>)> = lock_table(&d)

@@ -107,6 +107,9 @@ pub enum Stored {
         /// Client name.
         name: String,
     },
+    /// luod's generation number (updates since its first start), so that a restart within
+    /// the same boot goes on counting: `luod-g.<n>` (the fd is an empty memfd).
+    Generation(u64),
     /// User backend: a preserved file of an outgoing session: `luod-f.<uid>.<token>.<name>`.
     File {
         /// Owner.
@@ -126,6 +129,7 @@ impl Stored {
                 let d = if *dir == Dir::Outgoing { 'o' } else { 'i' };
                 format!("luod-s.{d}.{uid}.{}", escape(name))
             }
+            Stored::Generation(g) => format!("luod-g.{g}"),
             Stored::File { uid, name, token } => {
                 format!("luod-f.{uid}.{token:016x}.{}", escape(name))
             }
@@ -152,6 +156,10 @@ impl Stored {
                 uid: uid(it.next()?)?,
                 name: name(it.next()?)?,
             });
+        }
+        if let Some(g) = s.strip_prefix("luod-g.") {
+            let n = g.parse::<u64>().ok().filter(|n| n.to_string() == g)?;
+            return Some(Stored::Generation(n));
         }
         let rest = s.strip_prefix("luod-f.")?;
         let mut it = rest.splitn(3, '.');
@@ -251,6 +259,7 @@ mod tests {
                 name: "g.u.e.s.t".into(),
                 token: u64::MAX,
             },
+            Stored::Generation(7),
         ] {
             let n = s.fd_name();
             assert!(!n.contains(':') && n.len() <= 255, "{n}");
@@ -265,6 +274,8 @@ mod tests {
             "luod-f.1.000000000000000g.a",
             "luod-f.1.0000000000000001.%zz",
             "luod-s.o.1.",
+            "luod-g.07",
+            "luod-g.",
         ] {
             assert_eq!(Stored::parse(bad), None, "{bad}");
         }

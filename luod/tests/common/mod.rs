@@ -94,6 +94,11 @@ impl Daemon {
     /// store: `fds` at 3, 4, ..., `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID`, and
     /// `NOTIFY_SOCKET` set. The previous luod must be gone (killed, or stopped).
     pub fn restart_with_fds(&mut self, notify: &Path, fds: Vec<(String, OwnedFd)>) {
+        self.restart_at(notify, fds, 0)
+    }
+
+    /// As [`Daemon::restart_with_fds`], for a luod that comes back at generation `gen`.
+    pub fn restart_at(&mut self, notify: &Path, fds: Vec<(String, OwnedFd)>, gen: u64) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // LISTEN_PID is the pid of the process that execs luod: sh's, kept by exec.
@@ -138,7 +143,7 @@ impl Daemon {
         }
         self.child = cmd.stderr(Daemon::log_file(&self.dir)).spawn().unwrap();
         drop(fds);
-        self.wait_generation(0);
+        self.wait_generation(gen);
     }
 
     pub fn pid(&self) -> u32 {
@@ -441,6 +446,15 @@ impl FdStore {
     pub fn names(&self) -> Vec<String> {
         let st = self.state.lock().unwrap();
         st.fds.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The stored files (user backend), without luod's generation entry.
+    pub fn files(s: &StoreState) -> Vec<&str> {
+        s.fds
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| n.starts_with("luod-f."))
+            .collect()
     }
 
     /// Copies of the stored fds, as systemd passes them at the next start (it keeps its own).
