@@ -1,10 +1,13 @@
-//! The daemon: startup and restore, the accept loop, one thread per connection, the session
-//! table and access control.
+//! The daemon: startup and restore (the manifest after an update, systemd's fd store after
+//! luod's own restart), the accept loop and SIGTERM, one thread per connection, the session
+//! table, access control and caps.
 //!
 //! Threads never hold a lock while they talk to a peer, so a client that stops reading or
 //! stalls mid-frame holds up its own thread only (and loses its connection after the frame
 //! timeout). The two locks, `table` and `upd`, are never held together except in the update
-//! path's reboot step, which takes `table` and then `upd` briefly.
+//! path's reboot step, which takes `table` and then `upd` briefly. The small locks are leaves
+//! taken after `table` if at all: a session's `files` and `channels`, then `stored` (the fd
+//! store's names; its notifications are datagrams to systemd, with a send timeout).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
