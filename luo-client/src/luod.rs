@@ -133,10 +133,11 @@ pub(crate) struct Channel {
     conn: Conn,
 }
 
-/// luod relays LUO's errno on a channel: report it as LUO's, like a kernel session's.
+/// luod relays LUO's errno on a channel without a message: report it as LUO's, like a kernel
+/// session's. A refusal of luod's own (a cap) comes with an explanation and stays luod's.
 fn luo_err(e: Error) -> Error {
     match e {
-        Error::Luod { errno, .. } => Error::Luo(errno),
+        Error::Luod { errno, message } if message.is_empty() => Error::Luo(errno),
         other => other,
     }
 }
@@ -271,6 +272,37 @@ impl Luod {
         Ok(())
     }
 
+    /// Root: drops luod's copy of `uid`'s session `name` and closes the session channels it
+    /// handed out for it (user backend), so the session is really gone. Kernel backend: a
+    /// client that still holds the session fd keeps the session alive; luod no longer does,
+    /// and no longer lists it. `EPERM` for other uids, `EBADRQC` from a luod that predates it.
+    pub fn release_session_of(&self, uid: u32, dir: Dir, name: &str) -> Result<()> {
+        let body = wire::Writer::new()
+            .u8(dir.to_u8())
+            .u32(uid)
+            .bytes(name.as_bytes())
+            .finish();
+        self.conn.call(op::RELEASE_UID, &body, &[], None)?;
+        Ok(())
+    }
+
+    /// Hands luod a kernel session fd this client still holds, for a luod that lost its own
+    /// copy (it was restarted without systemd's fd store): luod checks with GET_NAME that the
+    /// session is this uid's `"<uid>/<name>"` and holds (and lists, and hands over at the next
+    /// update) it again. `EEXIST` if luod has that session; `EOPNOTSUPP` from the user
+    /// backend (its sessions live inside luod); `EBADRQC` from a luod that predates it.
+    pub fn adopt_session(&self, dir: Dir, name: &str, session: &Session) -> Result<()> {
+        let fd = session.kernel_fd().ok_or_else(|| {
+            protocol("only a kernel session fd can be adopted (a session channel is luod's own)")
+        })?;
+        let body = wire::Writer::new()
+            .u8(dir.to_u8())
+            .bytes(name.as_bytes())
+            .finish();
+        self.conn.call(op::ADOPT, &body, &[fd], None)?;
+        Ok(())
+    }
+
     /// luod's state and the sessions this uid may see (all of them for root).
     pub fn status(&self) -> Result<Status> {
         let r = self.conn.call(op::STATUS, &[], &[], None)?;
@@ -291,11 +323,29 @@ impl Luod {
         cmdline: &[u8],
         barrier_timeout: Duration,
     ) -> Result<u64> {
+        self.update_with(kernel, initrd, cmdline, barrier_timeout, false)
+            .map(|(generation, _)| generation)
+    }
+
+    /// [`Luod::update`], optionally forced (root's override, see `docs/luod.md`): listeners
+    /// that refuse or are late, and sessions whose files cannot be frozen, no longer stop the
+    /// update; their sessions are dropped instead. Returns the next generation and luod's
+    /// account of what it dropped (empty when nothing was). A luod that predates `force`
+    /// refuses it with `EBADMSG`.
+    pub fn update_with(
+        &self,
+        kernel: Option<BorrowedFd<'_>>,
+        initrd: Option<BorrowedFd<'_>>,
+        cmdline: &[u8],
+        barrier_timeout: Duration,
+        force: bool,
+    ) -> Result<(u64, String)> {
         let req = UpdateRequest {
             barrier_timeout_ms: u32::try_from(barrier_timeout.as_millis()).unwrap_or(u32::MAX),
             cmdline: cmdline.to_vec(),
             has_kernel: kernel.is_some(),
             has_initrd: initrd.is_some(),
+            force,
         };
         let fds: Vec<BorrowedFd<'_>> = kernel.into_iter().chain(initrd).collect();
         let r = self.conn.call(
@@ -305,7 +355,8 @@ impl Luod {
             Some(barrier_timeout + DEFAULT_TIMEOUT),
         )?;
         let mut rd = Reader::new(&r.payload);
-        rd.u64("generation").map_err(|e| protocol(e.to_string()))
+        let generation = rd.u64("generation").map_err(|e| protocol(e.to_string()))?;
+        Ok((generation, String::from_utf8_lossy(rd.rest()).into_owned()))
     }
 
     /// Turns this connection into an update listener: luod will not reboot until this client

@@ -433,6 +433,100 @@ pub unsafe fn adopt_inherited(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Sets SIGPIPE's disposition to ignored: a write to a closed pipe or socket then fails with
+/// `EPIPE` instead of killing the process.
+pub fn ignore_sigpipe() {
+    // SAFETY: installing SIG_IGN for SIGPIPE runs no handler code and touches no memory of
+    // ours; it only changes the process's signal disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+/// Waits up to `timeout_ms` (-1: forever) for any of `fds` to become readable (or hung up);
+/// returns which ones are.
+pub fn poll_readable_any(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let n = libc::nfds_t::try_from(p.len()).map_err(|_| invalid("too many fds to poll"))?;
+    loop {
+        // SAFETY: `p` holds `n` valid pollfds, alive and exclusively ours for the call.
+        match cvt(unsafe { libc::poll(p.as_mut_ptr(), n, timeout_ms) }) {
+            Ok(_) => return Ok(p.iter().map(|x| x.revents != 0).collect()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (threads it starts later inherit the mask)
+/// and returns a signalfd that becomes readable when one is pending: a daemon's clean stop
+/// without an asynchronous signal handler. Call it before starting any thread.
+pub fn term_signalfd() -> io::Result<OwnedFd> {
+    let mut set = MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: sigemptyset initializes the set it is given; sigaddset adds valid signal
+    // numbers to that initialized set; pthread_sigmask reads it and changes this thread's
+    // mask only; signalfd reads the set and returns a new fd or -1.
+    let fd = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGTERM);
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGINT);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        cvt(libc::signalfd(
+            -1,
+            set.as_ptr(),
+            libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
+        ))?
+    };
+    // SAFETY: signalfd just returned this new fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one pending signal from a [`term_signalfd`]: its number, or `None` if none is pending.
+pub fn read_signal(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    let mut info = MaybeUninit::<libc::signalfd_siginfo>::zeroed();
+    let want = size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` is valid for writes of `want` bytes; read writes at most that many.
+    let r = unsafe { libc::read(fd.as_raw_fd(), info.as_mut_ptr().cast(), want) };
+    match cvt_size(r) {
+        Ok(n) if n == want => {
+            // SAFETY: the kernel filled the whole struct (n == its size); every bit pattern
+            // of its integer fields is valid.
+            Ok(Some(unsafe { info.assume_init() }.ssi_signo))
+        }
+        Ok(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Raises `RLIMIT_NOFILE`'s soft limit to its hard limit; returns the limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit for getrlimit to fill.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) })?;
+    if r.rlim_cur < r.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: r.rlim_max,
+            rlim_max: r.rlim_max,
+        };
+        // SAFETY: `want` is a valid rlimit that setrlimit only reads.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) })?;
+        r.rlim_cur = r.rlim_max;
+    }
+    Ok(r.rlim_cur)
+}
+
 /// The effective uid of this process.
 pub fn geteuid() -> u32 {
     // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.

@@ -63,6 +63,11 @@ pub mod op {
     pub const BARRIER: u16 = 0x08;
     /// Load the next kernel, run the barrier, reboot.
     pub const UPDATE: u16 = 0x09;
+    /// Root: drop luod's copy of another uid's session (and close its session channels).
+    pub const RELEASE_UID: u16 = 0x0A;
+    /// Kernel backend: hand luod a session fd the client still holds (after luod restarted
+    /// without it), so luod holds and lists it again.
+    pub const ADOPT: u16 = 0x0B;
     /// Session channel (user backend): PRESERVE_FD.
     pub const S_PRESERVE: u16 = 0x20;
     /// Session channel: RETRIEVE_FD.
@@ -562,6 +567,10 @@ impl Status {
     }
 }
 
+/// The UPDATE flags this version knows: 1 kernel fd, 2 initrd fd, 4 force. A luod that
+/// predates a flag refuses it (`EBADMSG`), so a client never gets a silently weaker request.
+pub const UPDATE_FLAGS: u32 = 7;
+
 /// UPDATE request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UpdateRequest {
@@ -573,12 +582,17 @@ pub struct UpdateRequest {
     pub has_kernel: bool,
     /// An initrd fd is attached (after the kernel's).
     pub has_initrd: bool,
+    /// Root's forced update: listeners that refuse or are late do not stop it (their sessions
+    /// are dropped instead), nor do sessions whose files cannot be frozen (dropped too).
+    pub force: bool,
 }
 
 impl UpdateRequest {
     /// Encodes the body (the fds travel separately).
     pub fn encode(&self) -> Vec<u8> {
-        let flags = u32::from(self.has_kernel) | (u32::from(self.has_initrd) << 1);
+        let flags = u32::from(self.has_kernel)
+            | (u32::from(self.has_initrd) << 1)
+            | (u32::from(self.force) << 2);
         Writer::new()
             .u32(flags)
             .u32(self.barrier_timeout_ms)
@@ -589,7 +603,7 @@ impl UpdateRequest {
     pub fn decode(b: &[u8]) -> Result<Self, Malformed> {
         let mut r = Reader::new(b);
         let flags = r.u32("update flags")?;
-        if flags & !3 != 0 {
+        if flags & !UPDATE_FLAGS != 0 {
             return Err(Malformed("update flags"));
         }
         let barrier_timeout_ms = r.u32("barrier timeout")?;
@@ -602,6 +616,7 @@ impl UpdateRequest {
             cmdline,
             has_kernel: flags & 1 != 0,
             has_initrd: flags & 2 != 0,
+            force: flags & 4 != 0,
         })
     }
     /// Fds this request must carry.
@@ -673,31 +688,52 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// Reads one frame.
-///
-/// The socket's read timeout (if any) is the polling interval: while no byte of a frame has
-/// arrived, each timeout asks `keep_waiting` whether to go on (an idle connection may wait
-/// forever); once the first byte arrived, the whole frame must complete within
-/// `frame_timeout`, so a peer that stalls mid-frame costs its own connection and nothing else.
+/// Reads one frame, keeping at most [`sys::MAX_FDS`] fds; see [`read_frame_limited`].
 pub fn read_frame(
     sock: &UnixStream,
     max_body: usize,
     frame_timeout: Duration,
     keep_waiting: &mut dyn FnMut() -> bool,
 ) -> Result<Frame, RecvError> {
-    let mut fds = Vec::new();
-    let mut truncated = false;
-    let mut hdr = [0u8; HEADER_LEN];
-    let mut started: Option<Instant> = None;
-    fill(
+    read_frame_limited(
         sock,
-        &mut hdr,
-        &mut fds,
-        &mut truncated,
-        &mut started,
+        max_body,
         frame_timeout,
+        &|_| sys::MAX_FDS,
         keep_waiting,
-    )?;
+    )
+}
+
+/// Reads one frame.
+///
+/// The socket's read timeout (if any) is the polling interval: while no byte of a frame has
+/// arrived, each timeout asks `keep_waiting` whether to go on (an idle connection may wait
+/// forever); once the first byte arrived, the whole frame must complete within
+/// `frame_timeout` of it. That deadline is absolute: it is checked after every read, so a peer
+/// trickling one byte at a time is cut off as surely as one that stalls (at most one polling
+/// interval late).
+///
+/// `max_fds(None)` bounds the fds kept before the header is complete, `max_fds(Some(op))`
+/// after it: a frame can be sent as many small messages, each with its own `SCM_RIGHTS`, so
+/// fds beyond the bound are closed the moment they arrive (and the frame is marked
+/// [`Frame::fds_truncated`]) instead of being collected: one frame can never pin more fds
+/// than its opcode takes.
+pub fn read_frame_limited(
+    sock: &UnixStream,
+    max_body: usize,
+    frame_timeout: Duration,
+    max_fds: &dyn Fn(Option<u16>) -> usize,
+    keep_waiting: &mut dyn FnMut() -> bool,
+) -> Result<Frame, RecvError> {
+    let mut st = FillState {
+        fds: Vec::new(),
+        truncated: false,
+        started: None,
+        frame_timeout,
+        max_fds: max_fds(None),
+    };
+    let mut hdr = [0u8; HEADER_LEN];
+    fill(sock, &mut hdr, &mut st, keep_waiting)?;
     let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let version = u16::from_le_bytes([hdr[4], hdr[5]]);
     let op = u16::from_le_bytes([hdr[6], hdr[7]]);
@@ -706,40 +742,55 @@ pub fn read_frame(
     if n > max_body {
         return Err(RecvError::TooLarge { len, op, tag });
     }
+    st.max_fds = max_fds(Some(op));
+    st.keep_at_most();
     let mut body = vec![0u8; n];
-    fill(
-        sock,
-        &mut body,
-        &mut fds,
-        &mut truncated,
-        &mut started,
-        frame_timeout,
-        keep_waiting,
-    )?;
+    fill(sock, &mut body, &mut st, keep_waiting)?;
     Ok(Frame {
         version,
         op,
         tag,
         body,
-        fds,
-        fds_truncated: truncated,
+        fds: st.fds,
+        fds_truncated: st.truncated,
     })
+}
+
+/// A frame being read: its fds so far, and its deadline.
+struct FillState {
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+    started: Option<Instant>,
+    frame_timeout: Duration,
+    max_fds: usize,
+}
+
+impl FillState {
+    /// Closes the fds over the bound (newest first) and remembers that there were some.
+    fn keep_at_most(&mut self) {
+        if self.fds.len() > self.max_fds {
+            self.fds.truncate(self.max_fds);
+            self.truncated = true;
+        }
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.started
+            .is_some_and(|t| t.elapsed() >= self.frame_timeout)
+    }
 }
 
 fn fill(
     sock: &UnixStream,
     buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-    truncated: &mut bool,
-    started: &mut Option<Instant>,
-    frame_timeout: Duration,
+    st: &mut FillState,
     keep_waiting: &mut dyn FnMut() -> bool,
 ) -> Result<(), RecvError> {
     let mut got = 0;
     while got < buf.len() {
-        match sys::recv_with_fds(sock.as_fd(), &mut buf[got..], fds) {
+        match sys::recv_with_fds(sock.as_fd(), &mut buf[got..], &mut st.fds) {
             Ok(r) if r.len == 0 => {
-                return Err(if started.is_none() {
+                return Err(if st.started.is_none() {
                     RecvError::Closed
                 } else {
                     RecvError::Truncated
@@ -747,21 +798,22 @@ fn fill(
             }
             Ok(r) => {
                 got += r.len;
-                *truncated |= r.fds_truncated;
-                started.get_or_insert_with(Instant::now);
+                st.truncated |= r.fds_truncated;
+                st.keep_at_most();
+                st.started.get_or_insert_with(Instant::now);
+                if got < buf.len() && st.past_deadline() {
+                    return Err(RecvError::TimedOut);
+                }
             }
-            Err(e) if is_timeout(&e) => match started {
-                None => {
+            Err(e) if is_timeout(&e) => {
+                if st.started.is_none() {
                     if !keep_waiting() {
                         return Err(RecvError::Stopped);
                     }
+                } else if st.past_deadline() {
+                    return Err(RecvError::TimedOut);
                 }
-                Some(t) => {
-                    if t.elapsed() >= frame_timeout {
-                        return Err(RecvError::TimedOut);
-                    }
-                }
-            },
+            }
             Err(e) => return Err(RecvError::Io(e)),
         }
     }
@@ -932,9 +984,10 @@ mod tests {
             cmdline: b"console=ttyS0 luo_nboot=1".to_vec(),
             has_kernel: true,
             has_initrd: false,
+            force: true,
         };
         assert_eq!(UpdateRequest::decode(&u.encode()).unwrap(), u);
-        assert!(UpdateRequest::decode(&[4, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(UpdateRequest::decode(&[8, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(UpdateRequest::decode(&[0, 0, 0, 0, 0, 0, 0, 0, b'a', 0]).is_err());
     }
 

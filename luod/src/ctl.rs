@@ -22,9 +22,12 @@ usage: luoctl [--socket PATH] COMMAND [ARGS]
 
   status [--json]                      luod's state and the sessions you may see
   update [--kernel BZIMAGE] [--initrd FILE] [--append ARGS] [--reuse-cmdline]
-         [--barrier-timeout-ms N] [--no-wait] [--wait-ms N]
+         [--barrier-timeout-ms N] [--force] [--no-wait] [--wait-ms N]
                                        load the next kernel, run the barrier, reboot
-                                       (user backend: luod execs its next image; no kernel)
+                                       (user backend: luod execs its next image; no kernel);
+                                       --force (root): listeners that refuse or are late and
+                                       sessions that cannot be frozen do not stop it: their
+                                       sessions are dropped, and lost
   preserve NAME TOKEN [--file FILE] [--open] [--hold]
                                        copy FILE (or stdin) into a memfd and preserve it in
                                        your outgoing session NAME (created unless --open);
@@ -33,7 +36,9 @@ usage: luoctl [--socket PATH] COMMAND [ARGS]
                                        write the file preserved under TOKEN in your incoming
                                        session NAME to FILE (or stdout)
   finish NAME                          FINISH your incoming session NAME
-  release NAME [--incoming]            make luod drop its copy of your session NAME
+  release NAME [--incoming] [--uid UID]
+                                       make luod drop its copy of your session NAME;
+                                       --uid (root): another uid's, channels included
   listen [--label L] [--delay-ms N] [--refuse ERRNO] [--never]
                                        be an update listener: print events, reach the barrier
 
@@ -61,11 +66,20 @@ fn fail(msg: impl Into<String>) -> Fail {
     }
 }
 
-/// Writes to stdout, ignoring a closed stdout (`luoctl status | head`).
+/// Writes progress to stdout, ignoring a failure (the command's outcome does not depend on it).
 fn out(s: &str) {
-    let mut o = std::io::stdout().lock();
-    let _ = o.write_all(s.as_bytes());
-    let _ = o.flush();
+    let _ = crate::logging::stdout(s);
+}
+
+/// Writes a command's result to stdout: a failure to write it is the command's failure, except
+/// a reader that stopped reading (`luoctl status | head`).
+fn result_out(s: &str) -> Result<(), Fail> {
+    match crate::logging::stdout(s) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(fail(format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Arguments after the command: flags (with values where named in `valued`) and positionals.
@@ -167,9 +181,9 @@ pub fn main(args: &[String]) -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            let _ = writeln!(std::io::stderr(), "luoctl: {}", f.msg);
+            crate::logging::stderr(&format!("luoctl: {}\n", f.msg));
             if f.code == 2 {
-                let _ = write!(std::io::stderr(), "{USAGE}");
+                crate::logging::stderr(USAGE);
             }
             ExitCode::from(f.code)
         }
@@ -191,10 +205,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 socket = PathBuf::from(&s["--socket=".len()..]);
                 rest = &rest[1..];
             }
-            Some("-h" | "--help" | "help") => {
-                out(USAGE);
-                return Ok(());
-            }
+            Some("-h" | "--help" | "help") => return result_out(USAGE),
             _ => break,
         }
     }
@@ -214,7 +225,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
                     "--barrier-timeout-ms",
                     "--wait-ms",
                 ],
-                &["--reuse-cmdline", "--no-wait"],
+                &["--reuse-cmdline", "--no-wait", "--force"],
             )?,
         ),
         "preserve" => preserve(
@@ -233,16 +244,22 @@ fn run(args: &[String]) -> Result<(), Fail> {
                 .map_err(|e| fail(format!("FINISH {name:?}: {e}")))
         }
         "release" => {
-            let a = Args::parse(rest, &[], &["--incoming"])?;
+            let a = Args::parse(rest, &["--uid"], &["--incoming"])?;
             let name = &a.positional(1, "NAME")?[0];
             let dir = if a.has("--incoming") {
                 Dir::Incoming
             } else {
                 Dir::Outgoing
             };
-            connect(&socket)?
-                .release_session(dir, name)
-                .map_err(|e| fail(format!("release {name:?}: {e}")))
+            let l = connect(&socket)?;
+            match a.num("--uid")? {
+                None => l.release_session(dir, name),
+                Some(uid) => {
+                    let uid = u32::try_from(uid).map_err(|_| usage("--uid: not a uid"))?;
+                    l.release_session_of(uid, dir, name)
+                }
+            }
+            .map_err(|e| fail(format!("release {name:?}: {e}")))
         }
         "listen" => listen(
             &socket,
@@ -361,12 +378,11 @@ fn status(socket: &PathBuf, a: &Args) -> Result<(), Fail> {
     let s = connect(socket)?
         .status()
         .map_err(|e| fail(format!("status: {e}")))?;
-    out(&if a.has("--json") {
+    result_out(&if a.has("--json") {
         status_json(&s)
     } else {
         status_table(&s)
-    });
-    Ok(())
+    })
 }
 
 fn open_file(path: &str, what: &str) -> Result<File, Fail> {
@@ -403,14 +419,18 @@ fn update(socket: &PathBuf, a: &Args) -> Result<(), Fail> {
     let luod = connect(socket)?;
     let backend = luod.hello().backend;
     let from = luod.hello().generation;
-    let r = luod.update(
+    let r = luod.update_with(
         kernel.as_ref().map(|f| f.as_fd()),
         initrd.as_ref().map(|f| f.as_fd()),
         cmdline.as_bytes(),
         timeout,
+        a.has("--force"),
     );
     match r {
-        Ok(next) => {
+        Ok((next, dropped)) => {
+            if !dropped.is_empty() {
+                out(&format!("forced: {dropped}\n"));
+            }
             out(&format!(
                 "barrier reached; luod is exec'ing its next image (generation {from} -> {next})\n"
             ));

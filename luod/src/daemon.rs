@@ -1,14 +1,17 @@
-//! The daemon: startup and restore, the accept loop, one thread per connection, the session
-//! table and access control.
+//! The daemon: startup and restore (the manifest after an update, systemd's fd store after
+//! luod's own restart), the accept loop and SIGTERM, one thread per connection, the session
+//! table, access control and caps.
 //!
 //! Threads never hold a lock while they talk to a peer, so a client that stops reading or
 //! stalls mid-frame holds up its own thread only (and loses its connection after the frame
 //! timeout). The two locks, `table` and `upd`, are never held together except in the update
-//! path's reboot step, which takes `table` and then `upd` briefly.
+//! path's reboot step, which takes `table` and then `upd` briefly. The small locks are leaves
+//! taken after `table` if at all: a session's `files` and `channels`, then `stored` (the fd
+//! store's names; its notifications are datagrams to systemd, with a send timeout).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -26,17 +29,32 @@ use luo_client::{Device, Session};
 
 use crate::manifest::{Manifest, MANIFEST_SESSION};
 use crate::options::Options;
+use crate::systemd::{self, Notifier, Stored};
 
 /// How often idle threads wake up to notice that luod is going away.
 const POLL: Duration = Duration::from_millis(200);
 
-/// Logs a line to stderr (journald adds the timestamp).
-macro_rules! log {
-    ($($arg:tt)*) => {
-        eprintln!("luod[{}]: {}", std::process::id(), format_args!($($arg)*))
-    };
+pub(crate) use crate::logging::log;
+
+/// The most fds a frame may bring, before its header is complete (`None`) and for its opcode.
+type FdLimit = fn(Option<u16>) -> usize;
+
+/// luod's socket: UPDATE takes a kernel and an initrd; nothing else takes any.
+fn main_socket_fds(op: Option<u16>) -> usize {
+    match op {
+        None | Some(op::UPDATE) => 2,
+        Some(op::ADOPT) => 1,
+        Some(_) => 0,
+    }
 }
-pub(crate) use log;
+
+/// A session channel: PRESERVE takes the file.
+fn channel_fds(op: Option<u16>) -> usize {
+    match op {
+        None | Some(op::S_PRESERVE) => 1,
+        Some(_) => 0,
+    }
+}
 
 /// An error reply: errno and explanation.
 #[derive(Debug)]
@@ -84,16 +102,64 @@ impl Out {
     }
 }
 
+/// A session luod holds, shared with its session channels (user backend).
+pub(crate) struct Held {
+    pub(crate) key: Key,
+    pub(crate) session: Session,
+    /// An incoming session finished through luod's channel.
+    pub(crate) finished: AtomicBool,
+    /// `(st_dev, st_ino)` of each file preserved through a channel, by token: how luod finds
+    /// the file that cannot be frozen when an update fails (user backend).
+    pub(crate) files: Mutex<BTreeMap<u64, (u64, u64)>>,
+    /// luod's ends of the open session channels, by channel id: shut down to revoke the
+    /// session (root's release of another uid's session, a forced update).
+    pub(crate) channels: Mutex<Vec<(u64, UnixStream)>>,
+}
+
 /// A session luod holds.
 pub(crate) struct Entry {
-    pub(crate) session: Arc<Session>,
-    /// An incoming session finished through luod's channel.
-    pub(crate) finished: Arc<AtomicBool>,
+    pub(crate) held: Arc<Held>,
     pub(crate) handed_out: bool,
 }
 
-/// Sessions by (owner, direction, client name).
-pub(crate) type Table = BTreeMap<(u32, Dir, String), Entry>;
+impl Entry {
+    pub(crate) fn new(key: Key, session: Session, handed_out: bool) -> Entry {
+        Entry {
+            held: Arc::new(Held {
+                key,
+                session,
+                finished: AtomicBool::new(false),
+                files: Mutex::new(BTreeMap::new()),
+                channels: Mutex::new(Vec::new()),
+            }),
+            handed_out,
+        }
+    }
+
+    /// Closes luod's copy for good: every session channel is shut down, and once their threads
+    /// let go (within about `wait`), the session itself is closed (outgoing: unpreserved, as
+    /// far as luod holds it; incoming: finished). False if a channel thread did not let go in
+    /// time (the session then closes when it does).
+    pub(crate) fn revoke(self, wait: Duration) -> bool {
+        for (_, c) in lock(&self.held.channels).iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        let t = std::time::Instant::now();
+        while Arc::strong_count(&self.held) > 1 {
+            if t.elapsed() >= wait {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+}
+
+/// A session's key: owner, direction, client name.
+pub(crate) type Key = (u32, Dir, String);
+
+/// Sessions by key.
+pub(crate) type Table = BTreeMap<Key, Entry>;
 
 /// An update listener.
 pub(crate) struct Listener {
@@ -134,6 +200,12 @@ pub struct Daemon {
     /// Open connections and channels: in total, and per uid.
     conns: Mutex<(usize, HashMap<u32, usize>)>,
     next_id: AtomicU64,
+    /// systemd's notification socket (fd store), if luod runs under systemd.
+    pub(crate) notifier: Notifier,
+    /// The `FDNAME`s luod put in the fd store and has not removed.
+    pub(crate) stored: Mutex<BTreeSet<String>>,
+    /// Readable when SIGTERM or SIGINT is pending (both are blocked in every thread).
+    signals: OwnedFd,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -160,15 +232,40 @@ struct Slot {
 
 impl Slot {
     fn take(d: &Arc<Daemon>, uid: u32) -> Result<Slot, Refusal> {
+        let o = &d.opts;
+        // Root and luod's uid have --admin-connections more, in all and for themselves, so
+        // that other users (and root's own clients) cannot lock the operator out.
+        let (total, per_uid) = if d.is_admin(uid) {
+            (
+                o.max_connections,
+                o.max_connections_per_uid
+                    .saturating_add(o.admin_connections),
+            )
+        } else {
+            (
+                o.max_connections.saturating_sub(o.admin_connections),
+                o.max_connections_per_uid,
+            )
+        };
         let mut c = lock(&d.conns);
-        if c.0 >= d.opts.max_connections {
-            return Err(refuse(libc::EAGAIN, "too many connections"));
-        }
-        let mine = c.1.entry(uid).or_insert(0);
-        if *mine >= d.opts.max_connections_per_uid {
+        if c.0 >= total {
             return Err(refuse(
                 libc::EAGAIN,
-                format!("uid {uid} has too many connections and session channels open"),
+                format!(
+                    "too many connections: {} open, {total} allowed for uid {uid} \
+                     (--max-connections {}, of which --admin-connections {} are kept for root)",
+                    c.0, o.max_connections, o.admin_connections
+                ),
+            ));
+        }
+        let mine = c.1.entry(uid).or_insert(0);
+        if *mine >= per_uid {
+            return Err(refuse(
+                libc::EAGAIN,
+                format!(
+                    "uid {uid} has {per_uid} connections and session channels open, \
+                     its limit (--max-connections-per-uid)"
+                ),
             ));
         }
         *mine += 1;
@@ -267,14 +364,8 @@ fn restore(device: &Device) -> (Option<u64>, Table) {
         let kname = wire::kernel_name(uid, &name);
         match device.retrieve_session(&kname) {
             Ok(s) => {
-                table.insert(
-                    (uid, Dir::Incoming, name),
-                    Entry {
-                        session: Arc::new(s),
-                        finished: Arc::new(AtomicBool::new(false)),
-                        handed_out: false,
-                    },
-                );
+                let key = (uid, Dir::Incoming, name);
+                table.insert(key.clone(), Entry::new(key, s, false));
             }
             Err(e) => log!("session {kname:?} listed in the manifest: {e}"),
         }
@@ -282,10 +373,169 @@ fn restore(device: &Device) -> (Option<u64>, Table) {
     (Some(m.generation), table)
 }
 
+fn is_socket(fd: BorrowedFd<'_>) -> bool {
+    backend_user::sys::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+}
+
+/// Takes back the sessions the fd store kept while luod was down (it was killed or stopped;
+/// see `docs/luod.md`). Kernel backend: each stored fd is luod's copy of a session fd, taken
+/// back if GET_NAME is the name it was stored under. User backend: each stored fd is a
+/// preserved file; the outgoing sessions are created again, with the same names and tokens,
+/// in the new in-process LUO. What does not check out is removed from the store and logged.
+/// Returns a note for the start-up line.
+fn restore_from_store(
+    device: &Device,
+    notifier: &Notifier,
+    table: &mut Table,
+    stored: &mut BTreeSet<String>,
+    items: Vec<(Stored, String, OwnedFd)>,
+    generation: &mut Option<u64>,
+) -> String {
+    if items.is_empty() {
+        return String::new();
+    }
+    let n_items = items.len();
+    let drop_item = |name: &str, why: String| {
+        log!("fd store entry {name:?}: {why}; removed from the store");
+        let _ = notifier.remove(name);
+    };
+    // (uid, name) -> [(token, FDNAME, file)]
+    type StoredFiles = Vec<(u64, String, OwnedFd)>;
+    let mut files: BTreeMap<(u32, String), StoredFiles> = BTreeMap::new();
+    let mut sessions = 0usize;
+    for (what, name, fd) in items {
+        match (what, device.backend()) {
+            (Stored::Session { uid, dir, name: n }, BackendKind::Kernel) => {
+                let s = Session::from_kernel_fd(fd);
+                let want = wire::kernel_name(uid, &n);
+                match s.name() {
+                    Ok(got) if got == want => {}
+                    Ok(got) => {
+                        drop_item(&name, format!("the session is {got:?}, not {want:?}"));
+                        continue;
+                    }
+                    Err(e) => {
+                        drop_item(&name, format!("not a LUO session: {e}"));
+                        continue;
+                    }
+                }
+                let key = (uid, dir, n);
+                if table.contains_key(&key) {
+                    drop_item(&name, "luod has that session already".into());
+                    continue;
+                }
+                table.insert(key.clone(), Entry::new(key, s, false));
+                stored.insert(name);
+                sessions += 1;
+            }
+            (
+                Stored::File {
+                    uid,
+                    name: n,
+                    token,
+                },
+                BackendKind::User,
+            ) => {
+                files.entry((uid, n)).or_default().push((token, name, fd));
+            }
+            (Stored::Generation(g), _) => {
+                // The highest one counts; any other is stale.
+                if generation.is_some_and(|old| old >= g) {
+                    drop_item(&name, "an older generation".into());
+                } else {
+                    if let Some(old) = generation.replace(g) {
+                        let _ = notifier.remove(&Stored::Generation(old).fd_name());
+                    }
+                    stored.insert(name);
+                }
+            }
+            (_, b) => drop_item(&name, format!("not for the {} backend", b.as_str())),
+        }
+    }
+    for ((uid, n), fds) in files {
+        let kname = wire::kernel_name(uid, &n);
+        let key = (uid, Dir::Outgoing, n);
+        if table.contains_key(&key) {
+            for (_, name, _) in &fds {
+                drop_item(name, format!("luod has a session {kname:?} already"));
+            }
+            continue;
+        }
+        let s = match device.create_session(&kname) {
+            Ok(s) => s,
+            Err(e) => {
+                for (_, name, _) in &fds {
+                    drop_item(
+                        name,
+                        format!("cannot create the session {kname:?} again: {e}"),
+                    );
+                }
+                continue;
+            }
+        };
+        let entry = Entry::new(key.clone(), s, false);
+        let mut back = 0;
+        for (token, name, fd) in fds {
+            match entry.held.session.preserve_fd(&fd, token) {
+                Ok(()) => {
+                    if let Ok(st) = backend_user::sys::fstat(fd.as_fd()) {
+                        lock(&entry.held.files).insert(token, (st.st_dev, st.st_ino));
+                    }
+                    stored.insert(name);
+                    back += 1;
+                }
+                Err(e) => drop_item(&name, format!("cannot preserve it in {kname:?} again: {e}")),
+            }
+        }
+        // A session none of whose files came back is not made up empty.
+        if back > 0 {
+            table.insert(key, entry);
+            sessions += 1;
+        }
+    }
+    format!(" ({sessions} from systemd's fd store, {n_items} fd(s))")
+}
+
 impl Daemon {
     /// Opens the backend, restores the previous image's sessions, and binds (or inherits)
     /// the socket.
     pub fn start(opts: Options) -> Result<Arc<Daemon>, String> {
+        // Every session, channel and (user backend) preserved file is an fd of luod's; the
+        // caps keep the count bounded, the hard limit is what the system grants.
+        let nofile = match sys::raise_nofile_limit() {
+            Ok(n) => format!("fd limit {n}"),
+            Err(e) => format!("fd limit not raised: {e}"),
+        };
+        // Before any thread exists, so that every thread inherits the blocked mask.
+        let signals =
+            sys::term_signalfd().map_err(|e| format!("cannot set up SIGTERM handling: {e}"))?;
+        // What systemd passed: the fd store's contents and the activation socket. An image
+        // started by luod itself (after a userspace update) has the same pid and environment
+        // but not those fds any more.
+        let (passed, missing) = if opts.handover_fd.is_none() && opts.listen_fd.is_none() {
+            systemd::listen_fds()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        if !missing.is_empty() {
+            log!("fds systemd announced are not open: {}", missing.join(", "));
+        }
+        let notifier = Notifier::from_env().unwrap_or_else(|e| {
+            log!("{e}; running without systemd notifications and fd store");
+            Notifier::from_env_none()
+        });
+        let mut from_store = Vec::new();
+        let mut activation: Option<OwnedFd> = None;
+        for (name, fd) in passed {
+            match Stored::parse(&name) {
+                Some(what) => from_store.push((what, name, fd)),
+                None if activation.is_none() && is_socket(fd.as_fd()) => activation = Some(fd),
+                None => {
+                    log!("fd {name:?} from systemd is not luod's; closing it");
+                    let _ = notifier.remove(&name);
+                }
+            }
+        }
         let (device, lu) = match opts.backend {
             BackendKind::Kernel => {
                 if opts.handover_fd.is_some() {
@@ -314,20 +564,36 @@ impl Daemon {
                 (d, Some(lu))
             }
         };
-        let listener = match opts.listen_fd {
-            Some(fd) => {
+        let listener = match (opts.listen_fd, activation) {
+            (Some(fd), _) => {
                 let l = adopt(fd, "listen")?;
                 backend_user::sys::set_cloexec(l.as_fd(), true)
                     .map_err(|e| format!("listen fd: {e}"))?;
                 UnixListener::from(l)
             }
-            None => bind(&opts)?,
+            (None, Some(l)) => UnixListener::from(l),
+            (None, None) => bind(&opts)?,
         };
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("listen socket: {e}"))?;
-        let (prev, table) = restore(&device);
-        let generation = prev.map_or(0, |g| g.saturating_add(1));
+        let (prev, mut table) = restore(&device);
+        let mut stored = BTreeSet::new();
+        let mut stored_gen = None;
+        let back = restore_from_store(
+            &device,
+            &notifier,
+            &mut table,
+            &mut stored,
+            from_store,
+            &mut stored_gen,
+        );
+        // After an update the manifest says; after luod's own restart, the fd store.
+        let generation = match (prev, stored_gen) {
+            (Some(g), _) => g.saturating_add(1),
+            (None, Some(g)) => g,
+            (None, None) => 0,
+        };
         let next_image = match &opts.next_image {
             Some(p) => p.clone(),
             None => {
@@ -335,12 +601,25 @@ impl Daemon {
             }
         };
         log!(
-            "{} backend, generation {generation}, {} session(s) restored, listening on {}",
+            "{} backend, generation {generation}, {} session(s) restored{back}, listening on {}, \
+             {nofile}{}",
             opts.backend.as_str(),
             table.len(),
-            opts.socket.display()
+            opts.socket.display(),
+            if notifier.enabled() {
+                ", systemd fd store in use"
+            } else {
+                ""
+            }
         );
-        Ok(Arc::new(Daemon {
+        let ready = format!(
+            "READY=1\nSTATUS=generation {generation}, {} session(s)\n",
+            table.len()
+        );
+        if let Err(e) = notifier.send(&ready, &[]) {
+            log!("sd_notify READY=1: {e}");
+        }
+        let d = Arc::new(Daemon {
             opts,
             device,
             lu,
@@ -360,7 +639,84 @@ impl Daemon {
             accept_gate: Mutex::new(()),
             conns: Mutex::new((0, HashMap::new())),
             next_id: AtomicU64::new(1),
-        }))
+            notifier,
+            stored: Mutex::new(stored),
+            signals,
+        });
+        // The generation goes to the fd store (replacing the previous image's, after a
+        // userspace update: that image stored generation - 1).
+        if let Some(p) = prev {
+            let _ = d.notifier.remove(&Stored::Generation(p).fd_name());
+        }
+        if d.notifier.enabled() {
+            match memfd_with(b"") {
+                Ok(m) => d.keep(Stored::Generation(generation), m.as_fd()),
+                Err(e) => log!("cannot store the generation: {e}"),
+            }
+        }
+        // Incoming sessions restored from the manifest (kernel backend) go to the fd store
+        // now; those that came from it are there already.
+        let fresh: Vec<(Key, Arc<Held>)> = lock_table(&d)
+            .iter()
+            .map(|(k, e)| (k.clone(), e.held.clone()))
+            .collect();
+        for (k, held) in fresh {
+            if let Some(fd) = held.session.kernel_fd() {
+                d.keep(
+                    Stored::Session {
+                        uid: k.0,
+                        dir: k.1,
+                        name: k.2.clone(),
+                    },
+                    fd,
+                );
+            }
+        }
+        Ok(d)
+    }
+
+    /// Puts an fd that holds a session in systemd's fd store (nothing without systemd).
+    pub(crate) fn keep(&self, what: Stored, fd: BorrowedFd<'_>) {
+        let name = what.fd_name();
+        if lock(&self.stored).contains(&name) {
+            return;
+        }
+        match self.notifier.store(&name, fd) {
+            Ok(true) => {
+                lock(&self.stored).insert(name);
+            }
+            Ok(false) => {}
+            Err(e) => log!("cannot put {name:?} in the fd store: {e}; it will not survive luod"),
+        }
+    }
+
+    /// Removes what luod stored for a session it let go of.
+    pub(crate) fn forget(&self, held: &Held) {
+        let (uid, dir, name) = held.key.clone();
+        let mut names = vec![Stored::Session {
+            uid,
+            dir,
+            name: name.clone(),
+        }
+        .fd_name()];
+        for token in lock(&held.files).keys() {
+            names.push(
+                Stored::File {
+                    uid,
+                    name: name.clone(),
+                    token: *token,
+                }
+                .fd_name(),
+            );
+        }
+        let mut stored = lock(&self.stored);
+        for n in names {
+            if stored.remove(&n) {
+                if let Err(e) = self.notifier.remove(&n) {
+                    log!("cannot remove {n:?} from the fd store: {e}");
+                }
+            }
+        }
     }
 
     /// The listening socket's fd (kept open across a userspace update).
@@ -373,13 +729,23 @@ impl Daemon {
         uid == 0 || uid == self.euid
     }
 
-    /// Accepts connections forever.
+    /// Accepts connections until SIGTERM or SIGINT (then returns `Ok`, see [`Daemon::stop`]).
     pub fn run(self: &Arc<Self>) -> Result<(), String> {
         loop {
-            match sys::poll_readable(self.listener.as_fd(), POLL.as_millis() as i32) {
-                Ok(false) => continue,
-                Ok(true) => {}
-                Err(e) => return Err(format!("poll: {e}")),
+            let ready = sys::poll_readable_any(
+                &[self.listener.as_fd(), self.signals.as_fd()],
+                POLL.as_millis() as i32,
+            )
+            .map_err(|e| format!("poll: {e}"))?;
+            if ready[1] {
+                if let Ok(Some(signo)) = sys::read_signal(self.signals.as_fd()) {
+                    if self.stop(signo) {
+                        return Ok(());
+                    }
+                }
+            }
+            if !ready[0] {
+                continue;
             }
             let _gate = lock(&self.accept_gate);
             if self.stopping.load(Ordering::Acquire) {
@@ -398,6 +764,83 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// SIGTERM or SIGINT: a clean stop, unless an update is rebooting (then the signal is
+    /// ignored: the exec or kexec is imminent and must not be cut in half). What luod holds
+    /// is in systemd's fd store already (pushed as it arrived); this says what was kept and
+    /// what goes down with luod. Returns true to stop.
+    fn stop(&self, signo: u32) -> bool {
+        let sig = if signo == libc::SIGINT as u32 {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        if lock_upd(self).phase == Phase::Rebooting {
+            log!("{sig} ignored: an update is rebooting");
+            return false;
+        }
+        self.stopping.store(true, Ordering::Release);
+        let stored = lock(&self.stored).clone();
+        let (mut kept, mut lost) = (Vec::new(), Vec::new());
+        for ((uid, dir, name), e) in lock_table(self).iter() {
+            let kname = wire::kernel_name(*uid, name);
+            let is_kept = match e.held.session.kernel_fd() {
+                Some(_) => stored.contains(
+                    &Stored::Session {
+                        uid: *uid,
+                        dir: *dir,
+                        name: name.clone(),
+                    }
+                    .fd_name(),
+                ),
+                None => {
+                    let files = lock(&e.held.files);
+                    *dir == Dir::Outgoing
+                        && !files.is_empty()
+                        && files.len() == e.held.session.file_count().unwrap_or(0)
+                        && files.keys().all(|t| {
+                            stored.contains(
+                                &Stored::File {
+                                    uid: *uid,
+                                    name: name.clone(),
+                                    token: *t,
+                                }
+                                .fd_name(),
+                            )
+                        })
+                }
+            };
+            let what = format!("{} {kname:?}", dir.as_str());
+            if is_kept {
+                kept.push(what);
+            } else {
+                lost.push(what);
+            }
+        }
+        let _ = self.notifier.send("STOPPING=1\n", &[]);
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        let why_lost = if lost.is_empty() {
+            ""
+        } else if !self.notifier.enabled() {
+            " (no fd store: luod was not started by systemd with FileDescriptorStoreMax=)"
+        } else if self.lu.is_some() {
+            " (user backend: incoming and empty sessions live only in luod's memory)"
+        } else {
+            ""
+        };
+        log!(
+            "stopping on {sig}: kept in systemd's fd store: {}; lost with luod{why_lost}: {}",
+            list(&kept),
+            list(&lost)
+        );
+        true
     }
 
     fn spawn_conn(self: &Arc<Self>, sock: UnixStream) {
@@ -442,11 +885,12 @@ impl Daemon {
 
     /// Reads the next frame; `None` when the connection is over (after telling the peer why,
     /// if it can still hear it).
-    fn next_frame(&self, sock: &UnixStream, out: &Out) -> Option<Frame> {
-        match wire::read_frame(
+    fn next_frame(&self, sock: &UnixStream, out: &Out, fds: FdLimit) -> Option<Frame> {
+        match wire::read_frame_limited(
             sock,
             wire::MAX_REQUEST_BODY,
             self.opts.frame_timeout,
+            &fds,
             &mut || self.keep_waiting(),
         ) {
             Ok(f) => Some(f),
@@ -490,13 +934,21 @@ impl Daemon {
                 ),
             ));
         }
-        if f.fds_truncated || f.fds.len() != fds_expected {
+        if f.fds_truncated {
             return Err(refuse(
                 libc::EINVAL,
                 format!(
-                    "this request carries {fds_expected} fd(s), not {}{}",
-                    f.fds.len(),
-                    if f.fds_truncated { "+" } else { "" }
+                    "this request carries {fds_expected} fd(s), and more were attached \
+                     (closed as they arrived)"
+                ),
+            ));
+        }
+        if f.fds.len() != fds_expected {
+            return Err(refuse(
+                libc::EINVAL,
+                format!(
+                    "this request carries {fds_expected} fd(s), not {}",
+                    f.fds.len()
                 ),
             ));
         }
@@ -520,7 +972,7 @@ impl Daemon {
                 return;
             }
         };
-        while let Some(f) = self.next_frame(&sock, &out) {
+        while let Some(f) = self.next_frame(&sock, &out, main_socket_fds) {
             let (opc, tag) = (f.op, f.tag);
             let r = self.dispatch(id, cred, &out, f);
             let Some(r) = r else {
@@ -546,6 +998,7 @@ impl Daemon {
     ) -> Option<Reply> {
         let fds = match f.op {
             op::UPDATE => UpdateRequest::decode(&f.body).map_or(0, |u| u.fd_count()),
+            op::ADOPT => 1,
             _ => 0,
         };
         if let Err(e) = Self::precheck(&f, fds) {
@@ -564,6 +1017,8 @@ impl Daemon {
             op::OPEN => self.lookup(uid, Dir::Outgoing, &f.body),
             op::RETRIEVE => self.lookup(uid, Dir::Incoming, &f.body),
             op::RELEASE => self.release(uid, &f.body),
+            op::RELEASE_UID => self.release_uid(uid, &f.body),
+            op::ADOPT => self.adopt(uid, f),
             op::STATUS => self.status(uid, &f.body),
             op::REGISTER => self.register(id, cred, out, &f.body),
             op::BARRIER => return self.barrier(id, out, f.tag, &f.body),
@@ -623,14 +1078,20 @@ impl Daemon {
             .device
             .create_session(&kname)
             .map_err(|e| refuse(e.errno().get(), format!("CREATE_SESSION {kname:?}: {e}")))?;
-        let entry = Entry {
-            session: Arc::new(s),
-            finished: Arc::new(AtomicBool::new(false)),
-            handed_out: true,
-        };
+        let entry = Entry::new(key.clone(), s, true);
         // A session the client never received is closed again (and so gone from the
         // kernel), so that a retry is a plain CREATE, not an EEXIST.
         let r = self.hand_out(uid, &entry)?;
+        if let Some(fd) = entry.held.session.kernel_fd() {
+            self.keep(
+                Stored::Session {
+                    uid,
+                    dir: Dir::Outgoing,
+                    name: key.2.clone(),
+                },
+                fd,
+            );
+        }
         t.insert(key, entry);
         Ok(r)
     }
@@ -656,7 +1117,7 @@ impl Daemon {
     /// The reply that gives a client its handle: a dup of the kernel session fd, or a new
     /// session channel (user backend).
     fn hand_out(self: &Arc<Self>, uid: u32, entry: &Entry) -> Reply {
-        if let Some(fd) = entry.session.kernel_fd() {
+        if let Some(fd) = entry.held.session.kernel_fd() {
             let dup = fd
                 .try_clone_to_owned()
                 .map_err(|e| refuse(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
@@ -666,16 +1127,27 @@ impl Daemon {
             .map_err(|e| refuse(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
         let slot = Slot::take(self, uid)?;
         let d = self.clone();
-        let session = entry.session.clone();
-        let finished = entry.finished.clone();
-        std::thread::Builder::new()
+        let held = entry.held.clone();
+        let chan_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let registered = mine
+            .try_clone()
+            .map_err(|e| refuse(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
+        lock(&held.channels).push((chan_id, registered));
+        let spawned = std::thread::Builder::new()
             .name("luod-chan".into())
             .stack_size(256 << 10)
-            .spawn(move || {
-                let _slot = slot;
-                d.serve_channel(mine, &session, &finished);
-            })
-            .map_err(|e| refuse(libc::EAGAIN, format!("cannot start a channel thread: {e}")))?;
+            .spawn({
+                let held = held.clone();
+                move || {
+                    let _slot = slot;
+                    d.serve_channel(mine, uid, &held);
+                    lock(&held.channels).retain(|(id, _)| *id != chan_id);
+                }
+            });
+        if spawned.is_err() {
+            lock(&held.channels).retain(|(id, _)| *id != chan_id);
+        }
+        spawned.map_err(|e| refuse(libc::EAGAIN, format!("cannot start a channel thread: {e}")))?;
         Ok((vec![HandoutKind::Channel.to_u8()], vec![theirs.into()]))
     }
 
@@ -691,6 +1163,7 @@ impl Daemon {
             // Dropped outside the lock: closing an incoming session finishes it, which runs
             // handler callbacks.
             Some(e) => {
+                self.forget(&e.held);
                 drop(e);
                 ok(Vec::new())
             }
@@ -699,6 +1172,102 @@ impl Daemon {
                 format!("you have no {} session {name:?}", dir.as_str()),
             )),
         }
+    }
+
+    /// ADOPT (kernel backend): take back a session fd a client kept while luod was down.
+    fn adopt(&self, uid: u32, mut f: Frame) -> Reply {
+        if self.lu.is_some() {
+            return Err(refuse(
+                libc::EOPNOTSUPP,
+                "the user backend's sessions live inside luod: there is no session fd to adopt",
+            ));
+        }
+        let mut r = Reader::new(&f.body);
+        let dir = r
+            .u8("direction")
+            .and_then(Dir::from_u8)
+            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
+        let name = Self::name(r.rest())?;
+        let fd = f.fds.pop().ok_or_else(|| refuse(libc::EBADF, "no fd"))?;
+        let session = Session::from_kernel_fd(fd);
+        let want = wire::kernel_name(uid, &name);
+        // The kernel says whose it is: a LUO session's name is set at creation, by luod.
+        let got = session.name().map_err(|e| {
+            refuse(
+                libc::EINVAL,
+                format!("the fd you sent is not a LUO session ({e})"),
+            )
+        })?;
+        if got != want {
+            return Err(refuse(
+                libc::EPERM,
+                format!("the session you sent is {got:?}, not yours {want:?}"),
+            ));
+        }
+        let mut t = lock_table(self);
+        let key = (uid, dir, name);
+        if t.contains_key(&key) {
+            return Err(refuse(
+                libc::EEXIST,
+                format!("luod holds {} session {want:?} already", dir.as_str()),
+            ));
+        }
+        let entry = Entry::new(key.clone(), session, true);
+        if let Some(fd) = entry.held.session.kernel_fd() {
+            self.keep(
+                Stored::Session {
+                    uid,
+                    dir,
+                    name: key.2.clone(),
+                },
+                fd,
+            );
+        }
+        t.insert(key, entry);
+        log!("uid {uid} handed back {} session {want:?}", dir.as_str());
+        ok(Vec::new())
+    }
+
+    /// RELEASE_UID (root): drop another uid's session for good, channels included.
+    fn release_uid(&self, caller: u32, body: &[u8]) -> Reply {
+        if !self.is_admin(caller) {
+            return Err(refuse(
+                libc::EPERM,
+                format!("uid {caller} may not release another uid's session: only root may"),
+            ));
+        }
+        let mut r = Reader::new(body);
+        let (dir, uid) = r
+            .u8("direction")
+            .and_then(Dir::from_u8)
+            .and_then(|dir| Ok((dir, r.u32("uid")?)))
+            .map_err(|e| refuse(werr::EBADMSG, e.to_string()))?;
+        let name = Self::name(r.rest())?;
+        let removed = lock_table(self).remove(&(uid, dir, name.clone()));
+        let kname = wire::kernel_name(uid, &name);
+        let Some(e) = removed else {
+            return Err(refuse(
+                libc::ENOENT,
+                format!("uid {uid} has no {} session {name:?}", dir.as_str()),
+            ));
+        };
+        let files = e.held.session.file_count();
+        self.forget(&e.held);
+        if !e.revoke(self.revoke_wait()) {
+            log!("session {kname:?}: a channel thread still holds it; it closes when that ends");
+        }
+        log!(
+            "uid {caller} released {} session {kname:?} of uid {uid}{}",
+            dir.as_str(),
+            files.map_or(String::new(), |n| format!(" ({n} file(s))"))
+        );
+        ok(Vec::new())
+    }
+
+    /// How long revoking a session waits for its channel threads (they notice a shutdown at
+    /// once, or after the frame they are reading).
+    pub(crate) fn revoke_wait(&self) -> Duration {
+        self.opts.frame_timeout + Duration::from_secs(2)
     }
 
     fn status(&self, uid: u32, body: &[u8]) -> Reply {
@@ -718,10 +1287,11 @@ impl Daemon {
                 dir: *dir,
                 name: name.clone(),
                 files: e
+                    .held
                     .session
                     .file_count()
                     .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-                finished: e.finished.load(Ordering::Relaxed),
+                finished: e.held.finished.load(Ordering::Relaxed),
                 handed_out: e.handed_out,
             })
             .collect();
@@ -740,6 +1310,18 @@ impl Daemon {
     fn register(&self, id: u64, cred: PeerCred, out: &Arc<Out>, body: &[u8]) -> Reply {
         wire::check_label(body).map_err(|m| refuse(libc::EINVAL, m))?;
         let label = String::from_utf8_lossy(body).into_owned();
+        // A listener holds back updates for its sessions: a uid with none has nothing to
+        // protect, and may not stall the host's updates (root's --force overrides the rest).
+        if !self.is_admin(cred.uid) && !lock_table(self).keys().any(|k| k.0 == cred.uid) {
+            return Err(refuse(
+                libc::EPERM,
+                format!(
+                    "uid {} has no session in luod: only a uid with a session (or root) may \
+                     register for updates",
+                    cred.uid
+                ),
+            ));
+        }
         let mut u = lock_upd(self);
         if u.listeners.contains_key(&id) {
             return Err(refuse(
@@ -814,7 +1396,7 @@ impl Daemon {
     }
 
     /// A session channel (user backend): each frame is one session ioctl on `session`.
-    fn serve_channel(&self, sock: UnixStream, session: &Session, finished: &AtomicBool) {
+    fn serve_channel(&self, sock: UnixStream, uid: u32, held: &Held) {
         if let Err(e) = self.setup(&sock) {
             log!("channel: {e}");
             return;
@@ -829,16 +1411,17 @@ impl Daemon {
                 return;
             }
         };
-        while let Some(f) = self.next_frame(&sock, &out) {
+        while let Some(f) = self.next_frame(&sock, &out, channel_fds) {
             let (opc, tag) = (f.op, f.tag);
-            let r = self.channel_request(session, finished, f);
+            let r = self.channel_request(uid, held, f);
             if out.reply(opc, tag, r).is_err() {
                 break;
             }
         }
     }
 
-    fn channel_request(&self, session: &Session, finished: &AtomicBool, mut f: Frame) -> Reply {
+    fn channel_request(&self, uid: u32, held: &Held, mut f: Frame) -> Reply {
+        let session = &held.session;
         let fds = usize::from(f.op == op::S_PRESERVE);
         Self::precheck(&f, fds)?;
         let luo = |e: luo_client::Error| refuse(e.errno().get(), String::new());
@@ -853,7 +1436,36 @@ impl Daemon {
             op::S_PRESERVE => {
                 let t = token(&f.body)?;
                 let fd = f.fds.pop().ok_or_else(|| refuse(libc::EBADF, "no fd"))?;
+                // The table lock serializes the count and the preserve, so two channels of
+                // one uid cannot both take the last file.
+                let t_lock = lock_table(self);
+                let files: usize = t_lock
+                    .iter()
+                    .filter(|((u, _, _), _)| *u == uid)
+                    .filter_map(|(_, e)| e.held.session.file_count())
+                    .sum();
+                if files >= self.opts.max_files_per_uid {
+                    return Err(refuse(
+                        libc::EDQUOT,
+                        format!(
+                            "uid {uid} has {files} preserved files, its limit \
+                             (--max-files-per-uid); release a session to preserve more"
+                        ),
+                    ));
+                }
                 session.preserve_fd(&fd, t).map_err(luo)?;
+                drop(t_lock);
+                if let Ok(st) = backend_user::sys::fstat(fd.as_fd()) {
+                    lock(&held.files).insert(t, (st.st_dev, st.st_ino));
+                }
+                self.keep(
+                    Stored::File {
+                        uid: held.key.0,
+                        name: held.key.2.clone(),
+                        token: t,
+                    },
+                    fd.as_fd(),
+                );
                 ok(Vec::new())
             }
             op::S_RETRIEVE_FD => {
@@ -865,7 +1477,7 @@ impl Daemon {
                     return Err(refuse(werr::EBADMSG, "FINISH has no body"));
                 }
                 session.finish().map_err(luo)?;
-                finished.store(true, Ordering::Relaxed);
+                held.finished.store(true, Ordering::Relaxed);
                 ok(Vec::new())
             }
             op::S_GET_NAME => {
@@ -889,12 +1501,35 @@ pub(crate) fn memfd_with(bytes: &[u8]) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The sessions a listener speaks for: its uid's session named like its label, if there is
+/// one (a VMM registers with its session's name), else every session of its uid.
+pub(crate) fn sessions_of(t: &Table, uid: u32, label: &str) -> Vec<(u32, Dir, String)> {
+    let mine: Vec<_> = t.keys().filter(|k| k.0 == uid).cloned().collect();
+    let named: Vec<_> = mine.iter().filter(|k| k.2 == label).cloned().collect();
+    if named.is_empty() {
+        mine
+    } else {
+        named
+    }
+}
+
+/// `"1000/vm0", "1000/vm1"` (or `no session`).
+pub(crate) fn names(keys: &[(u32, Dir, String)]) -> String {
+    if keys.is_empty() {
+        return "no session".into();
+    }
+    keys.iter()
+        .map(|(u, dir, n)| format!("{} session {:?}", dir.as_str(), wire::kernel_name(*u, n)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A one-line account of what luod holds, for update failures: what was not lost.
 pub(crate) fn holdings(t: &Table) -> String {
     let out: Vec<_> = t.iter().filter(|(k, _)| k.1 == Dir::Outgoing).collect();
     let files: Option<usize> = out
         .iter()
-        .map(|(_, e)| e.session.file_count())
+        .map(|(_, e)| e.held.session.file_count())
         .sum::<Option<usize>>();
     let files = files.map_or(String::new(), |f| format!(" with {f} preserved file(s)"));
     format!(

@@ -12,8 +12,10 @@
 
 pub mod ctl;
 pub mod daemon;
+pub mod logging;
 pub mod manifest;
 pub mod options;
+pub mod systemd;
 mod update;
 
 pub use daemon::Daemon;

@@ -28,6 +28,14 @@ pub struct Options {
     pub max_connections_per_uid: usize,
     /// `--max-sessions-per-uid N`.
     pub max_sessions_per_uid: usize,
+    /// `--admin-connections N`: connections kept for root and luod's own uid, on top of what
+    /// the others may use (they stop at `max_connections - N` in all) and of the per-uid cap
+    /// (an admin uid may hold `max_connections_per_uid + N`), so the operator's luoctl always
+    /// gets in.
+    pub admin_connections: usize,
+    /// `--max-files-per-uid N`: preserved files per uid, over all its sessions (user backend,
+    /// where each one is an fd luod holds).
+    pub max_files_per_uid: usize,
     /// `--next-image PATH` (user backend): what an update execs; default: luod's own binary.
     pub next_image: Option<PathBuf>,
     /// `--handover-fd N`: set by luod for its next image (user backend).
@@ -48,6 +56,8 @@ impl Default for Options {
             max_connections: 256,
             max_connections_per_uid: 64,
             max_sessions_per_uid: 64,
+            admin_connections: 16,
+            max_files_per_uid: 256,
             next_image: None,
             handover_fd: None,
             listen_fd: None,
@@ -59,7 +69,8 @@ impl Default for Options {
 pub const USAGE: &str = "\
 usage: luod [--backend kernel|user] [--socket PATH] [--device PATH] [--socket-mode OCTAL]
             [--barrier-timeout-ms N] [--frame-timeout-ms N] [--max-connections N]
-            [--max-connections-per-uid N] [--max-sessions-per-uid N] [--next-image PATH]
+            [--max-connections-per-uid N] [--max-sessions-per-uid N] [--admin-connections N]
+            [--max-files-per-uid N] [--next-image PATH]
 
 Owns /dev/liveupdate (or, with --backend user, an in-process LUO whose reboot is an exec of
 --next-image), hands LUO sessions to clients over a Unix socket, and runs updates (luoctl).
@@ -132,11 +143,19 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "--max-connections" => o.max_connections = num(flag, &value()?)?,
             "--max-connections-per-uid" => o.max_connections_per_uid = num(flag, &value()?)?,
             "--max-sessions-per-uid" => o.max_sessions_per_uid = num(flag, &value()?)?,
+            "--admin-connections" => o.admin_connections = num(flag, &value()?)?,
+            "--max-files-per-uid" => o.max_files_per_uid = num(flag, &value()?)?,
             "--next-image" => o.next_image = Some(PathBuf::from(value()?)),
             "--handover-fd" => o.handover_fd = Some(num(flag, &value()?)?),
             "--listen-fd" => o.listen_fd = Some(num(flag, &value()?)?),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if o.admin_connections >= o.max_connections {
+        return Err(format!(
+            "--admin-connections ({}) must be below --max-connections ({})",
+            o.admin_connections, o.max_connections
+        ));
     }
     Ok(Parsed::Run(o))
 }
@@ -164,6 +183,10 @@ impl Options {
             self.max_connections_per_uid.to_string(),
             "--max-sessions-per-uid".into(),
             self.max_sessions_per_uid.to_string(),
+            "--admin-connections".into(),
+            self.admin_connections.to_string(),
+            "--max-files-per-uid".into(),
+            self.max_files_per_uid.to_string(),
         ];
         if let Some(p) = &self.next_image {
             v.push("--next-image".into());
@@ -206,6 +229,7 @@ mod tests {
             "--frame-timeout-ms 0",
             "--frame-timeout-ms x",
             "--socket-mode 999",
+            "--max-connections 8 --admin-connections 8",
             "--what",
         ] {
             assert!(parse(&args(bad)).is_err(), "{bad}");

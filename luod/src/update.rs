@@ -15,11 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use luo_client::sys::{self, PeerCred};
-use luo_client::wire::{errno as werr, op, BackendKind, Dir, Frame, Phase, UpdateRequest, Writer};
+use luo_client::wire::{
+    self, errno as werr, op, BackendKind, Dir, Frame, Phase, UpdateRequest, Writer,
+};
 use luo_client::{errno_name, Session};
 
 use crate::daemon::{
-    holdings, lock_table, lock_upd, log, memfd_with, refuse, Daemon, Out, Refusal, Reply,
+    holdings, lock_table, lock_upd, log, memfd_with, names, refuse, sessions_of, Daemon, Out,
+    Refusal, Reply, Table,
 };
 use crate::manifest::{Manifest, MANIFEST_SESSION};
 
@@ -27,7 +30,27 @@ use crate::manifest::{Manifest, MANIFEST_SESSION};
 struct Part {
     id: u64,
     who: String,
+    uid: u32,
+    label: String,
     out: Arc<Out>,
+}
+
+/// Why a listener did not let an update through.
+#[derive(Clone, Copy)]
+enum Verdict {
+    Refused(i32),
+    Late,
+}
+
+/// A failed listener: its index, verdict, the sessions it speaks for, and the account.
+type Described = (usize, Verdict, Vec<crate::daemon::Key>, String);
+
+/// The barrier's result.
+struct Outcome {
+    /// Listeners that disconnected meanwhile (not waited for).
+    gone: Vec<String>,
+    /// Listeners that refused or were late, by index into the parts.
+    failed: Vec<(usize, Verdict)>,
 }
 
 /// Runs an UPDATE request. Returns the reply, or never returns (a successful update: the
@@ -158,105 +181,281 @@ fn attempt(
             } else {
                 format!("{:?} (pid {}, uid {})", l.label, l.pid, l.uid)
             },
+            uid: l.uid,
+            label: l.label.clone(),
             out: l.out.clone(),
         })
         .collect();
-    let gone = match barrier(d, &parts, round, timeout) {
-        Ok(g) => g,
-        Err((errno, why)) => return abort(d, &parts, errno, why, unload),
-    };
-    if !gone.is_empty() {
+    let outcome = barrier(d, &parts, round, timeout, req.force);
+    if !outcome.gone.is_empty() {
         log!(
             "listener(s) went away during the barrier, not waited for: {}",
-            gone.join(", ")
+            outcome.gone.join(", ")
         );
+    }
+    let ms_timeout = timeout.as_millis();
+    let mut dropped: Vec<String> = Vec::new();
+    let mut parts = parts;
+    if !outcome.failed.is_empty() {
+        let described: Vec<Described> = {
+            let t = lock_table(d);
+            outcome
+                .failed
+                .iter()
+                .map(|&(i, v)| {
+                    let p = &parts[i];
+                    let keys = sessions_of(&t, p.uid, &p.label);
+                    let what = match v {
+                        Verdict::Refused(e) => format!("refused the update with {}", errno_name(e)),
+                        Verdict::Late => {
+                            format!("did not reach the barrier within {ms_timeout} ms")
+                        }
+                    };
+                    let line = format!(
+                        "listener {} {what}, for uid {}'s {}",
+                        p.who,
+                        p.uid,
+                        names(&keys)
+                    );
+                    (i, v, keys, line)
+                })
+                .collect()
+        };
+        if !req.force {
+            let errno = described
+                .iter()
+                .find_map(|(_, v, _, _)| match v {
+                    Verdict::Refused(e) => Some(*e),
+                    Verdict::Late => None,
+                })
+                .unwrap_or(werr::ETIMEDOUT);
+            let lines: Vec<_> = described.iter().map(|x| x.3.clone()).collect();
+            let why = format!(
+                "{}; root may override with a forced update (luoctl update --force), which drops \
+                 those sessions",
+                lines.join("; ")
+            );
+            return abort(d, &parts, errno, why, unload);
+        }
+        // Forced: the veto of each such listener counts for its own sessions only. They are
+        // dropped (not handed over); the listener is told and resumes; the update goes on.
+        let mut out_of_it = BTreeSet::new();
+        for (i, _, keys, line) in &described {
+            let gone_now = drop_sessions(d, keys);
+            let account = format!("{line}: dropped by root's forced update: {gone_now}");
+            let body = Writer::new()
+                .i32(libc::ECANCELED)
+                .bytes(account.as_bytes())
+                .finish();
+            let _ = parts[*i].out.send(op::EV_ABORTED, 0, &body);
+            log!("{account}");
+            dropped.push(account);
+            out_of_it.insert(*i);
+        }
+        let mut i = 0;
+        parts.retain(|_| {
+            i += 1;
+            !out_of_it.contains(&(i - 1))
+        });
     }
 
     // 3. The manifest, then the reboot. The table stays locked from here: a session created
-    // now would be missing from the manifest.
-    let table = lock_table(d);
-    let manifest = Manifest {
-        generation: d.generation,
-        sessions: table
-            .keys()
-            .filter(|(_, dir, _)| *dir == Dir::Outgoing)
-            .map(|(uid, _, name)| (*uid, name.clone()))
-            .collect(),
-    };
-    let ms = match write_manifest(d, &manifest) {
-        Ok(s) => s,
-        Err(e) => {
-            drop(table);
-            let why = format!("cannot preserve luod's manifest: {e}");
-            return abort(d, &parts, e.errno().get(), why, unload);
-        }
-    };
-    lock_upd(d).phase = Phase::Rebooting;
-    for p in &parts {
-        let _ = p.out.send(op::EV_REBOOTING, 0, &[]);
-    }
-    log!(
-        "barrier reached by {} listener(s); rebooting with {} session(s)",
-        parts.len(),
-        manifest.sessions.len()
-    );
-    match d.opts.backend {
-        BackendKind::Kernel => {
-            // Returns only if the kernel refused; LUO has unfrozen everything by then.
-            let e = sys::reboot_kexec();
-            drop(ms);
-            drop(table);
-            let why = format!("the kernel refused reboot(LINUX_REBOOT_CMD_KEXEC): {e}");
-            abort(d, &parts, os_errno(&e), why, true)
-        }
-        BackendKind::User => {
-            let gate = d.accept_gate.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(lu) = d.lu.as_ref() else {
-                drop((gate, ms, table));
-                return abort(
-                    d,
-                    &parts,
-                    libc::EIO,
-                    "user backend without LUO".into(),
-                    false,
-                );
-            };
-            match lu.reboot() {
-                Err(e) => {
-                    drop((gate, ms, table));
-                    let why = format!(
-                        "LUO refused the reboot (a preserved file could not be frozen): {e}"
-                    );
-                    abort(d, &parts, e.errno().get(), why, false)
+    // now would be missing from the manifest. A forced update that fails to freeze a file
+    // drops that file's session and tries once more.
+    let mut retried = false;
+    loop {
+        let table = lock_table(d);
+        let manifest = Manifest {
+            generation: d.generation,
+            sessions: table
+                .keys()
+                .filter(|(_, dir, _)| *dir == Dir::Outgoing)
+                .map(|(uid, _, name)| (*uid, name.clone()))
+                .collect(),
+        };
+        let ms = match write_manifest(d, &manifest) {
+            Ok(s) => s,
+            Err(e) => {
+                drop(table);
+                let why = format!("cannot preserve luod's manifest: {e}");
+                return abort(d, &parts, e.errno().get(), why, unload);
+            }
+        };
+        lock_upd(d).phase = Phase::Rebooting;
+        log!(
+            "barrier reached by {} listener(s); rebooting with {} session(s)",
+            parts.len(),
+            manifest.sessions.len()
+        );
+        match d.opts.backend {
+            BackendKind::Kernel => {
+                for p in &parts {
+                    let _ = p.out.send(op::EV_REBOOTING, 0, &[]);
                 }
-                Ok(handover) => {
-                    d.stopping.store(true, Ordering::Release);
-                    let next = d.generation.saturating_add(1);
-                    let _ = out.reply(
-                        op::UPDATE,
-                        tag,
-                        Ok((Writer::new().u64(next).finish(), Vec::new())),
+                // Returns only if the kernel refused; LUO has unfrozen everything by then.
+                let e = sys::reboot_kexec();
+                drop(ms);
+                drop(table);
+                let why = format!(
+                    "the kernel refused reboot(LINUX_REBOOT_CMD_KEXEC): {e} (with the kernel \
+                     backend luod cannot tell which file; each client's own preserve shows it)"
+                );
+                return abort(d, &parts, os_errno(&e), why, true);
+            }
+            BackendKind::User => {
+                let gate = d.accept_gate.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(lu) = d.lu.as_ref() else {
+                    drop((gate, ms, table));
+                    return abort(
+                        d,
+                        &parts,
+                        libc::EIO,
+                        "user backend without LUO".into(),
+                        false,
                     );
-                    let e = exec_next(d, &handover);
-                    // The state is serialized into `handover` and this image can no longer
-                    // change it; without a next image there is nobody to hand it to.
-                    log!("FATAL: cannot exec {}: {e}", d.next_image.display());
-                    std::process::exit(70);
+                };
+                match lu.reboot() {
+                    Err(e) => {
+                        drop((gate, ms, table));
+                        let culprits = unfreezable(&lock_table(d));
+                        if req.force && !retried && !culprits.is_empty() {
+                            retried = true;
+                            let keys: Vec<_> = culprits.iter().map(|c| c.0.clone()).collect();
+                            let gone_now = drop_sessions(d, &keys);
+                            let account = format!(
+                                "{}: dropped by root's forced update: {gone_now}",
+                                describe(&culprits)
+                            );
+                            log!("{account}");
+                            dropped.push(account);
+                            continue;
+                        }
+                        let who = if culprits.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                "; {}; root may release it (luoctl release NAME --uid UID) or \
+                                 force the update (luoctl update --force), which drops it",
+                                describe(&culprits)
+                            )
+                        };
+                        let why = format!(
+                            "LUO refused the reboot (a preserved file could not be frozen): {e}{who}"
+                        );
+                        return abort(d, &parts, e.errno().get(), why, false);
+                    }
+                    Ok(handover) => {
+                        d.stopping.store(true, Ordering::Release);
+                        for p in &parts {
+                            let _ = p.out.send(op::EV_REBOOTING, 0, &[]);
+                        }
+                        let next = d.generation.saturating_add(1);
+                        let _ = out.reply(
+                            op::UPDATE,
+                            tag,
+                            Ok((
+                                Writer::new()
+                                    .u64(next)
+                                    .bytes(dropped.join("; ").as_bytes())
+                                    .finish(),
+                                Vec::new(),
+                            )),
+                        );
+                        // The outgoing sessions are in the handover now (incoming in the next
+                        // image): their files leave the fd store, which would otherwise hand
+                        // them to a later luod a second time.
+                        for e in table.values() {
+                            d.forget(&e.held);
+                        }
+                        let e = exec_next(d, &handover);
+                        // The state is serialized into `handover` and this image can no longer
+                        // change it; without a next image there is nobody to hand it to.
+                        log!("FATAL: cannot exec {}: {e}", d.next_image.display());
+                        std::process::exit(70);
+                    }
                 }
             }
         }
     }
 }
 
-/// Waits until every listener of `parts` reached the barrier, one refused, or `timeout` passed.
-/// Returns the listeners that disconnected meanwhile (not waited for: a client that is gone
-/// has nothing in flight, and luod holds its sessions).
-fn barrier(
-    d: &Daemon,
-    parts: &[Part],
-    round: u64,
-    timeout: Duration,
-) -> Result<Vec<String>, (i32, String)> {
+/// Removes `keys` from the table and closes them for good (channels included); returns an
+/// account for the log and the requester.
+fn drop_sessions(d: &Daemon, keys: &[(u32, Dir, String)]) -> String {
+    let entries: Vec<_> = {
+        let mut t = lock_table(d);
+        keys.iter()
+            .filter_map(|k| t.remove(k).map(|e| (k.clone(), e)))
+            .collect()
+    };
+    if entries.is_empty() {
+        return "no session to drop".into();
+    }
+    let mut lost = Vec::new();
+    for (k, e) in entries {
+        d.forget(&e.held);
+        let files = e
+            .held
+            .session
+            .file_count()
+            .map_or(String::new(), |n| format!(" with {n} file(s)"));
+        if !e.revoke(d.revoke_wait()) {
+            log!("session {:?}: a channel thread still holds it", k.2);
+        }
+        lost.push(format!("{}{files}", names(&[k])));
+    }
+    format!("{} (lost)", lost.join(", "))
+}
+
+/// A file that cannot be frozen: its session, token and size.
+type Culprit = ((u32, Dir, String), u64, u64);
+
+/// The outgoing files LUO's memfd handler refuses to freeze (`EFBIG`: more than `u32::MAX`
+/// pages). luod recorded each file's inode at preserve; the file itself is open in luod's own
+/// fd table (LUO holds it), so `/proc/self/fd` gives its size now.
+fn unfreezable(t: &Table) -> Vec<Culprit> {
+    use std::os::unix::fs::MetadataExt;
+    let mut sizes = std::collections::HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        for ent in dir.flatten() {
+            if let Ok(m) = std::fs::metadata(ent.path()) {
+                sizes.insert((m.dev(), m.ino()), m.size());
+            }
+        }
+    }
+    let page = backend_user::memory::PAGE_SIZE as u64;
+    let mut v = Vec::new();
+    for (k, e) in t.iter().filter(|(k, _)| k.1 == Dir::Outgoing) {
+        let files = e.held.files.lock().unwrap_or_else(|p| p.into_inner());
+        for (token, id) in files.iter() {
+            if let Some(&size) = sizes.get(id) {
+                if size.div_ceil(page) > u64::from(u32::MAX) {
+                    v.push((k.clone(), *token, size));
+                }
+            }
+        }
+    }
+    v
+}
+
+fn describe(c: &[Culprit]) -> String {
+    c.iter()
+        .map(|((uid, _, name), token, size)| {
+            format!(
+                "session {:?} of uid {uid}: file token {token} is {size} bytes, more than \
+                 LUO hands over (u32::MAX pages)",
+                wire::kernel_name(*uid, name)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Waits until every listener of `parts` reached the barrier, one refused (unless `force`:
+/// then every refusal is noted and the others are still waited for), or `timeout` passed
+/// (the listeners still waiting are late). Listeners that disconnect meanwhile are not waited
+/// for: a client that is gone has nothing in flight, and luod holds its sessions.
+fn barrier(d: &Daemon, parts: &[Part], round: u64, timeout: Duration, force: bool) -> Outcome {
     let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
     let body = Writer::new().u32(ms).u64(round).finish();
     let mut gone = BTreeSet::new();
@@ -269,7 +468,8 @@ fn barrier(
     let mut u = lock_upd(d);
     loop {
         let mut waiting = Vec::new();
-        for p in parts {
+        let mut failed = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
             if gone.contains(&p.id) {
                 continue;
             }
@@ -278,36 +478,24 @@ fn barrier(
                     gone.insert(p.id);
                 }
                 Some(Some((r, 0))) if r == round => {}
-                Some(Some((r, e))) if r == round => {
-                    return Err((
-                        e,
-                        format!(
-                            "listener {} refused the update with {}",
-                            p.who,
-                            errno_name(e)
-                        ),
-                    ));
-                }
-                Some(_) => waiting.push(p.who.clone()),
+                Some(Some((r, e))) if r == round => failed.push((i, Verdict::Refused(e))),
+                Some(_) => waiting.push(i),
             }
         }
-        if waiting.is_empty() {
-            return Ok(parts
-                .iter()
-                .filter(|p| gone.contains(&p.id))
-                .map(|p| p.who.clone())
-                .collect());
-        }
         let now = Instant::now();
-        if now >= deadline {
-            return Err((
-                werr::ETIMEDOUT,
-                format!(
-                    "{} listener(s) did not reach the barrier within {ms} ms: {}",
-                    waiting.len(),
-                    waiting.join(", ")
-                ),
-            ));
+        let over = waiting.is_empty() || now >= deadline || (!force && !failed.is_empty());
+        if over {
+            if failed.is_empty() || force {
+                failed.extend(waiting.iter().map(|&i| (i, Verdict::Late)));
+            }
+            return Outcome {
+                gone: parts
+                    .iter()
+                    .filter(|p| gone.contains(&p.id))
+                    .map(|p| p.who.clone())
+                    .collect(),
+                failed,
+            };
         }
         u = d
             .upd_cv

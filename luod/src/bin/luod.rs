@@ -2,9 +2,11 @@
 
 use std::process::ExitCode;
 
+use luod::logging;
 use luod::options::{self, Parsed};
 
 fn main() -> ExitCode {
+    logging::ignore_sigpipe();
     let args: Vec<String> = std::env::args().skip(1).collect();
     // An old luod asking whether this binary can take its handover (before anything else).
     if backend_user::next_image::is_probe(&args) {
@@ -16,11 +18,16 @@ fn main() -> ExitCode {
     let opts = match options::parse(&args) {
         Ok(Parsed::Run(o)) => o,
         Ok(Parsed::Help) => {
-            print!("{}", options::USAGE);
-            return ExitCode::SUCCESS;
+            return match logging::stdout(options::USAGE) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    logging::stderr(&format!("luod: cannot write the usage text: {e}\n"));
+                    ExitCode::FAILURE
+                }
+            };
         }
         Err(e) => {
-            eprintln!("luod: {e}\n{}", options::USAGE);
+            logging::stderr(&format!("luod: {e}\n{}", options::USAGE));
             return ExitCode::from(2);
         }
     };
@@ -28,7 +35,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("luod: {e}");
+            logging::stderr(&format!("luod: {e}\n"));
             ExitCode::FAILURE
         }
     }

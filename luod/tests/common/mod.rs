@@ -2,8 +2,9 @@
 
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+use std::ffi::OsStr;
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -27,11 +28,22 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub sock: PathBuf,
     pub child: Child,
+    extra: Vec<String>,
 }
 
 impl Daemon {
     /// Starts `luod --backend user` with short frame timeouts, plus `extra` arguments.
     pub fn start(extra: &[&str]) -> Daemon {
+        Daemon::start_with(extra, None)
+    }
+
+    /// As [`Daemon::start`], with luod's stderr going to `stderr` instead of `luod.log`.
+    pub fn start_with(extra: &[&str], stderr: Option<Stdio>) -> Daemon {
+        Daemon::start_full(extra, stderr, &[])
+    }
+
+    /// As [`Daemon::start_with`], with extra environment variables.
+    pub fn start_full(extra: &[&str], stderr: Option<Stdio>, env: &[(&str, &OsStr)]) -> Daemon {
         let dir = std::env::temp_dir().join(format!(
             "luod-test-{}-{}",
             std::process::id(),
@@ -41,20 +53,97 @@ impl Daemon {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let sock = dir.join("luod.sock");
-        let log = std::fs::File::create(dir.join("luod.log")).unwrap();
-        let child = Command::new(LUOD)
-            .args(["--backend", "user", "--socket"])
-            .arg(&sock)
+        let mut cmd = Command::new(LUOD);
+        Daemon::args(&mut cmd, &sock, extra, env);
+        let child = cmd
+            .stderr(stderr.unwrap_or_else(|| Daemon::log_file(&dir)))
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            dir,
+            sock,
+            child,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.wait_generation(0);
+        d
+    }
+
+    fn log_file(dir: &Path) -> Stdio {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("luod.log"))
+            .unwrap()
+            .into()
+    }
+
+    fn args(cmd: &mut Command, sock: &Path, extra: &[&str], env: &[(&str, &OsStr)]) {
+        cmd.args(["--backend", "user", "--socket"])
+            .arg(sock)
             .args(["--frame-timeout-ms", "500"])
             .args(extra)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon { dir, sock, child };
-        d.wait_generation(0);
-        d
+            .stdout(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+    }
+
+    /// Starts luod again (same socket, same arguments) the way systemd does with an fd
+    /// store: `fds` at 3, 4, ..., `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID`, and
+    /// `NOTIFY_SOCKET` set. The previous luod must be gone (killed, or stopped).
+    pub fn restart_with_fds(&mut self, notify: &Path, fds: Vec<(String, OwnedFd)>) {
+        self.restart_at(notify, fds, 0)
+    }
+
+    /// As [`Daemon::restart_with_fds`], for a luod that comes back at generation `gen`.
+    pub fn restart_at(&mut self, notify: &Path, fds: Vec<(String, OwnedFd)>, gen: u64) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // LISTEN_PID is the pid of the process that execs luod: sh's, kept by exec.
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("export LISTEN_PID=$$; exec \"$0\" \"$@\"")
+            .arg(LUOD);
+        let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        Daemon::args(
+            &mut cmd,
+            &self.sock,
+            &extra,
+            &[
+                ("NOTIFY_SOCKET", notify.as_os_str()),
+                ("LISTEN_FDS", OsStr::new(&fds.len().to_string())),
+                ("LISTEN_FDNAMES", OsStr::new(&names.join(":"))),
+            ],
+        );
+        let raw: Vec<i32> = fds.iter().map(|(_, f)| f.as_raw_fd()).collect();
+        let mut tmp = vec![-1i32; raw.len()];
+        // SAFETY: the closure runs in the child between fork and exec and calls only fcntl
+        // and dup2 (async-signal-safe), writing into `tmp`, allocated before the fork. The
+        // fds are first moved above every target number (close-on-exec copies), then put at
+        // 3.. (dup2 clears close-on-exec), so no source is overwritten before it is copied.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                for (i, fd) in raw.iter().enumerate() {
+                    let t = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10_000);
+                    if t < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    tmp[i] = t;
+                }
+                for (i, t) in tmp.iter().enumerate() {
+                    if libc::dup2(*t, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        self.child = cmd.stderr(Daemon::log_file(&self.dir)).spawn().unwrap();
+        drop(fds);
+        self.wait_generation(gen);
     }
 
     pub fn pid(&self) -> u32 {
@@ -225,4 +314,165 @@ pub fn is_root() -> bool {
 
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// Runs `f` on a thread of its own whose effective uid is `uid` (root only): a socket it
+/// connects carries that uid in `SO_PEERCRED`. Linux credentials are per thread at the system
+/// call level (glibc's `seteuid` would change every thread; the raw call changes this one), and
+/// the real and saved uids stay 0, so the thread could switch back; it simply ends instead.
+pub fn as_uid<T: Send + 'static>(uid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: setresgid/setresuid with -1 for the unchanged ids take no pointers; the raw
+        // system call changes only the calling thread's credentials, which is what we want.
+        let r = unsafe {
+            let g = libc::syscall(libc::SYS_setresgid, -1i64, i64::from(uid), -1i64);
+            let u = libc::syscall(libc::SYS_setresuid, -1i64, i64::from(uid), -1i64);
+            g.min(u)
+        };
+        assert_eq!(
+            r,
+            0,
+            "setresuid to {uid}: {}",
+            std::io::Error::last_os_error()
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// What a fake systemd fd store has received.
+#[derive(Default)]
+pub struct StoreState {
+    /// Stored fds, in the order they came, with their `FDNAME`.
+    pub fds: Vec<(String, OwnedFd)>,
+    /// `READY=1` notifications.
+    pub ready: usize,
+    /// `STOPPING=1` notifications.
+    pub stopping: usize,
+    /// The `FDNAME`s of `FDSTOREREMOVE=1` notifications.
+    pub removed: Vec<String>,
+}
+
+/// systemd's side of `sd_notify` and the fd store, enough for luod: a datagram socket that
+/// keeps `FDSTORE=1` fds under their `FDNAME`, drops them on `FDSTOREREMOVE=1`, and counts
+/// `READY=1` and `STOPPING=1`.
+pub struct FdStore {
+    pub path: PathBuf,
+    pub state: std::sync::Arc<std::sync::Mutex<StoreState>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FdStore {
+    pub fn new() -> FdStore {
+        let path = std::env::temp_dir().join(format!(
+            "luod-notify-{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let state = std::sync::Arc::new(std::sync::Mutex::new(StoreState::default()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (state, stop) = (state.clone(), stop.clone());
+            move || {
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let mut fds = Vec::new();
+                    let Ok(r) = luo_client::sys::recv_with_fds(sock.as_fd(), &mut buf, &mut fds)
+                    else {
+                        continue;
+                    };
+                    let text = String::from_utf8_lossy(&buf[..r.len]).into_owned();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let name = lines
+                        .iter()
+                        .find_map(|l| l.strip_prefix("FDNAME="))
+                        .unwrap_or("stored")
+                        .to_string();
+                    let mut st = state.lock().unwrap();
+                    for l in &lines {
+                        match *l {
+                            "READY=1" => st.ready += 1,
+                            "STOPPING=1" => st.stopping += 1,
+                            "FDSTOREREMOVE=1" => {
+                                st.fds.retain(|(n, _)| *n != name);
+                                st.removed.push(name.clone());
+                            }
+                            "FDSTORE=1" => {
+                                for fd in fds.drain(..) {
+                                    st.fds.push((name.clone(), fd));
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        });
+        FdStore {
+            path,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits (up to DEADLINE) until `f` holds for the store.
+    pub fn wait(&self, what: &str, f: impl Fn(&StoreState) -> bool) {
+        let t = Instant::now();
+        loop {
+            {
+                let st = self.state.lock().unwrap();
+                if f(&st) {
+                    return;
+                }
+                assert!(
+                    t.elapsed() < DEADLINE,
+                    "fd store: {what}; it holds {:?} (ready {}, stopping {})",
+                    st.fds.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+                    st.ready,
+                    st.stopping
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let st = self.state.lock().unwrap();
+        st.fds.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The stored files (user backend), without luod's generation entry.
+    pub fn files(s: &StoreState) -> Vec<&str> {
+        s.fds
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| n.starts_with("luod-f."))
+            .collect()
+    }
+
+    /// Copies of the stored fds, as systemd passes them at the next start (it keeps its own).
+    pub fn copies(&self) -> Vec<(String, OwnedFd)> {
+        let st = self.state.lock().unwrap();
+        st.fds
+            .iter()
+            .map(|(n, f)| (n.clone(), f.try_clone().unwrap()))
+            .collect()
+    }
+}
+
+impl Drop for FdStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
