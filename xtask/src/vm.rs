@@ -591,6 +591,9 @@ fn systemd_cmdline() -> String {
         "systemd.unit=TEST-91-LIVEUPDATE.service",
         "systemd.mask=systemd-networkd-wait-online.service systemd.mask=serial-getty@.service",
         "systemd.show_status=error systemd.crash_shell=0 systemd.crash_action=poweroff loglevel=6",
+        // The kernel's default console level again (7: KERN_INFO shows), as in every other VM
+        // test: the LUO test FLBs report at info level, and their lines are judged per boot.
+        "loglevel=7",
     ];
     // integration-test-wrapper.py's credentials for a run without a terminal.
     const DROPIN: &str = "[Service]\nStandardOutput=journal+console\n\n\
