@@ -18,6 +18,11 @@ PKGS=(
 	# the guest's journal read after the run (systemd: journalctl)
 	mmdebstrap e2fsprogs fdisk dosfstools mtools systemd
 )
+# A clang-built kernel (LUO_LLVM=-19, set by `cargo xtask vm test --sanitize`: KASAN with
+# Rust needs clang): the compiler, linker and binutils of that LLVM version.
+if [[ -n ${LUO_LLVM:-} ]]; then
+	PKGS+=("clang${LUO_LLVM}" "lld${LUO_LLVM}" "llvm${LUO_LLVM}")
+fi
 
 missing=()
 for p in "${PKGS[@]}"; do

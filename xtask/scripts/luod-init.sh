@@ -103,7 +103,9 @@ if [ "$nboot" = 0 ]; then
     echo "LUOD-VM: refused update: EBUSY, kexec_loaded 0"
     luoctl status
 
-    # The real update, with a VMM that reaches the barrier.
+    # The real update, with a VMM that reaches the barrier. First the end-of-boot leak
+    # scan (--sanitize kernels; before the blackout timing starts).
+    kmemleak-scan
     luoctl listen --label vmm >/tmp/listener.log 2>&1 &
     wait_for /tmp/listener.log listening
     echo "INIT: Stage 1 completed successfully."
@@ -132,4 +134,5 @@ grep -q ENOENT /tmp/planted.log || fail "retrieving the planted session did not 
 echo "LUOD-VM: planted session not handed out (ENOENT)"
 echo "--- LUOD UPDATE TEST PASSED ---"
 echo "INIT: Stage 2 completed successfully."
+kmemleak-scan
 reboot -f

@@ -82,6 +82,10 @@ for extra in mkosi.extra mkosi.extra.common; do
 	cp -a "$R/usr/lib/systemd/tests/mkosi/$extra/." "$R/"
 done
 
+# The end-of-boot kmemleak scan of `--sanitize` runs (a no-op on other kernels), as a
+# systemd-shutdown hook: it runs in both boots, right before the kexec and the poweroff.
+install -D -m 0755 "$(dirname "$0")/kmemleak-scan.sh" "$R/usr/lib/systemd/system-shutdown/luo-kmemleak"
+
 # The EFI system partition, mounted where systemd looks for it first.
 mkdir -p "$R/efi"
 cat >"$R/etc/fstab" <<'EOF'

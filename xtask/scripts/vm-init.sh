@@ -22,6 +22,7 @@ echo "LUO-VM: run $prog $*"
 cd /
 "/bin/$prog" "$@"
 echo "LUO-VM: exit=$?"
+kmemleak-scan
 # `poweroff -f` only halts without ACPI (tinyconfig); a reboot makes QEMU exit because
 # it runs with -no-reboot.
 reboot -f

@@ -27,6 +27,9 @@ pub(crate) struct Options {
     pub(crate) jobs: usize,
     /// `--kexec-into`: the core of the kernel the systemd VM kexecs into, if not `core`.
     pub(crate) kexec_into: Option<Core>,
+    /// `--sanitize`: KASAN + UBSAN + kmemleak; every boot of the VMs whose init we write must
+    /// report its kmemleak scan.
+    pub(crate) sanitize: bool,
 }
 
 /// Everything up to a built kernel and guest programs.
@@ -206,7 +209,9 @@ pub(crate) fn list(paths: &Paths) {
 pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
     let total = Instant::now();
     let sel = select(opts)?;
-    let _lock = CacheLock::acquire(&paths.cache)?;
+    // Held while anything is built into the cache; the VMs only read the builds (each run
+    // writes under its own log directory), so they run without it and another run may build.
+    let lock = CacheLock::acquire(&paths.cache)?;
     let load_start = util::loadavg();
     let mut phases = Phases(Vec::new());
     let b = prepare(paths, opts, &mut phases)?;
@@ -250,6 +255,16 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
     } else {
         None
     };
+    let sysroot = if sel.keys().any(|&i| matches!(TESTS[i].kind, Kind::Systemd)) {
+        let root = phases.time("sid root", || sysroot::ensure(paths))?;
+        if root.built {
+            note(&format!("built {}", root.image.display()));
+        }
+        Some(root)
+    } else {
+        None
+    };
+    drop(lock);
 
     let t_vms = Instant::now();
     let mut cases: Vec<Case> = Vec::new();
@@ -258,7 +273,7 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
         let t = &TESTS[i];
         let log = run_dir.join(format!("{}.log", t.name));
         step(&format!("VM {}", t.name));
-        let (mut got, m) = match t.kind {
+        let (mut got, m, run) = match t.kind {
             Kind::Harness { program } => {
                 let all = suite::harness_cases(&b.tree, program);
                 if all.is_empty() {
@@ -298,7 +313,8 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
                     log: &log,
                     echo: opts.verbose,
                 })?;
-                suite::judge_harness(t, &run, &expected)
+                let (c, m) = suite::judge_harness(t, &run, &expected);
+                (c, m, run)
             }
             Kind::Kexec {
                 program,
@@ -320,17 +336,21 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
                     echo: opts.verbose,
                 })?;
                 let (c, m) = suite::judge_kexec(t, &run, pass);
-                (vec![c], m)
+                (vec![c], m, run)
             }
             Kind::Systemd => {
-                let root = phases.time("sid root", || sysroot::ensure(paths))?;
-                if root.built {
-                    note(&format!("built {}", root.image.display()));
-                }
+                let Some(root) = &sysroot else {
+                    bail!("the sid root was not built for {}", t.name);
+                };
                 let next_kernel = next.as_ref().unwrap_or(&b.kernel);
-                let (run, disk) = systemd_vm(paths, &b.kernel, next_kernel, &root, opts, &log)?;
+                let disks = log.with_extension("disks");
+                let (run, disk) = systemd_vm(&b.kernel, next_kernel, root, opts, &log, &disks)?;
                 let (c, m) = suite::judge_systemd(t, &run, &disk);
-                (vec![c], m)
+                if c.ok {
+                    // 0.5 GB each; a failed run keeps them for a look.
+                    let _ = remove(&disks);
+                }
+                (vec![c], m, run)
             }
             Kind::Luod { pass } => {
                 let Some((luod, luoctl)) = &luod_bins else {
@@ -348,9 +368,15 @@ pub(crate) fn test(paths: &Paths, opts: &Options) -> Result<bool> {
                     echo: opts.verbose,
                 })?;
                 let (c, m) = suite::judge_kexec(t, &run, pass);
-                (vec![c], m)
+                (vec![c], m, run)
             }
         };
+        if opts.sanitize {
+            if let Some(c) = got.last_mut() {
+                suite::check_kmemleak(t, &run, &mut c.diag);
+                c.ok = c.diag.is_empty();
+            }
+        }
         for c in &got {
             let time = c.secs.map_or(String::new(), |s| format!(" {s:.3} s"));
             note(&format!(
@@ -473,6 +499,11 @@ fn busybox_entries(init_script: &str) -> Vec<Entry> {
         Entry::File {
             guest: "/init".into(),
             host: Path::new(env!("CARGO_MANIFEST_DIR")).join(init_script),
+            mode: 0o755,
+        },
+        Entry::File {
+            guest: "/bin/kmemleak-scan".into(),
+            host: Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kmemleak-scan.sh"),
             mode: 0o755,
         },
     ]
@@ -627,22 +658,17 @@ fn systemd_cmdline() -> String {
 }
 
 /// Boot the systemd VM with `kernel` on a fresh copy of the root and an ESP holding
-/// `next` (the kernel `systemctl kexec` loads); then read what the harness reads from the
-/// root disk.
+/// `next` (the kernel `systemctl kexec` loads), both in `dir`; then read what the harness
+/// reads from the root disk.
 fn systemd_vm(
-    paths: &Paths,
     kernel: &Kernel,
     next: &Kernel,
     root: &Sysroot,
     opts: &Options,
     log: &Path,
+    dir: &Path,
 ) -> Result<(qemu::Run, suite::SystemdDisk)> {
-    // Kept until the next run of this core, for a look after a failure; not under logs/.
-    let dir = paths
-        .cache
-        .join("sysroot")
-        .join(format!("run-{}", kernel.core));
-    mkdirs(&dir)?;
+    mkdirs(dir)?;
     let disk = dir.join("root.ext4");
     sysroot::copy_root(&root.image, &disk)?;
     let esp = dir.join("esp.img");
