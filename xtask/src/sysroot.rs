@@ -58,6 +58,14 @@ pub(crate) fn ensure(paths: &Paths) -> Result<Sysroot> {
     if !image.is_file() {
         bail!("{} did not produce {}", script.display(), image.display());
     }
+    // Older roots (another script or package set) are 0.5 GB each and never used again.
+    if let Ok(rd) = fs::read_dir(paths.cache.join("sysroot")) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy() != key {
+                let _ = util::remove(&e.path());
+            }
+        }
+    }
     Ok(Sysroot { image, built: true })
 }
 
