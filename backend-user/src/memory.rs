@@ -416,7 +416,10 @@ impl Memory {
     pub fn log(&self, level: Level, args: std::fmt::Arguments<'_>) {
         let line = format!("luo: {args}");
         if self.echo_log {
-            eprintln!("{line}");
+            // Not eprintln!: it panics when stderr is gone (EPIPE from a dead journal or
+            // tee), and a log line must never take the process and its sessions down.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
         }
         lock(&self.log).push((level, line));
     }
