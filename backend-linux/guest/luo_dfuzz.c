@@ -350,16 +350,27 @@ static unsigned long long hash_fd(int fd, off_t size)
 /* What can be seen of a handle's fd, canonically. */
 static void observe(int h, const char *why)
 {
-	char link[256], path[64], desc[512];
+	char raw[256], link[1024], path[64], desc[1400];
 	struct stat st;
 	int fd = H[h].fd, n, fdfl, fl;
+	size_t o = 0;
 
 	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-	n = readlink(path, link, sizeof(link) - 1);
-	link[n > 0 ? n : 0] = 0;
+	n = readlink(path, raw, sizeof(raw) - 1);
+	raw[n > 0 ? n : 0] = 0;
 	/* "socket:[<inode>]", "pipe:[<inode>]": the number is not canonical */
-	if (!strncmp(link, "socket:[", 8) || !strncmp(link, "pipe:[", 6))
-		strcpy(strchr(link, '[') + 1, "N]");
+	if (!strncmp(raw, "socket:[", 8) || !strncmp(raw, "pipe:[", 6))
+		strcpy(strchr(raw, '[') + 1, "N]");
+	/* the trace is ASCII: other bytes (session names may have any) as \xHH */
+	for (size_t i = 0; raw[i]; i++) {
+		unsigned char ch = raw[i];
+
+		if (ch < 0x20 || ch >= 0x7f || ch == '\\' || ch == '"')
+			o += snprintf(link + o, sizeof(link) - o, "\\x%02x", ch);
+		else
+			link[o++] = ch;
+	}
+	link[o] = 0;
 	fdfl = fcntl(fd, F_GETFD);
 	fl = fcntl(fd, F_GETFL);
 	n = snprintf(desc, sizeof(desc), "obs %s h%d %s link=\"%s\" cloexec=%d fl=%o cls=c%d",
