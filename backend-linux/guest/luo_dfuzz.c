@@ -42,6 +42,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -941,6 +942,40 @@ static void op_new_fd(int memfd_only)
 		observe(h, "new");
 }
 
+/*
+ * An operation that needs a new fd with the fd table full (RLIMIT_NOFILE at the lowest free
+ * fd): every fd-making command reserves its fd first, so EMFILE comes before anything else.
+ */
+static void op_emfile(void)
+{
+	struct rlimit old, tight;
+	int lowest = dup(0);
+
+	if (lowest < 0 || getrlimit(RLIMIT_NOFILE, &old) < 0)
+		return;
+	close(lowest);
+	tight = old;
+	tight.rlim_cur = lowest;
+	if (setrlimit(RLIMIT_NOFILE, &tight) < 0)
+		return;
+	tr("rlimit nofile full");
+	switch (pick(4)) {
+	case 0:
+		op_create_or_retrieve(0, -1);
+		break;
+	case 1:
+		op_create_or_retrieve(1, -1);
+		break;
+	case 2:
+		op_retrieve_fd();
+		break;
+	default:
+		op_open_dev();
+		break;
+	}
+	setrlimit(RLIMIT_NOFILE, &old);
+}
+
 /* Changes to a memfd: preserved ones are frozen in size (shmem_freeze) until unpreserved. */
 static void op_mutate(void)
 {
@@ -997,7 +1032,7 @@ static int ready(int kind, int part)
 	if (kind == K_DEV || !has(K_DEV))
 		op_open_dev();
 	else if (kind == K_SESS)
-		op_create_or_retrieve(part == 2 && chance(70), -1);
+		op_create_or_retrieve(part >= 2 && chance(70), -1);
 	else
 		op_new_fd(1);
 	return 0;
@@ -1007,7 +1042,7 @@ static void one_op(int part)
 {
 	int r = pick(100);
 
-	if (part == 2 && r < 40) {
+	if (part >= 2 && r < 40) {
 		/* the next kernel: mostly about what came in */
 		if (r < 15) {
 			if (ready(K_DEV, part))
@@ -1061,8 +1096,10 @@ static void one_op(int part)
 	}
 	else if (r < 85)
 		op_mutate();
-	else if (r < 90)
+	else if (r < 88)
 		op_raw_ioctl();
+	else if (r < 90)
+		op_emfile();
 	else {
 		int h = pick_handle(K_NONE);
 
@@ -1199,8 +1236,11 @@ static int initrd_copy(void)
 	return out;
 }
 
-/* Loads /kernel with our initrd and `dfuzz_resume=`, and kexecs; returns only on failure. */
-static void kexec_resume(void)
+/*
+ * Loads /kernel with our initrd and `dfuzz_resume=` for part `next` of this sequence, and
+ * kexecs; returns only on failure.
+ */
+static void kexec_resume(int next_part)
 {
 	char next[sizeof(cmdline)] = "", *save, *tok, *copy = strdup(cmdline);
 	int kf, inf, r;
@@ -1212,8 +1252,9 @@ static void kexec_resume(void)
 		strcat(next, " ");
 	}
 	free(copy);
-	snprintf(next + strlen(next), sizeof(next) - strlen(next), "dfuzz_resume=%llu:%ld:%llx",
-		 (unsigned long long)cur_seed, tlines, (unsigned long long)th);
+	snprintf(next + strlen(next), sizeof(next) - strlen(next),
+		 "dfuzz_resume=%llu:%d:%ld:%llx", (unsigned long long)cur_seed, next_part, tlines,
+		 (unsigned long long)th);
 	{
 		unsigned in[8] = { 0 };
 
@@ -1254,9 +1295,48 @@ static void run_part(int part, int ops)
 	}
 }
 
+/*
+ * Seed `s` from its part `part` on (1 on a cold start, 2 or 3 after a kexec). A kexec
+ * sequence (seed % every == every - 1) has two parts, or three for every other one (the
+ * second kernel retrieves and preserves anew, and kexecs again); each part but the last ends
+ * with the kexec. Part p's operations are steps (p-1)*(per+1)+1 ...
+ */
+static void run_seq(uint64_t s, long every, long ops, int part, long lines, uint64_t hash)
+{
+	int parts = every > 0 && s % every == (uint64_t)every - 1 ? 2 + (int)((s / every) % 2) : 1;
+	long per = ops / parts;
+
+	begin_seed(s, part, lines, hash);
+	kexec_seq = parts > 1;
+	cur_step = (part - 1) * (per + 1);
+	if (part > 1)
+		tr("boot part %d", part);
+	if (chance(90))
+		op_open_dev();
+	if (part > 1) {
+		/* most of what came in is retrieved at once, the rest later or never */
+		for (int i = 0; i < NVALID; i++)
+			if ((incoming_in[i] & 0x100) && chance(60))
+				op_create_or_retrieve(1, i);
+	}
+	for (;;) {
+		run_part(part, part == parts ? ops - per * (parts - 1) : per);
+		if (part == parts)
+			break;
+		cur_step++;
+		kexec_resume(part + 1);
+		/* the reboot was refused: go on in this kernel */
+		part++;
+	}
+	close_all();
+	drain_and_probe();
+	end_seed();
+}
+
 int main(void)
 {
 	unsigned long long a = 0, b = 0, a0, rseed;
+	int rpart;
 	long ops = 60, every = 0, rlines;
 	unsigned long long rhash;
 	const char *v;
@@ -1305,9 +1385,8 @@ int main(void)
 	kmsg_open();
 
 	v = param("dfuzz_resume");
-	if (v && sscanf(v, "%llu:%ld:%llx", &rseed, &rlines, &rhash) == 3) {
-		/* part 2 of a kexec sequence; its part 1 used steps 1..ops/2 */
-		info("resume seed %llu", rseed);
+	if (v && sscanf(v, "%llu:%d:%ld:%llx", &rseed, &rpart, &rlines, &rhash) == 4) {
+		info("resume seed %llu part %d", rseed, rpart);
 		v = param("dfuzz_in");
 		for (int i = 0; v && i < NVALID && strlen(v) >= 3 * (size_t)(i + 1); i++) {
 			char d[4] = { v[3 * i], v[3 * i + 1], v[3 * i + 2], 0 };
@@ -1315,41 +1394,11 @@ int main(void)
 			incoming_in[i] = strtoul(d, NULL, 16);
 			have_in = 1;
 		}
-		begin_seed(rseed, 2, rlines, rhash);
-		cur_step = ops / 2 + 1;
-		kexec_seq = 1;
-		tr("boot");
-		if (chance(90))
-			op_open_dev();
-		/* most of what came in is retrieved at once, the rest later or never */
-		for (int i = 0; i < NVALID; i++)
-			if ((incoming_in[i] & 0x100) && chance(60))
-				op_create_or_retrieve(1, i);
-		run_part(2, ops - ops / 2);
-		close_all();
-		drain_and_probe();
-		end_seed();
+		run_seq(rseed, every, ops, rpart, rlines, rhash);
 		a = rseed + 1;
 	}
-	for (uint64_t s = a; s < b; s++) {
-		begin_seed(s, 1, 0, 0xcbf29ce484222325ull);
-		cur_step = 0;
-		if (chance(90))
-			op_open_dev();
-		kexec_seq = every > 0 && s % every == (uint64_t)every - 1;
-		if (kexec_seq) {
-			run_part(1, ops / 2);
-			cur_step++;
-			kexec_resume();
-			/* reboot refused: go on in this kernel */
-			run_part(2, ops - ops / 2);
-		} else {
-			run_part(1, ops);
-		}
-		close_all();
-		drain_and_probe();
-		end_seed();
-	}
+	for (uint64_t s = a; s < b; s++)
+		run_seq(s, every, ops, 1, 0, 0xcbf29ce484222325ull);
 	{
 		char line[64];
 		int m = snprintf(line, sizeof(line), "DONE %llu %llu\n", a0, b);

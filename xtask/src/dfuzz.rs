@@ -139,8 +139,8 @@ pub(crate) struct Seq {
     pub(crate) lines: Vec<String>,
     /// Its `E` line arrived and the line count and hash agree.
     pub(crate) complete: bool,
-    /// It crossed a kexec (part 2 printed "boot").
-    pub(crate) kexec: bool,
+    /// Kexecs it crossed (each later part prints "boot part <n>").
+    pub(crate) kexecs: u32,
 }
 
 impl Seq {
@@ -194,8 +194,11 @@ pub(crate) fn parse_trace(text: &str) -> Trace {
             h.0 += 1;
             h.1 = fnv(h.1, rest);
             let seq = t.seqs.entry(seed).or_default();
-            if body.split_once(' ').is_some_and(|(_, text)| text == "boot") {
-                seq.kexec = true;
+            if body
+                .split_once(' ')
+                .is_some_and(|(_, text)| text.starts_with("boot part "))
+            {
+                seq.kexecs += 1;
             }
             seq.lines.push(body.to_string());
             t.lines += 1;
@@ -500,13 +503,16 @@ struct VmRun {
     wall: Duration,
 }
 
-fn kexec_seeds(seeds: (u64, u64), every: u64) -> u64 {
+/// The kexecs the guest makes for `seeds`: seed % every == every - 1 is a kexec sequence,
+/// with two kexecs for every other one (luo_dfuzz.c, run_seq).
+fn kexecs(seeds: (u64, u64), every: u64) -> u64 {
     if every == 0 {
         return 0;
     }
     (seeds.0..seeds.1)
         .filter(|s| s % every == every - 1)
-        .count() as u64
+        .map(|s| 1 + (s / every) % 2)
+        .sum()
 }
 
 /// One VM over `seeds`: the console goes to `<name>.log`, the trace (ttyS1) to `<name>.trace`.
@@ -523,7 +529,7 @@ fn boot(
     let n = seeds.1 - seeds.0;
     let timeout = opts.timeout.unwrap_or_else(|| {
         Duration::from_secs(
-            120 + n * u64::from(opts.ops) / 200 + 30 * kexec_seeds(seeds, opts.kexec_every),
+            120 + n * u64::from(opts.ops) / 200 + 30 * kexecs(seeds, opts.kexec_every),
         )
     });
     // loglevel=5: warnings and worse reach the console (every splat in suite::SPLATS does);
@@ -708,10 +714,11 @@ pub(crate) fn run(paths: &Paths, opts: &Options) -> Result<bool> {
                 missing.len()
             ));
         }
-        let kexecs = r.trace.seqs.values().filter(|q| q.kexec).count();
+        let kseqs = r.trace.seqs.values().filter(|q| q.kexecs > 0).count();
+        let kexecs: u32 = r.trace.seqs.values().map(|q| q.kexecs).sum();
         let _ = writeln!(
             report,
-            "# {} core, seeds {}..{}: {} sequences ({kexecs} across a kexec), {} operations, \
+            "# {} core, seeds {}..{}: {} sequences ({kseqs} with {kexecs} kexecs), {} operations, \
              {} trace lines, {:.1} s; log {}",
             r.core,
             r.seeds.0,
@@ -763,7 +770,11 @@ pub(crate) fn run(paths: &Paths, opts: &Options) -> Result<bool> {
                         report,
                         "FINDING seed {seed}: first difference at line {} of its trace{}",
                         f.line,
-                        if cs.kexec { " (a kexec sequence)" } else { "" }
+                        if cs.kexecs > 0 {
+                            " (a kexec sequence)"
+                        } else {
+                            ""
+                        }
                     );
                     for l in &f.context {
                         let _ = writeln!(report, "    both: {l}");
@@ -940,7 +951,7 @@ mod tests {
     fn seeds_split_into_contiguous_chunks() {
         assert_eq!(chunks((0, 10), 3), vec![(0, 3), (3, 6), (6, 10)]);
         assert_eq!(chunks((5, 7), 4), vec![(5, 6), (6, 7)]);
-        assert_eq!(kexec_seeds((0, 200), 100), 2);
-        assert_eq!(kexec_seeds((0, 200), 0), 0);
+        assert_eq!(kexecs((0, 200), 100), 3);
+        assert_eq!(kexecs((0, 200), 0), 0);
     }
 }
