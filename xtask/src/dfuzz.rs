@@ -515,6 +515,9 @@ fn kexecs(seeds: (u64, u64), every: u64) -> u64 {
         .sum()
 }
 
+/// How long a VM may go without writing to its trace.
+const STALL: Duration = Duration::from_secs(180);
+
 /// One VM over `seeds`: the console goes to `<name>.log`, the trace (ttyS1) to `<name>.trace`.
 fn boot(
     k: &KernelFiles,
@@ -532,10 +535,10 @@ fn boot(
             120 + n * u64::from(opts.ops) / 200 + 30 * kexecs(seeds, opts.kexec_every),
         )
     });
-    // loglevel=5: warnings and worse reach the console (every splat in suite::SPLATS does);
-    // the guest reads the test FLBs' info messages from /dev/kmsg itself.
+    // The whole kernel log goes to the console, as in the VM suite (the guest reads the test
+    // FLBs' messages from /dev/kmsg itself, for the trace).
     let append = format!(
-        "{BASE_APPEND} loglevel=5 retain_initrd dfuzz_seeds={}-{} dfuzz_ops={} \
+        "{BASE_APPEND} retain_initrd dfuzz_seeds={}-{} dfuzz_ops={} \
          dfuzz_kexec_every={}",
         seeds.0, seeds.1, opts.ops, opts.kexec_every
     );
@@ -567,12 +570,23 @@ fn boot(
         .spawn()
         .context(|| format!("cannot start `{}`", util::describe(&cmd)))?;
     let mut timed_out = false;
+    let mut stalled = None;
+    let (mut size, mut moved) = (0, Instant::now());
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break Some(s);
         }
-        if start.elapsed() > timeout {
+        // A guest that writes no trace for STALL (a kexec and a boot take about 10 s) is
+        // stuck: stop it instead of waiting for the whole timeout.
+        let now = fs::metadata(&trace).map_or(0, |m| m.len());
+        if now != size {
+            (size, moved) = (now, Instant::now());
+        }
+        if start.elapsed() > timeout || moved.elapsed() > STALL {
             timed_out = true;
+            if moved.elapsed() > STALL {
+                stalled = Some(moved.duration_since(start));
+            }
             let _ = child.kill();
             break child.wait().ok();
         }
@@ -580,11 +594,26 @@ fn boot(
     };
     let wall = start.elapsed();
     let text = fs::read(&trace).unwrap_or_default();
+    let mut trace = parse_trace(&String::from_utf8_lossy(&text));
+    if let Some(at) = stalled {
+        let last = trace.seqs.iter().next_back().map(|(s, q)| {
+            format!(
+                "seed {s}, after `{}`",
+                q.lines.last().map_or("", String::as_str)
+            )
+        });
+        trace.problems.push(format!(
+            "no trace output for {} s after {:.0} s (stuck at {}); see the console log",
+            STALL.as_secs(),
+            at.as_secs_f64(),
+            last.unwrap_or_else(|| "the start".into())
+        ));
+    }
     Ok(VmRun {
         core: k.core,
         seeds,
         log,
-        trace: parse_trace(&String::from_utf8_lossy(&text)),
+        trace,
         ok_exit: status.is_some_and(|s| s.success()),
         timed_out,
         wall,
