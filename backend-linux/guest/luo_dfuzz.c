@@ -485,6 +485,7 @@ struct argspec {
 	int place;
 	int tail;	/* bytes after the struct: 0 none, 1 zero, 2 non-zero */
 	uint32_t extra;	/* tail length */
+	int off;	/* "rw": bytes past the page start (a misaligned argument) */
 };
 
 /* Random size/placement variants around the struct size `sz`, mostly valid. */
@@ -493,8 +494,11 @@ static struct argspec pick_arg(uint32_t sz)
 	struct argspec a = { .size = sz, .place = P_RW };
 	int r = pick(100);
 
-	if (r < 70)
+	if (r < 70) {
+		if (chance(10))
+			a.off = 1 + pick(7);
 		return a;
+	}
 	if (r < 74) {
 		a.size = sz - 1 - pick(sz);	/* too small, down to 0 */
 	} else if (r < 80) {
@@ -512,10 +516,11 @@ static struct argspec pick_arg(uint32_t sz)
 	} else if (r < 93) {
 		a.place = P_RO;
 	} else if (r < 97) {
+		/* `extra` bytes mapped after the struct (zero, or one not), then the fault */
 		a.place = P_EDGE;
-		a.extra = 8;
-		a.size = sz + 16;	/* 8 zero bytes mapped, then the fault */
-		a.tail = 1;
+		a.extra = 1 + pick(12);
+		a.size = sz + a.extra + 8;
+		a.tail = chance(50) ? 1 : 2;
 	} else {
 		a.place = P_NULL;
 	}
@@ -524,11 +529,11 @@ static struct argspec pick_arg(uint32_t sz)
 
 static void desc_arg(const struct argspec *a, uint32_t sz, char *buf, size_t len)
 {
-	if (a->size == sz && a->place == P_RW)
+	if (a->size == sz && a->place == P_RW && !a->off)
 		snprintf(buf, len, "arg=std");
 	else
-		snprintf(buf, len, "arg=size:%d%+lld,%s,tail:%d/%u", (int)sz,
-			 (long long)a->size - sz, pname[a->place], a->tail, a->extra);
+		snprintf(buf, len, "arg=size:%d%+lld,%s+%d,tail:%d/%u", (int)sz,
+			 (long long)a->size - sz, pname[a->place], a->off, a->tail, a->extra);
 }
 
 /*
@@ -555,7 +560,7 @@ static int do_ioctl(int fd, unsigned long cmd, void *s, uint32_t sz, const struc
 		p = arena + 2 * PAGE - span;
 		break;
 	default:
-		p = arena;
+		p = arena + a->off;
 	}
 	memcpy(p, s, sz);
 	if (a->tail == 2)
@@ -601,40 +606,54 @@ static void op_close(int h)
 	H[h].fd = -1;
 }
 
+static void op_preserve_to(int sh, int fh, int tok);
+static void op_retrieve_fd_from(int sh, int tok);
+
+static void op_preserve(void)
+{
+	op_preserve_to(-1, -1, 0);
+}
+
+static void op_retrieve_fd(void)
+{
+	op_retrieve_fd_from(-1, 0);
+}
+
 /* The target of a device or session ioctl: mostly the right kind, sometimes any fd. */
 static int ioctl_target(int want, char *desc, size_t len)
 {
 	return pick_fd(want, desc, len);
 }
 
-static void new_session_result(const char *what, int r, int e, int name, int changed,
-			       struct liveupdate_ioctl_create_session *c, int incoming)
+static int new_session_result(const char *what, int r, int e, int name, int changed,
+			      struct liveupdate_ioctl_create_session *c, int incoming)
 {
 	if (r < 0) {
 		tr("%s = %s%s", what, en(e), changed ? " (arg written)" : "");
-		return;
+		return -1;
 	}
 	if (fcntl(c->fd, F_GETFD) < 0) {
 		tr("%s = ok but fd is not open", what);
-		return;
+		return -1;
 	}
 	int h = new_handle(K_SESS, c->fd);
 
 	if (h < 0) {
 		tr("%s = ok (handle table full)", what);
-		return;
+		return -1;
 	}
 	H[h].name = name;
 	H[h].incoming = incoming;
 	tr("%s = h%d%s", what, h, changed ? " (arg written)" : "");
 	observe(h, "new");
+	return h;
 }
 
-static void op_create_or_retrieve(int retrieve, int force_name)
+static int op_create_or_retrieve(int retrieve, int force_name)
 {
 	struct liveupdate_ioctl_create_session c = { 0 };
 	char what[200], td[32], ad[64];
-	int fd, name, r, e, changed;
+	int fd, name, r, e, changed, nh_new;
 	struct argspec a;
 
 	fd = ioctl_target(K_DEV, td, sizeof(td));
@@ -652,7 +671,7 @@ static void op_create_or_retrieve(int retrieve, int force_name)
 	r = do_ioctl(fd, retrieve ? LIVEUPDATE_IOCTL_RETRIEVE_SESSION :
 		     LIVEUPDATE_IOCTL_CREATE_SESSION, &c, sizeof(c), &a, 4, 8, &changed);
 	e = errno;
-	new_session_result(what, r, e, name, changed, &c, retrieve);
+	nh_new = new_session_result(what, r, e, name, changed, &c, retrieve);
 	kmsg_drain();
 	/*
 	 * A RETRIEVE_SESSION whose reply faulted: retrieve the session again at once, and if
@@ -674,26 +693,35 @@ static void op_create_or_retrieve(int retrieve, int force_name)
 		}
 		kmsg_drain();
 	}
+	return nh_new;
 }
 
-static void op_preserve(void)
+/* PRESERVE_FD; with sh, fh >= 0 of these handles with token `tok` and a standard argument. */
+static void op_preserve_to(int sh, int fh, int tok)
 {
 	struct liveupdate_session_preserve_fd p = { 0 };
 	char sd[32], fd_d[32], ad[64];
-	int s, r, changed, tok;
+	int s, r, changed;
 	struct argspec a;
 	static const int kinds[] = { K_MEMFD, K_MEMFD, K_MEMFD, K_MEMFD, K_MEMFD, K_MEMFD,
 				     K_MEMFD, K_MEMFD, K_RFILE, K_RFILE, K_DUP, K_PIPE_R,
 				     K_SOCK, K_NULL, K_OPATH, K_SESS, K_DEV, K_EVENTFD };
 
-	int sh;
-
-	s = ioctl_target(K_SESS, sd, sizeof(sd));
-	sh = last_pick;
-	p.fd = pick_fd(kinds[pick(sizeof(kinds) / sizeof(kinds[0]))], fd_d, sizeof(fd_d));
-	tok = pick(NTOK);
+	if (sh >= 0 && fh >= 0) {
+		s = H[sh].fd;
+		snprintf(sd, sizeof(sd), "h%d", sh);
+		p.fd = H[fh].fd;
+		snprintf(fd_d, sizeof(fd_d), "h%d", fh);
+		a = (struct argspec){ .size = sizeof(p), .place = P_RW };
+	} else {
+		s = ioctl_target(K_SESS, sd, sizeof(sd));
+		sh = last_pick;
+		p.fd = pick_fd(kinds[pick(sizeof(kinds) / sizeof(kinds[0]))], fd_d,
+			       sizeof(fd_d));
+		tok = pick(NTOK);
+		a = pick_arg(sizeof(p));
+	}
 	p.token = tokens[tok];
-	a = pick_arg(sizeof(p));
 	desc_arg(&a, sizeof(p), ad, sizeof(ad));
 	r = do_ioctl(s, LIVEUPDATE_SESSION_PRESERVE_FD, &p, sizeof(p), &a, 0, 0, &changed);
 	if (r == 0 && sh >= 0)
@@ -703,18 +731,25 @@ static void op_preserve(void)
 	kmsg_drain();
 }
 
-static void op_retrieve_fd(void)
+/* RETRIEVE_FD; with sh >= 0 from that handle, token `tok`, a standard argument. */
+static void op_retrieve_fd_from(int sh, int tok)
 {
 	struct liveupdate_session_retrieve_fd p = { 0 };
 	char sd[32], ad[64];
-	int s, r, changed, tok, h;
+	int s, r, changed, h;
 	struct argspec a;
 
-	s = ioctl_target(K_SESS, sd, sizeof(sd));
-	tok = pick_token(last_pick);
+	if (sh >= 0) {
+		s = H[sh].fd;
+		snprintf(sd, sizeof(sd), "h%d", sh);
+		a = (struct argspec){ .size = sizeof(p), .place = P_RW };
+	} else {
+		s = ioctl_target(K_SESS, sd, sizeof(sd));
+		tok = pick_token(last_pick);
+		a = pick_arg(sizeof(p));
+	}
 	p.token = tokens[tok];
 	p.fd = -7;
-	a = pick_arg(sizeof(p));
 	desc_arg(&a, sizeof(p), ad, sizeof(ad));
 	r = do_ioctl(s, LIVEUPDATE_SESSION_RETRIEVE_FD, &p, sizeof(p), &a, 4, 8, &changed);
 	if (r < 0) {
@@ -856,7 +891,7 @@ static void fill_pattern(int fd, size_t size, uint64_t seed)
 	}
 }
 
-static void op_new_fd(int memfd_only)
+static int op_new_fd(int memfd_only)
 {
 	static const size_t sizes[] = { 0, 1, 100, 4096, 4097, 12288, 65536 + 3, 1 << 20 };
 	int r = memfd_only ? 0 : pick(100), fd = -1, kind = K_MEMFD, p[2], h;
@@ -873,7 +908,7 @@ static void op_new_fd(int memfd_only)
 		fd = memfd_create(chance(50) ? "dfuzz" : "", flags);
 		if (fd < 0) {
 			tr("memfd = %s", en(errno));
-			return;
+			return -1;
 		}
 		if (size) {
 			if (chance(70))
@@ -897,16 +932,16 @@ static void op_new_fd(int memfd_only)
 			 flags, (long long)pos, seals);
 	} else if (r < 70) {
 		if (pipe(p) < 0)
-			return;
+			return -1;
 		h = new_handle(K_PIPE_R, p[0]);
 		int h2 = new_handle(K_PIPE_W, p[1]);
 
 		tr("pipe = h%d h%d", h, h2);
-		return;
+		return h;
 	} else if (r < 76) {
 		if (socketpair(AF_UNIX, SOCK_STREAM, 0, p) < 0) {
 			tr("socketpair = %s", en(errno));
-			return;
+			return -1;
 		}
 		close(p[1]);
 		fd = p[0];
@@ -927,19 +962,20 @@ static void op_new_fd(int memfd_only)
 	} else {
 		h = pick_handle(chance(70) ? K_MEMFD : K_NONE);
 		if (h < 0)
-			return;
+			return -1;
 		fd = dup(H[h].fd);
 		kind = K_DUP;
 		snprintf(what, sizeof(what), "dup h%d", h);
 	}
 	if (fd < 0) {
 		tr("%s = %s", what, en(errno));
-		return;
+		return -1;
 	}
 	h = new_handle(kind, fd);
 	tr("%s = h%d", what, h);
 	if (h >= 0 && chance(30))
 		observe(h, "new");
+	return h;
 }
 
 /*
@@ -1314,10 +1350,32 @@ static void run_seq(uint64_t s, long every, long ops, int part, long lines, uint
 	if (chance(90))
 		op_open_dev();
 	if (part > 1) {
-		/* most of what came in is retrieved at once, the rest later or never */
-		for (int i = 0; i < NVALID; i++)
-			if ((incoming_in[i] & 0x100) && chance(60))
-				op_create_or_retrieve(1, i);
+		/*
+		 * Most of what came in is retrieved at once, and most of its files, the rest
+		 * later or never.
+		 */
+		for (int i = 0; i < NVALID; i++) {
+			if (!(incoming_in[i] & 0x100) || !chance(60))
+				continue;
+			int sh = op_create_or_retrieve(1, i);
+
+			for (int t = 0; sh >= 0 && t < NTOK; t++)
+				if ((incoming_in[i] & (1u << t)) && chance(70))
+					op_retrieve_fd_from(sh, t);
+		}
+	}
+	if (part < parts) {
+		/* a kexec follows: sessions with files to hand over */
+		for (int n = 1 + pick(3); n > 0; n--) {
+			int sh = op_create_or_retrieve(0, pick(NVALID));
+
+			for (int f = pick(5); sh >= 0 && f > 0; f--) {
+				int fh = op_new_fd(1);
+
+				if (fh >= 0)
+					op_preserve_to(sh, fh, pick(NTOK));
+			}
+		}
 	}
 	for (;;) {
 		run_part(part, part == parts ? ops - per * (parts - 1) : per);

@@ -291,7 +291,7 @@ fn b18(c: &[String], i: usize, r: &[String], j: usize) -> Option<(usize, usize)>
 }
 
 /// The name of a `retrieve_session <fd> n<N> ...` line, if its reply faulted: the argument
-/// was on a read-only page (`,ro,`) and the result is `EFAULT`.
+/// was on a read-only page (`,ro+0,`) and the result is `EFAULT`.
 fn faulted_retrieve(line: &str) -> Option<&str> {
     let t = text(line);
     let rest = t.strip_prefix("retrieve_session ")?;
@@ -299,7 +299,7 @@ fn faulted_retrieve(line: &str) -> Option<&str> {
     let _fd = f.next()?;
     let name = f.next()?;
     let arg = f.next()?;
-    (arg.contains(",ro,") && t.ends_with(" = EFAULT")).then_some(name)
+    (arg.contains(",ro+") && t.ends_with(" = EFAULT")).then_some(name)
 }
 
 /// `k ...` lines from `from` on, then the line `want`, then `k ...` lines: the end index and
@@ -948,7 +948,7 @@ mod tests {
 
     #[test]
     fn b6_explains_the_probe_and_the_moved_flb_messages() {
-        let fault = "7 retrieve_session h0 n2 arg=size:72+0,ro,tail:0/0 = EFAULT";
+        let fault = "7 retrieve_session h0 n2 arg=size:72+0,ro+0,tail:0/0 = EFAULT";
         let c = lines(&[
             fault,
             "7 k liveupdate-test-flb-v0: finish was triggered",
