@@ -394,9 +394,10 @@ struct KernelFiles {
     what: String,
 }
 
-/// The kernels: from LUO_DFUZZ_BZIMAGE_<CORE> if set (a bzImage inside its build directory;
-/// it is copied into the run directory so a rebuild cannot swap it), else from the
-/// pipeline, under the cache lock (returned, to be held while the VMs run).
+/// The kernels: from LUO_DFUZZ_BZIMAGE_<CORE> if set (a bzImage inside its build directory),
+/// else from the pipeline, under the cache lock (returned: held until the guest program and
+/// the images are built). Either way the bzImage is copied into the run directory, so that
+/// the VMs need nothing of the build directory once the lock is gone.
 fn kernels(
     paths: &Paths,
     opts: &Options,
@@ -439,9 +440,12 @@ fn kernels(
         };
         let mut phases = vm::Phases(Vec::new());
         let b = vm::prepare(paths, &vo, &mut phases)?;
+        let copy = run_dir.join(format!("bzImage-{core}"));
+        fs::copy(&b.kernel.bzimage, &copy)
+            .context(|| format!("cannot copy {}", b.kernel.bzimage.display()))?;
         out.push(KernelFiles {
             core,
-            bzimage: b.kernel.bzimage.clone(),
+            bzimage: copy,
             headers: b.kernel.headers.clone(),
             gen_init_cpio: b.kernel.gen_init_cpio.clone(),
             what: format!(
@@ -681,7 +685,7 @@ pub(crate) fn run(paths: &Paths, opts: &Options) -> Result<bool> {
     ));
     mkdirs(&run_dir)?;
     prune(&runs_dir, 20);
-    let (_lock, ks) = kernels(paths, opts, &run_dir)?;
+    let (lock, ks) = kernels(paths, opts, &run_dir)?;
     let prog = run_dir.join("luo_dfuzz");
     build_guest(&ks[0].headers, &prog)?;
     let mut jobs = Vec::new();
@@ -692,6 +696,8 @@ pub(crate) fn run(paths: &Paths, opts: &Options) -> Result<bool> {
             jobs.push((k, initrd.clone(), c));
         }
     }
+    // The VMs use only the run directory: builds may go on meanwhile.
+    drop(lock);
     step(&format!(
         "fuzzing seeds {}..{} ({} ops each, kexec every {}) on {} in {} VM(s); logs in {}",
         opts.seeds.0,
