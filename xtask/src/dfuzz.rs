@@ -687,7 +687,10 @@ pub(crate) fn run(paths: &Paths, opts: &Options) -> Result<bool> {
     prune(&runs_dir, 20);
     let (lock, ks) = kernels(paths, opts, &run_dir)?;
     let prog = run_dir.join("luo_dfuzz");
-    build_guest(&ks[0].headers, &prog)?;
+    let Some(first) = ks.first() else {
+        bail!("no core to fuzz");
+    };
+    build_guest(&first.headers, &prog)?;
     let mut jobs = Vec::new();
     for k in &ks {
         let initrd = run_dir.join(format!("initrd-{}.cpio", k.core));
