@@ -536,7 +536,7 @@ fn boot(
     let n = seeds.1 - seeds.0;
     let timeout = opts.timeout.unwrap_or_else(|| {
         Duration::from_secs(
-            120 + n * u64::from(opts.ops) / 200 + 30 * kexecs(seeds, opts.kexec_every),
+            300 + n * u64::from(opts.ops) / 200 + 30 * kexecs(seeds, opts.kexec_every),
         )
     });
     // The whole kernel log goes to the console, as in the VM suite (the guest reads the test
