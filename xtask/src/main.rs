@@ -5,6 +5,7 @@
 //! the upstream LUO selftests, printing a TAP report. See docs/kernel.md and
 //! backend-linux/kernel/README.md.
 
+mod dfuzz;
 mod guest;
 mod host;
 mod kbuild;
@@ -29,6 +30,8 @@ usage: cargo xtask vm test  [--core c|rust] [--tests NAME[,NAME...]] [--clean]
        cargo xtask vm build [--core c|rust] [--clean] [--no-debug] [--jobs N] [--sanitize]
        cargo xtask vm list
        cargo xtask vm clean
+       cargo xtask vm fuzz  --seeds A..B [--core c|rust|both] [--ops N] [--kexec-every K]
+                            [--vms N] [--timeout SECS] [--no-debug] [--jobs N]
 
 vm test    install what is missing, build the kernel and the selftests, boot one VM per
            test and print a TAP report on stdout (progress goes to stderr). Exit status
@@ -36,6 +39,14 @@ vm test    install what is missing, build the kernel and the selftests, boot one
 vm build   everything up to the kernel and the guest programs, no VM.
 vm list    the test names accepted by --tests (VM tests, and harness cases as VM.CASE).
 vm clean   remove the kernel build outputs (keeps toolchain, source and logs).
+vm fuzz    differential fuzzing of /dev/liveupdate (docs/verification.md): seeds A..B (B
+           excluded) become operation sequences, run on both cores (--vms VMs per core,
+           default 1, many sequences per boot); the traces must agree except where
+           docs/decisions.md fixes an upstream bug. --ops: operations per sequence
+           (default 60); --kexec-every K: seeds with seed % K == K-1 kexec half way
+           (default 0). LUO_DFUZZ_BZIMAGE_C / _RUST: use these bzImages (inside intact
+           build directories) instead of building. Exit status 1 on a finding, a splat
+           or a VM that did not finish.
 
 --core       LUO core to build: c (upstream, default) or rust (needs the patch series)
 --tests      run only these (repeatable or comma separated), e.g. liveupdate.preserve_memfd
@@ -190,6 +201,16 @@ fn run() -> Result<ExitCode> {
             let opts = parse_vm_options(&rest)?;
             vm::build(&paths, &opts)?;
             Ok(ExitCode::SUCCESS)
+        }
+        ["vm", "fuzz", rest @ ..] => {
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            let opts =
+                dfuzz::parse(&rest).map_err(|e| util::Error::msg(format!("{e}\n\n{USAGE}")))?;
+            Ok(if dfuzz::run(&paths, &opts)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         ["vm", "list"] => {
             vm::list(&paths);

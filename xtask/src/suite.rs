@@ -276,7 +276,7 @@ const RUN_INIT: &str = " as init process";
 const SCRIPT_FAIL: &str = "LUOD-VM: FAIL: ";
 
 /// Kernel log lines that mean something went wrong in the kernel even if the test passed.
-const SPLATS: &[&str] = &[
+pub(crate) const SPLATS: &[&str] = &[
     "WARNING:",
     "BUG:",
     "kernel BUG at",
@@ -300,7 +300,7 @@ const SPLATS: &[&str] = &[
 ];
 
 /// The only `liveupdate test:` messages that are not errors (lib/tests/liveupdate.c).
-const FLB_GOOD: &[&str] = &[
+pub(crate) const FLB_GOOD: &[&str] = &[
     "Registered ",
     "preserve was triggered",
     "unpreserve was triggered",
@@ -365,7 +365,7 @@ pub(crate) struct Metrics {
 
 /// Is this a kernel log line (`[    1.234567] ...`)? The timestamp need not start the
 /// line: the first kernel line follows SeaBIOS's output without a newline.
-fn kernel_line(text: &str) -> Option<(f64, &str)> {
+pub(crate) fn kernel_line(text: &str) -> Option<(f64, &str)> {
     text.match_indices('[').find_map(|(i, _)| {
         let (ts, msg) = text[i + 1..].split_once("] ")?;
         let ts = ts.trim();

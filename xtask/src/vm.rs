@@ -33,14 +33,14 @@ pub(crate) struct Options {
 }
 
 /// Everything up to a built kernel and guest programs.
-struct Built {
+pub(crate) struct Built {
     tree: PathBuf,
     tc: Toolchain,
-    kernel: Kernel,
+    pub(crate) kernel: Kernel,
     bins: Bins,
 }
 
-struct Phases(Vec<(&'static str, Duration)>);
+pub(crate) struct Phases(pub(crate) Vec<(&'static str, Duration)>);
 
 impl Phases {
     fn time<T>(&mut self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -79,7 +79,7 @@ pub(crate) fn clean(paths: &Paths) -> Result<()> {
     remove(&paths.build())
 }
 
-fn prepare(paths: &Paths, opts: &Options, phases: &mut Phases) -> Result<Built> {
+pub(crate) fn prepare(paths: &Paths, opts: &Options, phases: &mut Phases) -> Result<Built> {
     let patches = Patches::load(&paths.kernel_dir().join("patches"))?;
     if let Some(sym) = opts.core.required_kconfig() {
         if !patches.defines_kconfig(sym) {
