@@ -437,6 +437,7 @@ fn kernels(
             verbose: false,
             jobs: opts.jobs,
             kexec_into: None,
+            sanitize: false,
         };
         let mut phases = vm::Phases(Vec::new());
         let b = vm::prepare(paths, &vo, &mut phases)?;
