@@ -1158,7 +1158,7 @@ impl<P: Platform> Luo<P> {
         // Any FLB object may ask, registered or not (early-boot users, lib/tests); a
         // compatible string that cannot have been handed over matches nothing.
         let compat = Compat::new(flb.compatible()).ok_or(Error::FlbNotFound)?;
-        self.refs.lock().get_incoming(flb, &compat)
+        self.refs.lock().get_incoming(&self.platform, flb, &compat)
     }
 
     /// `liveupdate_flb_put_incoming`.

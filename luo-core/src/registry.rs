@@ -485,12 +485,22 @@ impl<P: Platform> Refs<P> {
     /// `liveupdate_flb_get_incoming`. The FLB need not be registered: upstream's incoming
     /// FLB data is usable from early boot, before any handler (or FLB) registers (spec §1.3),
     /// and `lib/tests/liveupdate.c` calls this before linking its FLBs (spec §5.8).
-    pub(crate) fn get_incoming(&mut self, flb: &P::Flb, compat: &Compat) -> Result<usize> {
+    ///
+    /// The count starts at what the handover claims, so a reference that would overflow it
+    /// saturates it instead, like the kernel's `refcount_t`: a saturated count never drops
+    /// again, so the FLB is never finished (its object is kept rather than finished in use).
+    pub(crate) fn get_incoming(&mut self, p: &P, flb: &P::Flb, compat: &Compat) -> Result<usize> {
         self.retrieve_one(flb, compat)?;
         let Some(state) = self.incoming.as_mut().and_then(|m| m.get_mut(compat)) else {
             return Err(Error::FlbNotFound);
         };
-        state.count += 1;
+        match state.count.checked_add(1) {
+            Some(count) => state.count = count,
+            None => p.log(
+                Level::Warn,
+                format_args!("FLB {compat:?}: incoming reference count saturated"),
+            ),
+        }
         Ok(state.obj)
     }
 
@@ -505,6 +515,10 @@ impl<P: Platform> Refs<P> {
                 Level::Warn,
                 format_args!("FLB {compat:?}: incoming reference count underflow"),
             );
+            return;
+        }
+        if state.count == u64::MAX {
+            // Saturated (see `get_incoming`): stays so.
             return;
         }
         state.count -= 1;

@@ -10,7 +10,9 @@ use luo_core::errno::{EEXIST, EINVAL, EIO, ENODATA, ENOENT, ENOSPC};
 use luo_core::Level;
 use luo_handlers::testing::{Event, Journal, Store, TestFlb, TestHandler, TEST_FLB_DATA};
 use luo_handlers::MemfdHandler;
-use luo_tests::{errno, flb_entries, identity, kexec, logged, memfd_with};
+use luo_tests::{
+    boot_bytes, errno, flb_entries, flbs_pa, identity, kexec, logged, memfd_with, read_all,
+};
 
 const FLB_NAMES: [&str; 3] = [
     "liveupdate-test-flb-v0",
@@ -626,4 +628,40 @@ fn a_failed_incoming_retrieve_means_no_finish() {
         "the other two finish"
     );
     assert!(logged(lu.memory(), "retrieve before finish failed"));
+}
+
+/// An incoming count the handover claims at `u64::MAX`: a `get_incoming` saturates it (as the
+/// kernel's `refcount_t` does) instead of overflowing, and a saturated count never drops, so
+/// that FLB is never finished while the others finish as usual.
+#[test]
+fn a_saturated_incoming_count_never_finishes() {
+    let j = Journal::new();
+    let handover = stage1(&j);
+    let mut bytes = read_all(&mut std::fs::File::from(handover));
+    let count_at = (flbs_pa(&bytes) + 16 + 56) as usize;
+    bytes[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_ne_bytes());
+    let lu = boot_bytes(bytes);
+    let h = memfd_handler(&lu);
+    let flbs = test_flbs(&j);
+    liveupdate_test_register(&lu, &h, &flbs);
+    let r: FlbRef = flbs[0].clone();
+    assert_eq!(lu.luo().flb_get_incoming(&r).unwrap() as u64, TEST_FLB_DATA);
+    assert!(logged(lu.memory(), "incoming reference count saturated"));
+    lu.luo().flb_put_incoming(&r);
+    let dev = lu.open().unwrap();
+    drop(dev.retrieve_session("one").unwrap());
+    drop(dev.retrieve_session("two").unwrap());
+    let ev = flb_events(&j);
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, Event::FlbFinish(n, _) if n == FLB_NAMES[0])),
+        "{ev:?}"
+    );
+    assert_eq!(
+        ev.iter()
+            .filter(|e| matches!(e, Event::FlbFinish(..)))
+            .count(),
+        2,
+        "the other two finish"
+    );
 }

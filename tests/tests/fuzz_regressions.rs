@@ -51,20 +51,31 @@ fn seeds(target: &str, run: fn(&[u8])) -> usize {
     n
 }
 
+/// Serializes the tests that run targets whose files outlive one input, so that
+/// [`reused_files_are_released_by_every_input`] sees no other test's references.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn handover_blob_regressions_and_seeds() {
+    let _serial = serial();
     replay("handover_blob", targets::blob::run);
     assert!(seeds("handover_blob", targets::blob::run) > 0);
 }
 
 #[test]
 fn handover_blob_valid_root_regressions_and_seeds() {
+    let _serial = serial();
     replay("handover_blob_valid_root", targets::blob::run_valid_root);
     assert!(seeds("handover_blob_valid_root", targets::blob::run_valid_root) > 0);
 }
 
 #[test]
 fn lifecycle_regressions_and_seeds() {
+    let _serial = serial();
     replay("lifecycle", targets::lifecycle::run);
     assert!(seeds("lifecycle", targets::lifecycle::run) > 0);
 }
@@ -77,6 +88,7 @@ fn ioctl_args_regressions_and_seeds() {
 
 #[test]
 fn small_inputs_never_panic() {
+    let _serial = serial();
     for len in 0..64usize {
         let data: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
         targets::blob::run(&data);
@@ -84,6 +96,63 @@ fn small_inputs_never_panic() {
         targets::lifecycle::run(&data);
         targets::ioctl::run(&data);
     }
+}
+
+/// The identity (as `UserPlatform::file_identity` computes it) of every open fd of this
+/// process.
+fn open_identities() -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.dev().rotate_left(40) ^ m.ino())
+        .collect()
+}
+
+/// `lifecycle` keeps its memfds, and `handover_blob` the files its handlers hand out, from one
+/// input to the next. That is only like fresh files if an input leaves no reference to them
+/// behind: after every input of the corpora (which preserve, reboot, retrieve and finish them),
+/// each is open exactly once, as the pool holds it.
+#[test]
+fn reused_files_are_released_by_every_input() {
+    let _serial = serial();
+    let lifecycle: Vec<u64> = targets::lifecycle::test_files()
+        .iter()
+        .map(<backend_user::UserPlatform as luo_core::Platform>::file_identity)
+        .collect();
+    let check = |what: &str| {
+        let open = open_identities();
+        for &id in lifecycle.iter().chain(&targets::common::pooled()) {
+            let n = open.iter().filter(|&&o| o == id).count();
+            assert_eq!(n, 1, "{what}: file {id:#x} open {n} times");
+        }
+    };
+    for e in std::fs::read_dir(root().join("fuzz/corpus/lifecycle"))
+        .unwrap()
+        .flatten()
+    {
+        targets::lifecycle::run(&std::fs::read(e.path()).unwrap());
+        check(&e.path().display().to_string());
+    }
+    for target in ["handover_blob", "handover_blob_valid_root"] {
+        let run = if target == "handover_blob" {
+            targets::blob::run
+        } else {
+            targets::blob::run_valid_root
+        };
+        for e in std::fs::read_dir(root().join("fuzz/corpus").join(target))
+            .unwrap()
+            .flatten()
+        {
+            run(&std::fs::read(e.path()).unwrap());
+            check(&e.path().display().to_string());
+        }
+    }
+    assert!(
+        !targets::common::pooled().is_empty(),
+        "the seeds retrieve files"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ use luo_core::uapi::{LIVEUPDATE_IOCTL_CREATE_SESSION, LIVEUPDATE_IOCTL_RETRIEVE_
 use luo_core::Error;
 
 use super::common::{
-    decode, name_field, word, CanonFlb, Canonical, Decoded, EchoFlb, EchoHandler, PAGE,
+    decode, decode_owned, name_field, word, CanonFlb, Canonical, Decoded, EchoFlb, EchoHandler,
+    Files, PAGE,
 };
 
 /// Handler compatibles registered before the first open.
@@ -41,14 +42,20 @@ fn session_ioctl(dev: &Device, cmd: u32, name: &[u8]) -> Result<SessionFd, Error
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
-    let decoded = decode(data);
-    let Ok(mem) = Memory::from_bytes(data.to_vec()) else {
+    run_image(data.to_vec());
+}
+
+/// [`run`] on an owned handover file (no copy for the memory the process boots from).
+fn run_image(image: Vec<u8>) {
+    let decoded = decode(&image);
+    let Ok(mem) = Memory::from_bytes(image) else {
         assert!(matches!(decoded, Decoded::NotAFile));
         return;
     };
     let mem = Arc::new(mem);
     let lu = LiveUpdate::with_memory(mem.clone()).expect("booting never fails on bad state");
-    let handlers = HANDLERS.map(EchoHandler::new);
+    let files = Files::new();
+    let handlers = HANDLERS.map(|h| EchoHandler::new(h, &files));
     let flbs = FLBS.map(EchoFlb::new);
     let hrefs: Vec<HandlerRef> = handlers
         .iter()
@@ -182,8 +189,11 @@ fn retrieve_and_reserialize(
         }
         outgoing.push(out);
     }
+    // The core's reboot (freeze and serialize) writes the pages `to_bytes` reads; the memfd
+    // `LiveUpdate::reboot` copies them into is I/O that no handover content reaches, and the
+    // backend-user tests cover it.
     lu.luo().reboot().expect("reboot");
-    let again = match decode(&mem.to_bytes()) {
+    let again = match decode_owned(mem.to_bytes()) {
         Decoded::State(c) => c,
         other => panic!("re-serialized state does not decode: {other:?}"),
     };
@@ -218,7 +228,7 @@ fn retrieve_and_reserialize(
 /// `luo-user-v1` header and a valid `luo-v5` root in front, so every execution reaches the
 /// block chains, names, compatibles and FLB page.
 pub fn run_valid_root(data: &[u8]) {
-    run(&valid_root_image(data));
+    run_image(valid_root_image(data));
 }
 
 /// Builds the handover file for [`run_valid_root`].

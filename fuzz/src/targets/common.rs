@@ -1,7 +1,7 @@
 //! Helpers shared by the targets: echoing handlers and FLBs, and a canonical decoder.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use backend_user::memory::PAGE_SIZE;
@@ -13,19 +13,78 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A handler that reproduces data words: `retrieve(data)` makes a fresh memfd and remembers
-/// its identity with `data`; `preserve` of that memfd hands the same `data` over again.
+/// How many memfds [`Files`] keeps across inputs (the rest are made per input).
+const POOLED: usize = 64;
+
+/// Memfds with their identities, made once per process and lent to every input in turn.
+static POOL: Mutex<Vec<(OwnedFd, u64)>> = Mutex::new(Vec::new());
+
+/// The distinct files one input's handlers hand out: the `n`-th is a dup of the `n`-th pooled
+/// memfd (the first [`POOLED`]) or a fresh memfd.
+///
+/// A memfd is only an identity to the handlers and to LUO (its inode; nothing reads or writes
+/// it), and LUO's "already preserved" bookkeeping belongs to one `LiveUpdate`, which does not
+/// outlive its input: every dup an input takes is closed when its `LiveUpdate`, sessions and
+/// files go, so the next input gets files nobody holds, as fresh memfds would be. A dup costs
+/// one syscall where `memfd_create` and `fstat` cost two and a new inode.
+#[derive(Default)]
+pub struct Files {
+    next: Mutex<usize>,
+}
+
+impl Files {
+    /// No file handed out yet.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// A new file, distinct from every other one this input got, and its identity.
+    fn take(&self) -> Result<(OwnedFd, u64), Errno> {
+        let n = {
+            let mut next = lock(&self.next);
+            *next += 1;
+            *next - 1
+        };
+        let fresh = || {
+            let fd = sys::memfd_create(c"luo-fuzz", libc::MFD_CLOEXEC)
+                .map_err(|e| backend_user::errno_of(&e))?;
+            let id = UserPlatform::file_identity(&fd);
+            Ok::<_, Errno>((fd, id))
+        };
+        if n >= POOLED {
+            return fresh();
+        }
+        let mut pool = lock(&POOL);
+        while pool.len() <= n {
+            pool.push(fresh()?);
+        }
+        let (fd, id) = &pool[n];
+        let dup = sys::dup_cloexec(fd.as_fd()).map_err(|e| backend_user::errno_of(&e))?;
+        Ok((dup, *id))
+    }
+}
+
+/// The identities of the memfds pooled so far.
+pub fn pooled() -> Vec<u64> {
+    lock(&POOL).iter().map(|&(_, id)| id).collect()
+}
+
+/// A handler that reproduces data words: `retrieve(data)` hands out a new file (see [`Files`])
+/// and remembers its identity with `data`; `preserve` of that file hands the same `data` over
+/// again.
 pub struct EchoHandler {
     compat: String,
+    files: Arc<Files>,
     data_of: Mutex<BTreeMap<u64, u64>>,
     retrieved: Mutex<Vec<u64>>,
 }
 
 impl EchoHandler {
-    /// A handler named `compat`.
-    pub fn new(compat: &str) -> Arc<Self> {
+    /// A handler named `compat`, taking its files from `files`.
+    pub fn new(compat: &str, files: &Arc<Files>) -> Arc<Self> {
         Arc::new(EchoHandler {
             compat: compat.to_owned(),
+            files: files.clone(),
             data_of: Mutex::new(BTreeMap::new()),
             retrieved: Mutex::new(Vec::new()),
         })
@@ -54,9 +113,8 @@ impl FileHandler<UserPlatform> for EchoHandler {
     }
     fn unpreserve(&self, _file: &OwnedFd, _state: Preserved) {}
     fn retrieve(&self, data: u64) -> Result<OwnedFd, Errno> {
-        let fd = sys::memfd_create(c"luo-fuzz", libc::MFD_CLOEXEC)
-            .map_err(|e| backend_user::errno_of(&e))?;
-        lock(&self.data_of).insert(UserPlatform::file_identity(&fd), data);
+        let (fd, id) = self.files.take()?;
+        lock(&self.data_of).insert(id, data);
         lock(&self.retrieved).push(data);
         Ok(fd)
     }
@@ -162,7 +220,12 @@ pub enum Decoded {
 
 /// Decodes handover file bytes with luo-core's reader.
 pub fn decode(bytes: &[u8]) -> Decoded {
-    let Ok(mem) = Memory::from_bytes(bytes.to_vec()) else {
+    decode_owned(bytes.to_vec())
+}
+
+/// [`decode`] of bytes the caller no longer needs (no copy).
+pub fn decode_owned(bytes: Vec<u8>) -> Decoded {
+    let Ok(mem) = Memory::from_bytes(bytes) else {
         return Decoded::NotAFile;
     };
     let p = UserPlatform::new(Arc::new(mem));

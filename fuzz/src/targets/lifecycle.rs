@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use backend_user::{sys, Device, FlbRef, HandlerRef, LiveUpdate, Memory, SessionFd};
 use luo_core::errno::{Errno, EBUSY, EEXIST, EINVAL, EIO, ENOENT, ENOMEM, ENOSPC};
@@ -489,11 +489,22 @@ impl Model {
 // The system under test.
 // ---------------------------------------------------------------------------------------------
 
+/// The [`FILES`] memfds every input preserves, made once per process: a memfd is only an
+/// identity here (nothing reads or writes it), and every reference LUO or the handler takes is
+/// a dup that the end of [`run`] has closed (no session, no stored object is left), so the next
+/// input starts from files nobody else holds, as fresh ones would be.
+pub fn test_files() -> &'static [OwnedFd; FILES] {
+    static FILES_ONCE: OnceLock<[OwnedFd; FILES]> = OnceLock::new();
+    FILES_ONCE.get_or_init(|| {
+        std::array::from_fn(|_| sys::memfd_create(c"lifecycle", libc::MFD_CLOEXEC).expect("memfd"))
+    })
+}
+
 struct System {
     journal: Journal,
     handler: Arc<TestHandler>,
     flb: Arc<TestFlb>,
-    files: Vec<OwnedFd>,
+    files: &'static [OwnedFd; FILES],
     lu: LiveUpdate,
     dev: Option<Device>,
     slots: [Option<SessionFd>; SLOTS],
@@ -532,9 +543,7 @@ pub fn run(data: &[u8]) {
     let store = Store::new();
     let handler = TestHandler::new(H, &journal, &store);
     let flb = TestFlb::new(F, 0, &journal);
-    let files: Vec<OwnedFd> = (0..FILES)
-        .map(|_| sys::memfd_create(c"lifecycle", libc::MFD_CLOEXEC).expect("memfd"))
-        .collect();
+    let files = test_files();
     let (lu, dev) = System::boot(Memory::new(), &journal, &handler, &flb);
     let mut sys = System {
         journal: journal.clone(),
