@@ -15,11 +15,15 @@
 #  3. clean stop: `systemctl stop luod.service` (SIGTERM), the store kept
 #     (FileDescriptorStorePreserve=yes) while the unit is down, `systemctl start`: the same
 #     checks, token 3.
-#  4. `luoctl update` kexecs into the kernel on the ESP (luod's own kexec) with the md5s.
+#  4. adopt: `luoctl preserve --open --hold --adopt vm0 4` holds a dup of the session fd; a
+#     SIGKILL brings luod back from the store (the holder's ADOPT gets EEXIST); then the
+#     socket and the service are stopped, the fd store is emptied (`systemctl clean
+#     --what=fdstore`) and luod started: it has nothing until the holder ADOPTs vm0.
+#  5. `luoctl update` kexecs into the kernel on the ESP (luod's own kexec) with the md5s.
 # Boot 2 (luo_nboot=1):
-#  5. luod restores vm0 from its manifest; crash again before any client retrieved it (the
+#  6. luod restores vm0 from its manifest; crash again before any client retrieved it (the
 #     incoming session comes back from the fd store); retrieve token 1 and check its md5;
-#     stop and start, retrieve tokens 2 and 3 and check theirs, FINISH.
+#     stop and start, retrieve tokens 2 to 4 and check theirs, FINISH.
 #
 # The markers are the upstream init.c's, so xtask judges the stages like the kexec tests;
 # every step prints "LUOD-SYSTEMD: ..." and a failed check "LUOD-SYSTEMD: FAIL: ...".
@@ -70,6 +74,16 @@ check_session() {
 
 md5() { md5sum <"$1" | cut -d' ' -f1; }
 
+# Wait until file $1 contains the fixed string $2 (at most 30 s).
+wait_log() {
+	local i=0
+	while ! grep -qF -- "$2" "$1" 2>/dev/null; do
+		i=$((i + 1))
+		((i <= 300)) || fail "timed out waiting for \"$2\" in $1: $(cat "$1")"
+		sleep 0.1
+	done
+}
+
 nboot=0
 sums=
 for a in $(</proc/cmdline); do
@@ -115,7 +129,33 @@ if [[ $nboot == 0 ]]; then
 	say "stop and start: PASS"
 	journalctl -b --no-pager -o cat -u luod.service | grep 'restored' | sed 's/^/LUOD-SYSTEMD: luod: /'
 
-	sums="$(md5 /tmp/p1),$(md5 /tmp/p2),$(md5 /tmp/p3)"
+	say "step: adopt (a client holds vm0; luod restarted without the fd store)"
+	head -c 1048576 /dev/urandom >/tmp/p4
+	luoctl preserve vm0 4 --open --hold --adopt --file /tmp/p4 >/tmp/holder.log 2>&1 &
+	wait_log /tmp/holder.log 'under token 4'
+	systemctl kill -s KILL luod.service || fail "systemctl kill"
+	new=$(wait_up "$pid") || fail "luod was not restarted after SIGKILL"
+	pid=$new
+	wait_log /tmp/holder.log "luod pid $pid has \"vm0\" already"
+	say "holder: $(tail -1 /tmp/holder.log)"
+	# Without the store (and with the socket closed, so that nothing activates luod
+	# meanwhile), only the holder keeps the session alive in the kernel.
+	systemctl stop luod.socket luod.service || fail "systemctl stop luod.socket luod.service"
+	# `systemctl clean` goes through the system bus (other verbs use PID 1's private socket),
+	# which nothing else in this boot needs.
+	systemctl start dbus.service || fail "systemctl start dbus.service"
+	systemctl clean --what=fdstore luod.service || fail "systemctl clean --what=fdstore"
+	n=$(prop NFileDescriptorStore)
+	[[ $n == 0 ]] || fail "the fd store holds $n fd(s) after systemctl clean"
+	systemctl start luod.service || fail "systemctl start after clean"
+	new=$(wait_up "$pid") || fail "luod.service did not come up after clean"
+	wait_log /tmp/holder.log "adopted: luod pid $new holds \"vm0\" again"
+	say "holder: $(tail -1 /tmp/holder.log)"
+	journalctl -b --no-pager -o cat -u luod.service | grep "luod\[$new\]" | sed 's/^/LUOD-SYSTEMD: luod: /'
+	check_session outgoing "$new" 2
+	say "adopt: PASS"
+
+	sums="$(md5 /tmp/p1),$(md5 /tmp/p2),$(md5 /tmp/p3),$(md5 /tmp/p4)"
 	say "step: update (luoctl update kexecs into /efi/vmlinuz-luo), md5s $sums"
 	# --sanitize kernels: the end-of-boot leak scan (luod's kexec skips systemd-shutdown,
 	# whose hook runs it at the poweroff of boot 2).
@@ -129,7 +169,7 @@ fi
 
 echo "INIT: Starting Stage 2"
 [[ -n $sums ]] || fail "no luod_sums= on the command line"
-IFS=, read -r s1 s2 s3 <<<"$sums"
+IFS=, read -r s1 s2 s3 s4 <<<"$sums"
 systemctl start luod.service || fail "systemctl start luod.service"
 pid=$(wait_up 0) || fail "luod.service did not come up"
 say "luod up (pid $pid): $(luoctl status | head -1)"
@@ -156,8 +196,9 @@ systemctl start luod.service || fail "systemctl start after stop"
 new=$(wait_up "$pid") || fail "luod.service did not come up after stop and start"
 check_session incoming "$new" 2
 luoctl retrieve vm0 2 --out /tmp/g2 || fail "luoctl retrieve vm0 2 after stop and start"
-luoctl retrieve vm0 3 --out /tmp/g3 --finish || fail "luoctl retrieve vm0 3 --finish"
-for t in 2 3; do
+luoctl retrieve vm0 3 --out /tmp/g3 || fail "luoctl retrieve vm0 3"
+luoctl retrieve vm0 4 --out /tmp/g4 --finish || fail "luoctl retrieve vm0 4 --finish"
+for t in 2 3 4; do
 	want=s$t
 	got=$(md5 "/tmp/g$t")
 	say "retrieved token $t: $(wc -c <"/tmp/g$t") bytes, md5 $got (preserved: ${!want})"

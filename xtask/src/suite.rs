@@ -146,15 +146,17 @@ const LUOD_FLB: &[Expect] = &two_boot_flb(0);
 /// finish with them before the VM powers off (the FLBs find their data once, finish once).
 const SYSTEMD_FLB: &[Expect] = &two_boot_flb(1);
 
-/// luod_systemd's boots: the three client memfds and luod's manifest make the test FLBs
+/// luod_systemd's boots: the four client memfds and luod's manifest make the test FLBs
 /// preserve once in boot 1 and find their data once in boot 2, where every session is
 /// finished (the client's by `luoctl retrieve --finish`, the manifest's by luod), so the
-/// FLBs' finish runs once. Each step of the script must pass once per boot.
+/// FLBs' finish runs once. Each step of the script must pass once in each boot it runs in
+/// (crash and stop + start in both, ADOPT in boot 1).
 const LUOD_SYSTEMD_EXPECT: &[Expect] = &{
     const FLB: [Expect; 13] = two_boot_flb(1);
-    const STEPS: [(usize, &str); 4] = [
+    const STEPS: [(usize, &str); 5] = [
         (0, LUOD_SYSTEMD_CRASH_PASS),
         (0, LUOD_SYSTEMD_STOP_PASS),
+        (0, LUOD_SYSTEMD_ADOPT_PASS),
         (1, LUOD_SYSTEMD_CRASH_PASS),
         (1, LUOD_SYSTEMD_STOP_PASS),
     ];
@@ -164,7 +166,7 @@ const LUOD_SYSTEMD_EXPECT: &[Expect] = &{
             text: "",
             count: 0,
         }
-    }; 17];
+    }; 18];
     let mut i = 0;
     while i < FLB.len() {
         out[i] = Expect {
@@ -190,6 +192,7 @@ const LUOD_SYSTEMD_EXPECT: &[Expect] = &{
 /// after a `luod-systemd-test.sh[pid]: ` prefix).
 const LUOD_SYSTEMD_CRASH_PASS: &str = "LUOD-SYSTEMD: crash: PASS";
 const LUOD_SYSTEMD_STOP_PASS: &str = "LUOD-SYSTEMD: stop and start: PASS";
+const LUOD_SYSTEMD_ADOPT_PASS: &str = "LUOD-SYSTEMD: adopt: PASS";
 const LUOD_SYSTEMD_FAIL: &str = "LUOD-SYSTEMD: FAIL: ";
 
 /// The whole suite, in run order.
@@ -328,6 +331,11 @@ pub(crate) const TESTS: &[VmTest] = &[
                 label: "boot 1: stop + start",
                 from: "LUOD-SYSTEMD: step: stop and start",
                 to: LUOD_SYSTEMD_STOP_PASS,
+            },
+            Span {
+                label: "boot 1: adopt",
+                from: "LUOD-SYSTEMD: step: adopt",
+                to: LUOD_SYSTEMD_ADOPT_PASS,
             },
         ],
         expect: LUOD_SYSTEMD_EXPECT,
@@ -982,6 +990,10 @@ mod tests {
             lines.push(unit(LUOD_SYSTEMD_CRASH_PASS));
             lines.push(unit("LUOD-SYSTEMD: step: stop and start"));
             lines.push(unit(LUOD_SYSTEMD_STOP_PASS));
+            if n == 0 {
+                lines.push(unit("LUOD-SYSTEMD: step: adopt"));
+                lines.push(unit(LUOD_SYSTEMD_ADOPT_PASS));
+            }
             for v in 0..3 {
                 let flb = format!("liveupdate test: liveupdate-test-flb-v{v}");
                 if n == 0 {
