@@ -337,6 +337,11 @@ pub(crate) const TESTS: &[VmTest] = &[
                 from: "LUOD-SYSTEMD: step: adopt",
                 to: LUOD_SYSTEMD_ADOPT_PASS,
             },
+            Span {
+                label: "boot 2: SIGKILL to retrieved",
+                from: "LUOD-SYSTEMD: step: crash before retrieve",
+                to: "LUOD-SYSTEMD: retrieved token 1",
+            },
         ],
         expect: LUOD_SYSTEMD_EXPECT,
     },
@@ -984,9 +989,14 @@ mod tests {
             lines.push(format!("[    1.0] {FLB_REGISTERED}"));
             lines.push(format!("[    1.0] {RUST_SAMPLE}"));
             lines.push(unit(if n == 0 { S1_START } else { S2_START }));
-            lines.push(unit(
-                "LUOD-SYSTEMD: step: crash (systemctl kill -s KILL luod.service)",
-            ));
+            lines.push(unit(if n == 0 {
+                "LUOD-SYSTEMD: step: crash (systemctl kill -s KILL luod.service)"
+            } else {
+                "LUOD-SYSTEMD: step: crash before retrieve (systemctl kill -s KILL luod.service)"
+            }));
+            if n == 1 {
+                lines.push(unit("LUOD-SYSTEMD: retrieved token 1: 1048576 bytes"));
+            }
             lines.push(unit(LUOD_SYSTEMD_CRASH_PASS));
             lines.push(unit("LUOD-SYSTEMD: step: stop and start"));
             lines.push(unit(LUOD_SYSTEMD_STOP_PASS));
