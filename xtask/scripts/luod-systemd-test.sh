@@ -161,8 +161,8 @@ if [[ $nboot == 0 ]]; then
 	# whose hook runs it at the poweroff of boot 2).
 	/usr/lib/systemd/system-shutdown/luo-kmemleak
 	echo "INIT: Stage 1 completed successfully."
-	# Boot 2 does not need the ESP; after luod's kexec (no orderly shutdown) udev did not
-	# announce /dev/vdb1 there and efi.mount waited the full 90 s device timeout for it.
+	# Boot 2 does not need the ESP; on a loaded TCG host its device job timed out there
+	# (90 s, with udev's coldplug still running) and held up the test unit.
 	luoctl update --kernel /efi/vmlinuz-luo --reuse-cmdline \
 		--append "luo_nboot=1 luod_sums=$sums systemd.mask=efi.mount" ||
 		fail "luoctl update"
