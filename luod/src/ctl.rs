@@ -28,10 +28,13 @@ usage: luoctl [--socket PATH] COMMAND [ARGS]
                                        --force (root): listeners that refuse or are late and
                                        sessions that cannot be frozen do not stop it: their
                                        sessions are dropped, and lost
-  preserve NAME TOKEN [--file FILE] [--open] [--hold]
+  preserve NAME TOKEN [--file FILE] [--open] [--hold [--adopt]]
                                        copy FILE (or stdin) into a memfd and preserve it in
                                        your outgoing session NAME (created unless --open);
-                                       --hold stays connected until killed
+                                       --hold stays connected (holding the session fd) until
+                                       killed; --adopt (kernel backend): whenever luod is
+                                       restarted, hand it the session again (ADOPT) if it
+                                       came back without it
   retrieve NAME TOKEN [--out FILE] [--finish]
                                        write the file preserved under TOKEN in your incoming
                                        session NAME to FILE (or stdout)
@@ -230,7 +233,7 @@ fn run(args: &[String]) -> Result<(), Fail> {
         ),
         "preserve" => preserve(
             &socket,
-            &Args::parse(rest, &["--file"], &["--open", "--hold"])?,
+            &Args::parse(rest, &["--file"], &["--open", "--hold", "--adopt"])?,
         ),
         "retrieve" => retrieve(&socket, &Args::parse(rest, &["--out"], &["--finish"])?),
         "finish" => {
@@ -482,6 +485,9 @@ fn wait_for_generation(socket: &PathBuf, gen: u64, wait: Duration) -> Result<(),
 
 fn preserve(socket: &PathBuf, a: &Args) -> Result<(), Fail> {
     let p = a.positional(2, "NAME TOKEN")?;
+    if a.has("--adopt") && !a.has("--hold") {
+        return Err(usage("--adopt needs --hold"));
+    }
     let (name, token) = (&p[0], parse_token(&p[1])?);
     let mut data = Vec::new();
     match a.get("--file") {
@@ -517,6 +523,9 @@ fn preserve(socket: &PathBuf, a: &Args) -> Result<(), Fail> {
         s.name().unwrap_or_default()
     ));
     if a.has("--hold") {
+        if a.has("--adopt") {
+            return hold_and_adopt(socket, name, &s, luod);
+        }
         // A client that stays connected until it is killed (tests kill it to show that what
         // it preserved outlives it).
         loop {
@@ -524,6 +533,40 @@ fn preserve(socket: &PathBuf, a: &Args) -> Result<(), Fail> {
         }
     }
     Ok(())
+}
+
+/// `preserve --hold --adopt`: holds the session fd until killed and, each time luod goes away
+/// and comes back, hands it the session again with ADOPT. A luod restarted from systemd's fd
+/// store has it already (`EEXIST`); one restarted without the store takes it back here.
+fn hold_and_adopt(
+    socket: &PathBuf,
+    name: &str,
+    s: &luo_client::Session,
+    mut luod: Luod,
+) -> Result<(), Fail> {
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        if luod.status().is_ok() {
+            continue;
+        }
+        // luod went away: wait for the next one (its socket may be systemd's, so connecting
+        // can succeed before luod answers; HELLO in connect waits for that).
+        let next = loop {
+            match Luod::connect(socket) {
+                Ok(l) => break l,
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let pid = next.hello().pid;
+        match next.adopt_session(Dir::Outgoing, name, s) {
+            Ok(()) => out(&format!("adopted: luod pid {pid} holds {name:?} again\n")),
+            Err(e) if e.errno() == luo_core::errno::EEXIST => {
+                out(&format!("luod pid {pid} has {name:?} already\n"))
+            }
+            Err(e) => out(&format!("ADOPT {name:?} by luod pid {pid}: {e}\n")),
+        }
+        luod = next;
+    }
 }
 
 fn retrieve(socket: &PathBuf, a: &Args) -> Result<(), Fail> {

@@ -572,6 +572,19 @@ fn a_refused_reboot_loses_nothing() {
 }
 
 #[test]
+fn luoctl_adopt_needs_hold_and_creates_nothing_without_it() {
+    let d = Daemon::start(&[]);
+    let o = d.luoctl(&["preserve", "vm", "1", "--adopt", "--file", "/dev/null"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--adopt needs --hold"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(d.connect().status().unwrap().sessions.is_empty());
+}
+
+#[test]
 fn updates_that_cannot_start_are_refused_up_front() {
     let d = Daemon::start(&["--next-image", "/nonexistent/luod"]);
     let c = d.connect();

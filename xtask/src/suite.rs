@@ -27,6 +27,12 @@ pub(crate) enum Kind {
     /// kexec`s into the kernel on the ESP (/dev/vdb1), the second boot checks what came back.
     /// Judged by the harness's rules (`/testok`, no `/failed`, exit status 123) plus ours.
     Systemd,
+    /// luod under real systemd 262: the sid root of `Systemd` with static luod and luoctl, the
+    /// shipped `luod.service` and `luod.socket`, and `xtask/scripts/luod-systemd-test.sh` run by
+    /// its unit in both boots: luod is killed, stopped and started, and updated with `luoctl
+    /// update`, with a session only luod holds. The script prints init.c's stage markers, so
+    /// it is judged like `Kexec` (`pass` ends stage 2), plus its own step markers.
+    LuodSystemd { pass: &'static str },
 }
 
 /// Which bzImage the outer initramfs carries as `/kernel` for the kexec.
@@ -139,6 +145,55 @@ const LUOD_FLB: &[Expect] = &two_boot_flb(0);
 /// to memfd-v2 preserve once), and in boot 2 PID 1 retrieves every session and the units
 /// finish with them before the VM powers off (the FLBs find their data once, finish once).
 const SYSTEMD_FLB: &[Expect] = &two_boot_flb(1);
+
+/// luod_systemd's boots: the four client memfds and luod's manifest make the test FLBs
+/// preserve once in boot 1 and find their data once in boot 2, where every session is
+/// finished (the client's by `luoctl retrieve --finish`, the manifest's by luod), so the
+/// FLBs' finish runs once. Each step of the script must pass once in each boot it runs in
+/// (crash and stop + start in both, ADOPT in boot 1).
+const LUOD_SYSTEMD_EXPECT: &[Expect] = &{
+    const FLB: [Expect; 13] = two_boot_flb(1);
+    const STEPS: [(usize, &str); 5] = [
+        (0, LUOD_SYSTEMD_CRASH_PASS),
+        (0, LUOD_SYSTEMD_STOP_PASS),
+        (0, LUOD_SYSTEMD_ADOPT_PASS),
+        (1, LUOD_SYSTEMD_CRASH_PASS),
+        (1, LUOD_SYSTEMD_STOP_PASS),
+    ];
+    let mut out = [const {
+        Expect {
+            boot: 0,
+            text: "",
+            count: 0,
+        }
+    }; 18];
+    let mut i = 0;
+    while i < FLB.len() {
+        out[i] = Expect {
+            boot: FLB[i].boot,
+            text: FLB[i].text,
+            count: FLB[i].count,
+        };
+        i += 1;
+    }
+    let mut j = 0;
+    while j < STEPS.len() {
+        out[i + j] = Expect {
+            boot: STEPS[j].0,
+            text: STEPS[j].1,
+            count: 1,
+        };
+        j += 1;
+    }
+    out
+};
+
+/// What `xtask/scripts/luod-systemd-test.sh` prints (through its unit's console output, so
+/// after a `luod-systemd-test.sh[pid]: ` prefix).
+const LUOD_SYSTEMD_CRASH_PASS: &str = "LUOD-SYSTEMD: crash: PASS";
+const LUOD_SYSTEMD_STOP_PASS: &str = "LUOD-SYSTEMD: stop and start: PASS";
+const LUOD_SYSTEMD_ADOPT_PASS: &str = "LUOD-SYSTEMD: adopt: PASS";
+const LUOD_SYSTEMD_FAIL: &str = "LUOD-SYSTEMD: FAIL: ";
 
 /// The whole suite, in run order.
 pub(crate) const TESTS: &[VmTest] = &[
@@ -260,6 +315,38 @@ pub(crate) const TESTS: &[VmTest] = &[
         spans: &[],
         expect: SYSTEMD_FLB,
     },
+    VmTest {
+        // Opt-in until it has run through `cargo xtask vm test` on both cores (its guest
+        // side passed when booted by hand, docs/luod.md).
+        opt_in: true,
+        name: "luod_systemd",
+        kind: Kind::LuodSystemd {
+            pass: "--- LUOD SYSTEMD TEST PASSED ---",
+        },
+        spans: &[
+            Span {
+                label: "boot 1: SIGKILL to restored",
+                from: "LUOD-SYSTEMD: step: crash",
+                to: LUOD_SYSTEMD_CRASH_PASS,
+            },
+            Span {
+                label: "boot 1: stop + start",
+                from: "LUOD-SYSTEMD: step: stop and start",
+                to: LUOD_SYSTEMD_STOP_PASS,
+            },
+            Span {
+                label: "boot 1: adopt",
+                from: "LUOD-SYSTEMD: step: adopt",
+                to: LUOD_SYSTEMD_ADOPT_PASS,
+            },
+            Span {
+                label: "boot 2: SIGKILL to retrieved",
+                from: "LUOD-SYSTEMD: step: crash before retrieve",
+                to: "LUOD-SYSTEMD: retrieved token 1",
+            },
+        ],
+        expect: LUOD_SYSTEMD_EXPECT,
+    },
 ];
 
 /// Markers of the upstream init.c flow, in the order they must appear.
@@ -318,7 +405,7 @@ const KMEMLEAK_LEAK: &str = "unreferenced object 0x";
 fn kmemleak_boots(kind: &Kind) -> usize {
     match kind {
         Kind::Harness { .. } => 1,
-        Kind::Luod { .. } | Kind::Systemd => 2,
+        Kind::Luod { .. } | Kind::Systemd | Kind::LuodSystemd { .. } => 2,
         Kind::Kexec { .. } => 0,
     }
 }
@@ -625,6 +712,20 @@ pub(crate) fn judge_kexec(t: &VmTest, run: &Run, pass: &str) -> (Case, Metrics) 
     )
 }
 
+/// Judge the luod_systemd VM: as a kexec test (both stages in order, the pass line, FLB and
+/// step lines per boot, no splat), and no check of the script failed.
+pub(crate) fn judge_luod_systemd(t: &VmTest, run: &Run, pass: &str) -> (Case, Metrics) {
+    let (mut case, m) = judge_kexec(t, run, pass);
+    case.diag.extend(
+        run.lines
+            .iter()
+            .filter_map(|l| l.text.split_once(LUOD_SYSTEMD_FAIL))
+            .map(|(_, why)| format!("{LUOD_SYSTEMD_FAIL}{why}")),
+    );
+    case.ok = case.diag.is_empty();
+    (case, m)
+}
+
 /// What systemd's harness reads from the disk after the VM is gone.
 pub(crate) struct SystemdDisk {
     /// `/testok`: written by the second boot's test script when every check passed.
@@ -873,6 +974,123 @@ mod tests {
         let mut r2 = run(&refs[..refs.len() - 1]);
         r2.status = r.status;
         assert!(!judge_systemd(t, &r2, &good()).0.ok);
+    }
+
+    #[test]
+    fn luod_systemd_needs_its_steps_its_pass_line_and_no_failure() {
+        let t = TESTS
+            .iter()
+            .find(|t| matches!(t.kind, Kind::LuodSystemd { .. }))
+            .expect("luod_systemd is in the suite");
+        let Kind::LuodSystemd { pass } = t.kind else {
+            unreachable!()
+        };
+        let unit = |m: &str| format!("[   90.0] luod-systemd-test.sh[120]: {m}");
+        let boot = |n: usize, lines: &mut Vec<String>| {
+            lines.push("[    0.0] Linux version 7.3.4".into());
+            lines.push(format!("[    1.0] {FLB_REGISTERED}"));
+            lines.push(format!("[    1.0] {RUST_SAMPLE}"));
+            lines.push(unit(if n == 0 { S1_START } else { S2_START }));
+            lines.push(unit(if n == 0 {
+                "LUOD-SYSTEMD: step: crash (systemctl kill -s KILL luod.service)"
+            } else {
+                "LUOD-SYSTEMD: step: crash before retrieve (systemctl kill -s KILL luod.service)"
+            }));
+            if n == 1 {
+                lines.push(unit("LUOD-SYSTEMD: retrieved token 1: 1048576 bytes"));
+            }
+            lines.push(unit(LUOD_SYSTEMD_CRASH_PASS));
+            lines.push(unit("LUOD-SYSTEMD: step: stop and start"));
+            lines.push(unit(LUOD_SYSTEMD_STOP_PASS));
+            if n == 0 {
+                lines.push(unit("LUOD-SYSTEMD: step: adopt"));
+                lines.push(unit(LUOD_SYSTEMD_ADOPT_PASS));
+            }
+            for v in 0..3 {
+                let flb = format!("liveupdate test: liveupdate-test-flb-v{v}");
+                if n == 0 {
+                    lines.push(format!("[   95.0] {flb}: preserve was triggered"));
+                } else {
+                    lines.push(format!(
+                        "[    2.0] {flb}: found flb data from the previous boot"
+                    ));
+                    lines.push(format!("[   95.0] {flb}: finish was triggered"));
+                }
+            }
+            if n == 0 {
+                lines.push(unit(S1_DONE));
+                lines.push("[  100.0] kexec_core: Starting new kernel".into());
+            } else {
+                lines.push(unit(pass));
+                lines.push(unit(S2_DONE));
+            }
+        };
+        let mut lines = Vec::new();
+        boot(0, &mut lines);
+        boot(1, &mut lines);
+        let judge = |lines: &[String]| {
+            let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+            let mut r = run(&refs);
+            r.status = std::process::Command::new("true").status().ok();
+            judge_luod_systemd(t, &r, pass).0
+        };
+        let good = judge(&lines);
+        assert!(good.ok, "{:?}", good.diag);
+        assert!(
+            good.detail.contains("boot 1: SIGKILL to restored"),
+            "{}",
+            good.detail
+        );
+
+        let without = |needle: &str| -> Vec<String> {
+            lines
+                .iter()
+                .filter(|l| !l.contains(needle))
+                .cloned()
+                .collect()
+        };
+        // No pass line: fails, naming it.
+        let c = judge(&without(pass));
+        assert!(
+            !c.ok && c.diag.iter().any(|d| d.contains(pass)),
+            "{:?}",
+            c.diag
+        );
+        // A step that did not pass in one boot.
+        let mut one_crash = lines.clone();
+        let i = one_crash
+            .iter()
+            .rposition(|l| l.contains(LUOD_SYSTEMD_CRASH_PASS))
+            .unwrap();
+        one_crash.remove(i);
+        let c = judge(&one_crash);
+        assert!(
+            !c.ok
+                && c.diag
+                    .iter()
+                    .any(|d| d.contains("boot 2") && d.contains("crash")),
+            "{:?}",
+            c.diag
+        );
+        // A failed check, even with everything else in place.
+        let mut failed = lines.clone();
+        failed.insert(
+            6,
+            unit("LUOD-SYSTEMD: FAIL: the fd store holds 1 fd(s), not 2"),
+        );
+        let c = judge(&failed);
+        assert!(
+            !c.ok && c.diag.iter().any(|d| d.contains("fd store holds 1")),
+            "{:?}",
+            c.diag
+        );
+        // A kernel splat.
+        let mut splat = lines.clone();
+        splat.insert(
+            5,
+            "[   91.0] WARNING: kernel/liveupdate/luo_session.c:1".into(),
+        );
+        assert!(!judge(&splat).ok);
     }
 
     #[test]
