@@ -442,25 +442,9 @@ pub fn ignore_sigpipe() {
 }
 
 /// Waits up to `timeout_ms` (-1: forever) for any of `fds` to become readable (or hung up);
-/// returns which ones are.
+/// returns which ones are. One implementation with backend-user's (`sys::poll_in`).
 pub fn poll_readable_any(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<bool>> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let n = libc::nfds_t::try_from(p.len()).map_err(|_| invalid("too many fds to poll"))?;
-    loop {
-        // SAFETY: `p` holds `n` valid pollfds, alive and exclusively ours for the call.
-        match cvt(unsafe { libc::poll(p.as_mut_ptr(), n, timeout_ms) }) {
-            Ok(_) => return Ok(p.iter().map(|x| x.revents != 0).collect()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    backend_user::sys::poll_in(fds, timeout_ms)
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread (threads it starts later inherit the mask)

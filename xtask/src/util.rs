@@ -94,6 +94,11 @@ pub(crate) fn output(cmd: &mut Command) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .context(|| format!("cannot start `{}`", describe(cmd)))?;
+    stdout_of(cmd, out)
+}
+
+/// The stdout of a finished command; on failure an error that carries its stderr.
+fn stdout_of(cmd: &Command, out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "`{}` failed ({}):\n{}",
@@ -140,15 +145,7 @@ pub(crate) fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<Strin
         stdin.write_all(input)?;
     }
     let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}):\n{}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim_end()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(cmd, out)
 }
 
 /// First line of a command's stdout, or a placeholder if it cannot run: used for
