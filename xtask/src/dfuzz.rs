@@ -389,6 +389,9 @@ pub(crate) fn diff(c: &[String], r: &[String]) -> (Vec<&'static str>, Option<Fin
 struct KernelFiles {
     core: Core,
     bzimage: PathBuf,
+    /// The kernel's System.map (copied beside the bzImage), to name where a stuck VM's CPUs
+    /// are (the kernels are built without KASLR).
+    system_map: PathBuf,
     headers: PathBuf,
     gen_init_cpio: PathBuf,
     what: String,
@@ -419,6 +422,7 @@ fn kernels(
             out.push(KernelFiles {
                 core,
                 bzimage: copy,
+                system_map: copy_map(dir, run_dir, core),
                 headers: dir.join("usr/include"),
                 gen_init_cpio: dir.join("usr/gen_init_cpio"),
                 what: format!("{} (from {var})", bz.display()),
@@ -444,9 +448,16 @@ fn kernels(
         let copy = run_dir.join(format!("bzImage-{core}"));
         fs::copy(&b.kernel.bzimage, &copy)
             .context(|| format!("cannot copy {}", b.kernel.bzimage.display()))?;
+        let dir = b
+            .kernel
+            .bzimage
+            .ancestors()
+            .nth(4)
+            .unwrap_or(Path::new("/"));
         out.push(KernelFiles {
             core,
             bzimage: copy,
+            system_map: copy_map(dir, run_dir, core),
             headers: b.kernel.headers.clone(),
             gen_init_cpio: b.kernel.gen_init_cpio.clone(),
             what: format!(
@@ -462,6 +473,14 @@ fn kernels(
         });
     }
     Ok((lock, out))
+}
+
+/// The build's System.map copied into the run directory (a missing map only costs the
+/// symbol names in a stall report).
+fn copy_map(build: &Path, run_dir: &Path, core: Core) -> PathBuf {
+    let copy = run_dir.join(format!("System.map-{core}"));
+    let _ = fs::copy(build.join("System.map"), &copy);
+    copy
 }
 
 fn build_guest(headers: &Path, out: &Path) -> Result<()> {
@@ -534,6 +553,7 @@ fn boot(
     let name = format!("{}-{}-{}", k.core, seeds.0, seeds.1);
     let log = dir.join(format!("{name}.log"));
     let trace = dir.join(format!("{name}.trace"));
+    let monitor = dir.join(format!("{name}.mon"));
     let n = seeds.1 - seeds.0;
     let timeout = opts.timeout.unwrap_or_else(|| {
         Duration::from_secs(
@@ -563,6 +583,8 @@ fn boot(
     ])
     .args(["-accel", "tcg", "-serial", "stdio", "-serial"])
     .arg(format!("file:{}", trace.display()))
+    .arg("-monitor")
+    .arg(format!("unix:{},server=on,wait=off", monitor.display()))
     .arg("-kernel")
     .arg(&k.bzimage)
     .arg("-initrd")
@@ -578,6 +600,7 @@ fn boot(
         .context(|| format!("cannot start `{}`", util::describe(&cmd)))?;
     let mut timed_out = false;
     let mut stalled = None;
+    let mut stall_cpus = String::new();
     let (mut size, mut moved) = (0, Instant::now());
     let status = loop {
         if let Some(s) = child.try_wait()? {
@@ -593,6 +616,7 @@ fn boot(
             timed_out = true;
             if moved.elapsed() > STALL {
                 stalled = Some(moved.duration_since(start));
+                stall_cpus = stall_report(&monitor, &k.system_map, &log);
             }
             let _ = child.kill();
             break child.wait().ok();
@@ -610,10 +634,11 @@ fn boot(
             )
         });
         trace.problems.push(format!(
-            "no trace output for {} s after {:.0} s (stuck at {}); see the console log",
+            "no trace output for {} s after {:.0} s (stuck at {}); see the console log{}",
             STALL.as_secs(),
             at.as_secs_f64(),
-            last.unwrap_or_else(|| "the start".into())
+            last.unwrap_or_else(|| "the start".into()),
+            stall_cpus
         ));
     }
     Ok(VmRun {
@@ -625,6 +650,127 @@ fn boot(
         timed_out,
         wall,
     })
+}
+
+/// What a stuck guest's CPUs are doing, for the report: QEMU's `info registers -a` and the
+/// words on each CPU's stack, over the monitor socket, appended to the console log; returned
+/// is each CPU's RIP and the kernel-text words on its stack named from System.map (the
+/// kernels are built without KASLR). Best effort: a monitor that does not answer gives "".
+fn stall_report(monitor: &Path, map: &Path, log: &Path) -> String {
+    let Ok(mut mon) = Monitor::connect(monitor) else {
+        return String::new();
+    };
+    let regs = mon.ask("info registers -a");
+    let mut dump = regs.clone();
+    let syms = text_symbols(&fs::read_to_string(map).unwrap_or_default());
+    let name = |a: u64| -> Option<String> {
+        let i = syms.partition_point(|(s, _)| *s <= a).checked_sub(1)?;
+        let (base, sym) = &syms[i];
+        // Past the last symbol, or far from the one before, is not text.
+        (a - base < 0x10_0000 && i + 1 < syms.len()).then(|| format!("{sym}+{:#x}", a - base))
+    };
+    let mut out = String::new();
+    let mut cpu = 0;
+    for l in regs.lines() {
+        if let Some(n) = l.strip_prefix("CPU#").and_then(|n| n.trim().parse().ok()) {
+            cpu = n;
+        } else if let Some(rest) = l.strip_prefix("RIP=") {
+            let rip = rest.split_whitespace().next().unwrap_or("");
+            if let Ok(a) = u64::from_str_radix(rip, 16) {
+                let _ = write!(
+                    out,
+                    "; CPU {cpu} at {}{}",
+                    name(a).unwrap_or_else(|| format!("{a:#x}")),
+                    if rest.contains("HLT=1") {
+                        " (halted)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            // The words on this CPU's stack that point into kernel text: a rough backtrace.
+            mon.ask(&format!("cpu {cpu}"));
+            let words = mon.ask("x/96gx $rsp");
+            let _ = write!(dump, "\nCPU {cpu} stack:\n{words}");
+            let frames: Vec<String> = words
+                .lines()
+                .filter_map(|l| l.split_once(": "))
+                .flat_map(|(_, w)| w.split_whitespace())
+                .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+                .filter_map(name)
+                .take(16)
+                .collect();
+            if !frames.is_empty() {
+                let _ = write!(out, ", stack {}", frames.join(" < "));
+            }
+        }
+    }
+    if let Ok(mut f) = fs::OpenOptions::new().append(true).open(log) {
+        use std::io::Write;
+        let _ = writeln!(f, "\n==== xtask: stalled guest, QEMU monitor ====\n{dump}");
+    }
+    if out.is_empty() {
+        out
+    } else {
+        format!("; QEMU monitor{out} (full dump at the end of the console log)")
+    }
+}
+
+/// QEMU's human monitor on a unix socket, one command at a time.
+struct Monitor(std::os::unix::net::UnixStream);
+
+impl Monitor {
+    fn connect(path: &Path) -> std::io::Result<Self> {
+        let s = std::os::unix::net::UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut m = Monitor(s);
+        m.until_prompt();
+        Ok(m)
+    }
+
+    /// Everything up to the next `(qemu) ` prompt (or a 3 s silence).
+    fn until_prompt(&mut self) -> String {
+        use std::io::Read;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 65536];
+        while !raw.ends_with(b"(qemu) ") {
+            match self.0.read(&mut buf) {
+                Ok(n) if n > 0 => raw.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&raw).replace('\r', "")
+    }
+
+    /// The output of `cmd`, without the monitor's echo of it (the first line, full of
+    /// cursor movements) and the prompt.
+    fn ask(&mut self, cmd: &str) -> String {
+        use std::io::Write;
+        if self.0.write_all(format!("{cmd}\n").as_bytes()).is_err() {
+            return String::new();
+        }
+        let text = self.until_prompt();
+        let text = text.strip_suffix("(qemu) ").unwrap_or(&text);
+        text.split_once('\n')
+            .map_or("", |(_, rest)| rest)
+            .to_string()
+    }
+}
+
+/// The text symbols of a System.map, sorted by address.
+fn text_symbols(map: &str) -> Vec<(u64, String)> {
+    let mut v: Vec<(u64, String)> = map
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let a = u64::from_str_radix(f.next()?, 16).ok()?;
+            let kind = f.next()?;
+            let sym = f.next()?;
+            matches!(kind, "t" | "T" | "w" | "W").then(|| (a, sym.to_string()))
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// Kernel splats and test-FLB errors in a console log (the VM suite's rules).
