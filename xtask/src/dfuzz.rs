@@ -22,7 +22,7 @@ use crate::guest::{self, Entry};
 use crate::kbuild::Core;
 use crate::paths::Paths;
 use crate::qemu::BASE_APPEND;
-use crate::suite::{kernel_line, FLB_GOOD, SPLATS};
+use crate::suite::{self, kernel_line, FLB_GOOD, SPLATS};
 use crate::util::{self, bail, mkdirs, note, output, step, CacheLock, Context, Result};
 use crate::vm;
 
@@ -32,10 +32,18 @@ pub(crate) struct Options {
     pub(crate) ops: u32,
     pub(crate) kexec_every: u64,
     pub(crate) vms: u64,
+    /// vCPUs per VM.
+    pub(crate) smp: u64,
     pub(crate) timeout: Option<Duration>,
     pub(crate) debug: bool,
+    /// The Rust core's kernel is the `--sanitize` build (KASAN, UBSAN, kmemleak); the C
+    /// core, the oracle, stays the plain build.
+    pub(crate) sanitize: bool,
     pub(crate) jobs: usize,
 }
+
+/// vCPUs per fuzzing VM unless `--smp` says otherwise.
+const DEFAULT_SMP: u64 = 2;
 
 pub(crate) fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
@@ -44,8 +52,10 @@ pub(crate) fn parse(args: &[String]) -> Result<Options> {
         ops: 60,
         kexec_every: 0,
         vms: 1,
+        smp: DEFAULT_SMP,
         timeout: None,
         debug: true,
+        sanitize: false,
         jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
     let mut have_seeds = false;
@@ -105,6 +115,13 @@ pub(crate) fn parse(args: &[String]) -> Result<Options> {
                     bail!("--vms must be at least 1");
                 }
             }
+            "--smp" => {
+                let v = value("--smp")?;
+                match num("--smp", &v)? {
+                    n @ 1..=8 => o.smp = n,
+                    _ => bail!("--smp must be a number from 1 to 8, not `{v}`"),
+                }
+            }
             "--timeout" => {
                 let v = value("--timeout")?;
                 match num("--timeout", &v)? {
@@ -113,6 +130,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Options> {
                 }
             }
             "--no-debug" => o.debug = false,
+            "--sanitize" => o.sanitize = true,
             "--jobs" | "-j" => {
                 let v = value("--jobs")?;
                 match num("--jobs", &v)? {
@@ -394,6 +412,8 @@ struct KernelFiles {
     system_map: PathBuf,
     headers: PathBuf,
     gen_init_cpio: PathBuf,
+    /// Its last boot scans kmemleak (the guest's `kmemleak_scan`), which the run checks.
+    kmemleak: bool,
     what: String,
 }
 
@@ -425,6 +445,7 @@ fn kernels(
                 system_map: copy_map(dir, run_dir, core),
                 headers: dir.join("usr/include"),
                 gen_init_cpio: dir.join("usr/gen_init_cpio"),
+                kmemleak: has_kmemleak(dir),
                 what: format!("{} (from {var})", bz.display()),
             });
             continue;
@@ -441,7 +462,7 @@ fn kernels(
             verbose: false,
             jobs: opts.jobs,
             kexec_into: None,
-            sanitize: false,
+            sanitize: opts.sanitize && core == Core::Rust,
         };
         let mut phases = vm::Phases(Vec::new());
         let b = vm::prepare(paths, &vo, &mut phases)?;
@@ -460,19 +481,31 @@ fn kernels(
             system_map: copy_map(dir, run_dir, core),
             headers: b.kernel.headers.clone(),
             gen_init_cpio: b.kernel.gen_init_cpio.clone(),
+            kmemleak: has_kmemleak(dir),
             what: format!(
-                "{} ({}, {})",
+                "{} ({}, {}{})",
                 b.kernel.bzimage.display(),
                 b.kernel.release,
                 if b.kernel.debug {
                     "with debug.config"
                 } else {
                     "without debug.config"
+                },
+                if vo.sanitize {
+                    ", KASAN + UBSAN + kmemleak"
+                } else {
+                    ""
                 }
             ),
         });
     }
     Ok((lock, out))
+}
+
+/// Was the kernel in `build` configured with kmemleak?
+fn has_kmemleak(build: &Path) -> bool {
+    fs::read_to_string(build.join(".config"))
+        .is_ok_and(|c| c.lines().any(|l| l == "CONFIG_DEBUG_KMEMLEAK=y"))
 }
 
 /// The build's System.map copied into the run directory (a missing map only costs the
@@ -523,7 +556,9 @@ struct VmRun {
     log: PathBuf,
     trace: Trace,
     ok_exit: bool,
-    timed_out: bool,
+    kmemleak: bool,
+    /// Killed at the timeout or a stall: where its CPUs were (`stall_report`).
+    timed_out: Option<String>,
     wall: Duration,
 }
 
@@ -557,7 +592,9 @@ fn boot(
     let n = seeds.1 - seeds.0;
     let timeout = opts.timeout.unwrap_or_else(|| {
         Duration::from_secs(
-            300 + n * u64::from(opts.ops) / 200 + 30 * kexecs(seeds, opts.kexec_every),
+            (300 + n * u64::from(opts.ops) / 200 + 30 * kexecs(seeds, opts.kexec_every))
+                // A sanitizer kernel (KASAN's shadow checks) runs the same work slower.
+                * if k.kmemleak { 2 } else { 1 },
         )
     });
     // The whole kernel log goes to the console, as in the VM suite (the guest reads the test
@@ -576,7 +613,7 @@ fn boot(
         "-m",
         "1G",
         "-smp",
-        "2",
+        &opts.smp.to_string(),
         "-no-reboot",
         "-nographic",
         "-nodefaults",
@@ -598,9 +635,8 @@ fn boot(
     let mut child = cmd
         .spawn()
         .context(|| format!("cannot start `{}`", util::describe(&cmd)))?;
-    let mut timed_out = false;
+    let mut timed_out = None;
     let mut stalled = None;
-    let mut stall_cpus = String::new();
     let (mut size, mut moved) = (0, Instant::now());
     let status = loop {
         if let Some(s) = child.try_wait()? {
@@ -613,11 +649,11 @@ fn boot(
             (size, moved) = (now, Instant::now());
         }
         if start.elapsed() > timeout || moved.elapsed() > STALL {
-            timed_out = true;
             if moved.elapsed() > STALL {
                 stalled = Some(moved.duration_since(start));
-                stall_cpus = stall_report(&monitor, &k.system_map, &log);
             }
+            // Stuck or only slow: either way, where the CPUs are is worth the log.
+            timed_out = Some(stall_report(&monitor, &k.system_map, &log));
             let _ = child.kill();
             break child.wait().ok();
         }
@@ -638,7 +674,7 @@ fn boot(
             STALL.as_secs(),
             at.as_secs_f64(),
             last.unwrap_or_else(|| "the start".into()),
-            stall_cpus
+            timed_out.as_deref().unwrap_or("")
         ));
     }
     Ok(VmRun {
@@ -647,6 +683,7 @@ fn boot(
         log,
         trace,
         ok_exit: status.is_some_and(|s| s.success()),
+        kmemleak: k.kmemleak,
         timed_out,
         wall,
     })
@@ -663,46 +700,21 @@ fn stall_report(monitor: &Path, map: &Path, log: &Path) -> String {
     let regs = mon.ask("info registers -a");
     let mut dump = regs.clone();
     let syms = text_symbols(&fs::read_to_string(map).unwrap_or_default());
-    let name = |a: u64| -> Option<String> {
-        let i = syms.partition_point(|(s, _)| *s <= a).checked_sub(1)?;
-        let (base, sym) = &syms[i];
-        // Past the last symbol, or far from the one before, is not text.
-        (a - base < 0x10_0000 && i + 1 < syms.len()).then(|| format!("{sym}+{:#x}", a - base))
-    };
     let mut out = String::new();
-    let mut cpu = 0;
-    for l in regs.lines() {
-        if let Some(n) = l.strip_prefix("CPU#").and_then(|n| n.trim().parse().ok()) {
-            cpu = n;
-        } else if let Some(rest) = l.strip_prefix("RIP=") {
-            let rip = rest.split_whitespace().next().unwrap_or("");
-            if let Ok(a) = u64::from_str_radix(rip, 16) {
-                let _ = write!(
-                    out,
-                    "; CPU {cpu} at {}{}",
-                    name(a).unwrap_or_else(|| format!("{a:#x}")),
-                    if rest.contains("HLT=1") {
-                        " (halted)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            // The words on this CPU's stack that point into kernel text: a rough backtrace.
-            mon.ask(&format!("cpu {cpu}"));
-            let words = mon.ask("x/96gx $rsp");
-            let _ = write!(dump, "\nCPU {cpu} stack:\n{words}");
-            let frames: Vec<String> = words
-                .lines()
-                .filter_map(|l| l.split_once(": "))
-                .flat_map(|(_, w)| w.split_whitespace())
-                .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
-                .filter_map(name)
-                .take(16)
-                .collect();
-            if !frames.is_empty() {
-                let _ = write!(out, ", stack {}", frames.join(" < "));
-            }
+    for (cpu, rip, halted) in cpu_rips(&regs) {
+        let _ = write!(
+            out,
+            "; CPU {cpu} at {}{}",
+            symbolize(&syms, rip).unwrap_or_else(|| format!("{rip:#x}")),
+            if halted { " (halted)" } else { "" }
+        );
+        // The words on this CPU's stack that point into kernel text: a rough backtrace.
+        mon.ask(&format!("cpu {cpu}"));
+        let words = mon.ask("x/96gx $rsp");
+        let _ = write!(dump, "\nCPU {cpu} stack:\n{words}");
+        let frames = stack_text(&syms, &words);
+        if !frames.is_empty() {
+            let _ = write!(out, ", stack {}", frames.join(" < "));
         }
     }
     if let Ok(mut f) = fs::OpenOptions::new().append(true).open(log) {
@@ -714,6 +726,43 @@ fn stall_report(monitor: &Path, map: &Path, log: &Path) -> String {
     } else {
         format!("; QEMU monitor{out} (full dump at the end of the console log)")
     }
+}
+
+/// Each CPU of `info registers -a`: its index, RIP and whether it sits in HLT.
+fn cpu_rips(regs: &str) -> Vec<(u32, u64, bool)> {
+    let mut out = Vec::new();
+    let mut cpu = 0;
+    for l in regs.lines() {
+        if let Some(n) = l.strip_prefix("CPU#").and_then(|n| n.trim().parse().ok()) {
+            cpu = n;
+        } else if let Some(rest) = l.strip_prefix("RIP=") {
+            let rip = rest.split_whitespace().next().unwrap_or("");
+            if let Ok(a) = u64::from_str_radix(rip, 16) {
+                out.push((cpu, a, rest.contains("HLT=1")));
+            }
+        }
+    }
+    out
+}
+
+/// `sym+off` for an address in kernel text; `None` past the last symbol or far (1 MiB)
+/// from the one before.
+fn symbolize(syms: &[(u64, String)], a: u64) -> Option<String> {
+    let i = syms.partition_point(|(s, _)| *s <= a).checked_sub(1)?;
+    let (base, sym) = &syms[i];
+    (a - base < 0x10_0000 && i + 1 < syms.len()).then(|| format!("{sym}+{:#x}", a - base))
+}
+
+/// The first 16 words of an `x/Ngx` dump that point into kernel text, named.
+fn stack_text(syms: &[(u64, String)], words: &str) -> Vec<String> {
+    words
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .flat_map(|(_, w)| w.split_whitespace())
+        .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+        .filter_map(|a| symbolize(syms, a))
+        .take(16)
+        .collect()
 }
 
 /// QEMU's human monitor on a unix socket, one command at a time.
@@ -881,9 +930,15 @@ pub(crate) fn run(paths: &Paths, opts: &Options) -> Result<bool> {
     for r in runs {
         let mut problems = r.trace.problems.clone();
         problems.extend(kernel_problems(&r.log));
-        if r.timed_out {
+        if r.kmemleak {
+            let text = fs::read(&r.log).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            let lines: Vec<&str> = text.lines().collect();
+            problems.extend(suite::kmemleak_problems(&lines, 1));
+        }
+        if let Some(cpus) = &r.timed_out {
             problems.push(format!(
-                "timed out after {} s (QEMU killed)",
+                "timed out after {} s (QEMU killed){cpus}",
                 r.wall.as_secs()
             ));
         } else if !r.ok_exit {
@@ -1040,6 +1095,45 @@ mod tests {
         }
         out.push_str("DONE 0 2\n");
         out
+    }
+
+    #[test]
+    fn a_stall_report_names_each_cpu_and_its_stack_from_system_map() {
+        let syms = text_symbols(
+            "ffffffff81000000 T _stext\n\
+             ffffffff81100000 t stop_machine_cpuslocked\n\
+             ffffffff81100400 T multi_cpu_stop\n\
+             ffffffff81200000 D some_data\n\
+             ffffffff81200100 T default_idle\n\
+             ffffffff81300000 T _etext\n",
+        );
+        // The data symbol is not text: its address belongs to the text symbol before it.
+        assert_eq!(syms.len(), 5);
+        let regs = "CPU#0\n\
+            RAX=0000000000000000 RBX=ffff888003a1c000\n\
+            RIP=ffffffff81100410 RFL=00000202 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0\n\
+            CPU#1\n\
+            RIP=ffffffff81200104 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\n";
+        assert_eq!(
+            cpu_rips(regs),
+            vec![
+                (0, 0xffff_ffff_8110_0410, false),
+                (1, 0xffff_ffff_8120_0104, true)
+            ]
+        );
+        assert_eq!(
+            symbolize(&syms, 0xffff_ffff_8110_0410).as_deref(),
+            Some("multi_cpu_stop+0x10")
+        );
+        // Past _etext and below _stext are not text.
+        assert_eq!(symbolize(&syms, 0xffff_ffff_8130_0010), None);
+        assert_eq!(symbolize(&syms, 0xffff_8880_03a1_c000), None);
+        let stack = "ffffc90000013e48: 0x0000000000000000 0xffffffff81100020\n\
+                     ffffc90000013e58: 0xffff888003a1c000 0xffffffff81200180\n";
+        assert_eq!(
+            stack_text(&syms, stack),
+            vec!["stop_machine_cpuslocked+0x20", "default_idle+0x80"]
+        );
     }
 
     #[test]

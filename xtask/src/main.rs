@@ -31,7 +31,8 @@ usage: cargo xtask vm test  [--core c|rust] [--tests NAME[,NAME...]] [--clean]
        cargo xtask vm list
        cargo xtask vm clean
        cargo xtask vm fuzz  --seeds A..B [--core c|rust|both] [--ops N] [--kexec-every K]
-                            [--vms N] [--timeout SECS] [--no-debug] [--jobs N]
+                            [--vms N] [--smp N] [--timeout SECS] [--no-debug] [--jobs N]
+                            [--sanitize]
 
 vm test    install what is missing, build the kernel and the selftests, boot one VM per
            test and print a TAP report on stdout (progress goes to stderr). Exit status
@@ -44,7 +45,8 @@ vm fuzz    differential fuzzing of /dev/liveupdate (docs/verification.md): seeds
            default 1, many sequences per boot); the traces must agree except where
            docs/decisions.md fixes an upstream bug. --ops: operations per sequence
            (default 60); --kexec-every K: seeds with seed % K == K-1 kexec half way
-           (default 0). LUO_DFUZZ_BZIMAGE_C / _RUST: use these bzImages (inside intact
+           (default 0); --smp N: vCPUs per VM; --sanitize: the Rust core's kernel is
+           the --sanitize build, its last boot scans kmemleak. LUO_DFUZZ_BZIMAGE_C / _RUST: use these bzImages (inside intact
            build directories) instead of building. Exit status 1 on a finding, a splat
            or a VM that did not finish.
 

@@ -413,24 +413,28 @@ fn kmemleak_boots(kind: &Kind) -> usize {
 /// `--sanitize`: every boot with our init reported its kmemleak scan, and no scan found a
 /// leak.
 pub(crate) fn check_kmemleak(t: &VmTest, run: &Run, diag: &mut Vec<String>) {
-    let scans = run
-        .lines
-        .iter()
-        .filter(|l| l.text.contains(KMEMLEAK_SCAN))
-        .count();
-    let want = kmemleak_boots(&t.kind);
+    let lines: Vec<&str> = run.lines.iter().map(|l| l.text.as_str()).collect();
+    diag.extend(kmemleak_problems(&lines, kmemleak_boots(&t.kind)));
+}
+
+/// What is wrong in a console log whose `want` boots each scan kmemleak once: a missing or
+/// extra scan, and every leak with the 20 lines of its report that follow.
+pub(crate) fn kmemleak_problems(lines: &[&str], want: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let scans = lines.iter().filter(|l| l.contains(KMEMLEAK_SCAN)).count();
     if scans != want {
-        diag.push(format!("expected {want} kmemleak scan(s), saw {scans}"));
+        out.push(format!("expected {want} kmemleak scan(s), saw {scans}"));
     }
-    for (i, l) in run.lines.iter().enumerate() {
-        if l.text.contains(KMEMLEAK_LEAK) {
-            diag.push(format!("kmemleak: {}", l.text));
+    for (i, l) in lines.iter().enumerate() {
+        if l.contains(KMEMLEAK_LEAK) {
+            out.push(format!("kmemleak: {l}"));
             // The report's stack follows; show it.
-            for l in run.lines.iter().skip(i + 1).take(20) {
-                diag.push(format!("| {}", l.text));
+            for l in lines.iter().skip(i + 1).take(20) {
+                out.push(format!("| {l}"));
             }
         }
     }
+    out
 }
 
 /// One TAP line.
