@@ -465,7 +465,9 @@ fn kernels(
             sanitize: opts.sanitize && core == Core::Rust,
         };
         let mut phases = vm::Phases(Vec::new());
+        let env = vo.sanitize.then(vm::SanitizeEnv::set);
         let b = vm::prepare(paths, &vo, &mut phases)?;
+        drop(env);
         let copy = run_dir.join(format!("bzImage-{core}"));
         fs::copy(&b.kernel.bzimage, &copy)
             .context(|| format!("cannot copy {}", b.kernel.bzimage.display()))?;

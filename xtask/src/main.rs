@@ -153,31 +153,10 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
         }
     }
     if opts.sanitize {
-        // The documented environment form, which the toolchain and the fragment list read
-        // (an explicit LUO_LLVM wins; extra fragments are added to).
-        if std::env::var_os("LUO_LLVM").is_none_or(|v| v.is_empty()) {
-            std::env::set_var("LUO_LLVM", SANITIZE_LLVM);
-        }
-        let mut extra: Vec<String> = std::env::var("LUO_EXTRA_CONFIG")
-            .unwrap_or_default()
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
-        for f in SANITIZE_FRAGMENTS {
-            if !extra.iter().any(|e| e == f) {
-                extra.push(f.to_string());
-            }
-        }
-        std::env::set_var("LUO_EXTRA_CONFIG", extra.join(","));
         opts.timeout = opts.timeout.max(Duration::from_secs(600));
     }
     Ok(opts)
 }
-
-/// `--sanitize`: bookworm's clang 19 (Kconfig allows Rust with KASAN only in a clang build).
-const SANITIZE_LLVM: &str = "-19";
-const SANITIZE_FRAGMENTS: [&str; 2] = ["kasan", "sanitize"];
 
 fn run() -> Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -191,6 +170,7 @@ fn run() -> Result<ExitCode> {
         ["vm", "test", rest @ ..] | ["vm", "run", rest @ ..] => {
             let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
             let opts = parse_vm_options(&rest)?;
+            let _env = opts.sanitize.then(vm::SanitizeEnv::set);
             let ok = vm::test(&paths, &opts)?;
             Ok(if ok {
                 ExitCode::SUCCESS
@@ -201,6 +181,7 @@ fn run() -> Result<ExitCode> {
         ["vm", "build", rest @ ..] => {
             let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
             let opts = parse_vm_options(&rest)?;
+            let _env = opts.sanitize.then(vm::SanitizeEnv::set);
             vm::build(&paths, &opts)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -79,6 +79,59 @@ pub(crate) fn clean(paths: &Paths) -> Result<()> {
     remove(&paths.build())
 }
 
+/// `--sanitize`: bookworm's clang 19 (Kconfig allows Rust with KASAN only in a clang build).
+const SANITIZE_LLVM: &str = "-19";
+const SANITIZE_FRAGMENTS: [&str; 2] = ["kasan", "sanitize"];
+
+/// The environment that makes the next builds `--sanitize` ones: the documented form
+/// `LUO_LLVM=-19 LUO_EXTRA_CONFIG=kasan,sanitize`, which the toolchain, host-deps.sh and the
+/// fragment list read (an explicit `LUO_LLVM` wins; extra fragments are added to). Dropping
+/// it restores what was there, so that one process can build a plain and a sanitizer
+/// kernel (`vm fuzz --sanitize`). Set only while no other thread runs.
+pub(crate) struct SanitizeEnv {
+    llvm: Option<std::ffi::OsString>,
+    extra: Option<std::ffi::OsString>,
+}
+
+impl SanitizeEnv {
+    pub(crate) fn set() -> Self {
+        let old = SanitizeEnv {
+            llvm: std::env::var_os("LUO_LLVM"),
+            extra: std::env::var_os("LUO_EXTRA_CONFIG"),
+        };
+        if old.llvm.as_ref().is_none_or(|v| v.is_empty()) {
+            std::env::set_var("LUO_LLVM", SANITIZE_LLVM);
+        }
+        let mut extra: Vec<String> = old
+            .extra
+            .as_ref()
+            .map(|v| v.to_string_lossy().into_owned())
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        for f in SANITIZE_FRAGMENTS {
+            if !extra.iter().any(|e| e == f) {
+                extra.push(f.to_string());
+            }
+        }
+        std::env::set_var("LUO_EXTRA_CONFIG", extra.join(","));
+        old
+    }
+}
+
+impl Drop for SanitizeEnv {
+    fn drop(&mut self) {
+        for (name, old) in [("LUO_LLVM", &self.llvm), ("LUO_EXTRA_CONFIG", &self.extra)] {
+            match old {
+                Some(v) => std::env::set_var(name, v),
+                None => std::env::remove_var(name),
+            }
+        }
+    }
+}
+
 pub(crate) fn prepare(paths: &Paths, opts: &Options, phases: &mut Phases) -> Result<Built> {
     let patches = Patches::load(&paths.kernel_dir().join("patches"))?;
     if let Some(sym) = opts.core.required_kconfig() {
