@@ -712,7 +712,7 @@ fn stall_report(monitor: &Path, map: &Path, log: &Path) -> String {
         );
         // The words on this CPU's stack that point into kernel text: a rough backtrace.
         mon.ask(&format!("cpu {cpu}"));
-        let words = mon.ask("x/96gx $rsp");
+        let words = mon.ask("x/96gx $sp");
         let _ = write!(dump, "\nCPU {cpu} stack:\n{words}");
         let frames = stack_text(&syms, &words);
         if !frames.is_empty() {
