@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use luo_cli::json::json_str;
 use luo_client::wire::kernel_name;
 use luo_client::{describe_errno, errno_name, Dir, Errno, Error, Luod, Status, UpdateEvent};
+use luo_json::json_str;
 
 /// Usage text.
 pub const USAGE: &str = "\

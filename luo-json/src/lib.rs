@@ -1,5 +1,8 @@
 //! A minimal JSON writer: objects, arrays, strings, integers. Enough for `luo inspect --json`
-//! without a serde dependency.
+//! and `luoctl status --json` without a serde dependency; one crate below both, so the two
+//! commands escape strings the same way and luod need not depend on luo-cli.
+
+#![forbid(unsafe_code)]
 
 /// Builds one JSON document; commas are inserted automatically.
 pub struct Json {
