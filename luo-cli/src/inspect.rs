@@ -20,8 +20,8 @@ use backend_user::{Memory, UserPlatform};
 use luo_core::errno::HandoverError;
 use luo_core::image;
 use luo_handlers::MEMFD_USER_COMPATIBLE;
+use luo_json::{json_bytes, Json};
 
-use crate::json::{json_bytes, Json};
 use crate::size::format_size;
 
 /// Why an image could not be inspected.

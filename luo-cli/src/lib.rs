@@ -27,7 +27,6 @@ macro_rules! err {
 
 pub mod demo;
 pub mod inspect;
-pub mod json;
 pub mod pattern;
 pub mod size;
 

@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use luo_cli::json::json_str;
 use luo_client::wire::kernel_name;
 use luo_client::{describe_errno, errno_name, Dir, Errno, Error, Luod, Status, UpdateEvent};
+use luo_json::Json;
 
 /// Usage text.
 pub const USAGE: &str = "\
@@ -274,40 +274,47 @@ fn run(args: &[String]) -> Result<(), Fail> {
 
 /// `luoctl status --json`.
 pub fn status_json(s: &Status) -> String {
-    let last = match &s.last_update {
-        None => "null".to_string(),
-        Some((e, m)) => format!(
-            "{{\"errno\":{e},\"error\":{},\"message\":{}}}",
-            json_str(if *e == 0 { "" } else { errno_name(*e) }),
-            json_str(m)
-        ),
+    let mut j = Json::new();
+    j.begin_object();
+    j.key("pid").u64(s.pid.into());
+    j.key("backend").string(s.backend.as_str());
+    j.key("generation").u64(s.generation);
+    j.key("phase").string(s.phase.as_str());
+    j.key("listeners").u64(s.listeners.into());
+    j.key("last_update");
+    match &s.last_update {
+        None => j.null(),
+        Some((e, m)) => j
+            .begin_object()
+            .key("errno")
+            .i64((*e).into())
+            .key("error")
+            .string(if *e == 0 { "" } else { errno_name(*e) })
+            .key("message")
+            .string(m)
+            .end_object(),
     };
-    let sessions: Vec<String> = s
-        .sessions
-        .iter()
-        .map(|x| {
-            format!(
-                "{{\"direction\":{},\"uid\":{},\"name\":{},\"kernel_name\":{},\"files\":{},\"finished\":{},\"handed_out\":{}}}",
-                json_str(x.dir.as_str()),
-                x.uid,
-                json_str(&x.name),
-                json_str(&kernel_name(x.uid, &x.name)),
-                x.files.map_or("null".to_string(), |f| f.to_string()),
-                x.finished,
-                x.handed_out
-            )
-        })
-        .collect();
-    format!(
-        "{{\"pid\":{},\"backend\":{},\"generation\":{},\"phase\":{},\"listeners\":{},\"last_update\":{},\"sessions\":[{}]}}\n",
-        s.pid,
-        json_str(s.backend.as_str()),
-        s.generation,
-        json_str(s.phase.as_str()),
-        s.listeners,
-        last,
-        sessions.join(",")
-    )
+    j.key("sessions").begin_array();
+    for x in &s.sessions {
+        j.begin_object();
+        j.key("direction").string(x.dir.as_str());
+        j.key("uid").u64(x.uid.into());
+        j.key("name").string(&x.name);
+        j.key("kernel_name").string(&kernel_name(x.uid, &x.name));
+        j.key("files");
+        match x.files {
+            Some(f) => j.u64(f.into()),
+            None => j.null(),
+        };
+        j.key("finished").bool(x.finished);
+        j.key("handed_out").bool(x.handed_out);
+        j.end_object();
+    }
+    j.end_array();
+    j.end_object();
+    let mut out = j.finish();
+    out.push('\n');
+    out
 }
 
 /// `luoctl status` as a table.
@@ -651,6 +658,7 @@ fn listen(socket: &PathBuf, a: &Args) -> Result<(), Fail> {
 mod tests {
     use super::*;
     use luo_client::wire::{BackendKind, Phase, SessionInfo};
+    use luo_json::json_str;
 
     fn sample() -> Status {
         Status {
@@ -678,6 +686,40 @@ mod tests {
         assert!(j.contains("\"error\":\"ETIMEDOUT\""), "{j}");
         assert!(j.contains("did not \\\"reach\\\"\\n"), "{j}");
         assert_eq!(json_str("\u{1}"), "\"\\u0001\"");
+    }
+
+    #[test]
+    fn json_keeps_its_exact_shape() {
+        // Scripts parse `luoctl status --json`: how it is written may change, its bytes may not.
+        let mut s = sample();
+        assert_eq!(
+            status_json(&s),
+            "{\"pid\":7,\"backend\":\"user\",\"generation\":2,\"phase\":\"idle\",\"listeners\":1,\
+             \"last_update\":{\"errno\":110,\"error\":\"ETIMEDOUT\",\
+             \"message\":\"1 listener(s) did not \\\"reach\\\"\\n\"},\
+             \"sessions\":[{\"direction\":\"outgoing\",\"uid\":1000,\"name\":\"vm0\",\
+             \"kernel_name\":\"1000/vm0\",\"files\":2,\"finished\":false,\"handed_out\":true}]}\n"
+        );
+        s.last_update = None;
+        s.sessions[0].files = None;
+        s.sessions[0].finished = true;
+        s.sessions.push(s.sessions[0].clone());
+        let one = "{\"direction\":\"outgoing\",\"uid\":1000,\"name\":\"vm0\",\
+                   \"kernel_name\":\"1000/vm0\",\"files\":null,\"finished\":true,\"handed_out\":true}";
+        assert_eq!(
+            status_json(&s),
+            format!(
+                "{{\"pid\":7,\"backend\":\"user\",\"generation\":2,\"phase\":\"idle\",\
+                 \"listeners\":1,\"last_update\":null,\"sessions\":[{one},{one}]}}\n"
+            )
+        );
+        s.sessions.clear();
+        s.last_update = Some((0, String::new()));
+        assert_eq!(
+            status_json(&s),
+            "{\"pid\":7,\"backend\":\"user\",\"generation\":2,\"phase\":\"idle\",\"listeners\":1,\
+             \"last_update\":{\"errno\":0,\"error\":\"\",\"message\":\"\"},\"sessions\":[]}\n"
+        );
     }
 
     #[test]

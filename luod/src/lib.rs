@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod logging;
 pub mod manifest;
 pub mod options;
+mod state;
 pub mod systemd;
 mod update;
 

@@ -20,11 +20,12 @@ use luo_client::wire::{
 };
 use luo_client::{errno_name, Session};
 
-use crate::daemon::{
-    holdings, lock_table, lock_upd, log, memfd_with, names, refuse, sessions_of, Daemon, Out,
+use crate::logging::log;
+use crate::manifest::{Manifest, MANIFEST_SESSION};
+use crate::state::{
+    holdings, lock_table, lock_upd, memfd_with, names, refuse, sessions_of, Daemon, Key, Out,
     Refusal, Reply, Table,
 };
-use crate::manifest::{Manifest, MANIFEST_SESSION};
 
 /// A listener taking part in one update.
 struct Part {
@@ -43,7 +44,7 @@ enum Verdict {
 }
 
 /// A failed listener: its index, verdict, the sessions it speaks for, and the account.
-type Described = (usize, Verdict, Vec<crate::daemon::Key>, String);
+type Described = (usize, Verdict, Vec<Key>, String);
 
 /// The barrier's result.
 struct Outcome {

@@ -1,5 +1,8 @@
 //! A minimal JSON writer: objects, arrays, strings, integers. Enough for `luo inspect --json`
-//! without a serde dependency.
+//! and `luoctl status --json` without a serde dependency; one crate below both, so the two
+//! commands escape strings the same way and luod need not depend on luo-cli.
+
+#![forbid(unsafe_code)]
 
 /// Builds one JSON document; commas are inserted automatically.
 pub struct Json {
@@ -106,6 +109,13 @@ impl Json {
         self
     }
 
+    /// `true` or `false`.
+    pub fn bool(&mut self, v: bool) -> &mut Self {
+        self.sep();
+        self.out.push_str(if v { "true" } else { "false" });
+        self
+    }
+
     /// `null`.
     pub fn null(&mut self) -> &mut Self {
         self.sep();
@@ -158,10 +168,11 @@ mod tests {
         j.string("x\"y\n");
         j.i64(-2);
         j.null();
+        j.bool(true);
         j.end_array();
         j.key("c").begin_object().end_object();
         j.end_object();
-        assert_eq!(j.finish(), r#"{"a":1,"b":["x\"y\n",-2,null],"c":{}}"#);
+        assert_eq!(j.finish(), r#"{"a":1,"b":["x\"y\n",-2,null,true],"c":{}}"#);
         assert_eq!(json_bytes(b"a\x01\xff"), "\"a\\u0001\u{fffd}\"");
     }
 }
