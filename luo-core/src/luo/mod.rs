@@ -15,13 +15,21 @@ use crate::block::BlockSet;
 use crate::errno::{Error, HandoverError, Result};
 use crate::image::{self, Image};
 use crate::platform::{
-    FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
+    FileHandler, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
 };
 use crate::registry::{Refs, Registry};
 use crate::uapi::Direction;
 use core::mem::{offset_of, size_of};
 use zerocopy::IntoBytes;
 
+/// One log line at a [`Level`]; defined before the modules so that all of them can use it.
+macro_rules! log {
+    ($p:expr, $lvl:ident, $($arg:tt)*) => {
+        $p.log(Level::$lvl, format_args!($($arg)*))
+    };
+}
+
+mod api;
 mod session;
 
 use session::{FileEntry, IncomingSlot, Outgoing};
@@ -74,12 +82,6 @@ pub struct Luo<P: Platform> {
     refs: P::Mutex<Refs<P>>,
     /// Identities of every file preserved or retrieved-and-not-finished (upstream's xarray).
     ids: P::Mutex<P::Map<u64, ()>>,
-}
-
-macro_rules! log {
-    ($p:expr, $lvl:ident, $($arg:tt)*) => {
-        $p.log(Level::$lvl, format_args!($($arg)*))
-    };
 }
 
 impl<P: Platform> Luo<P> {
@@ -859,103 +861,6 @@ impl<P: Platform> Luo<P> {
     /// Address of the outgoing root (`luo_ser`), once [`Luo::start`] succeeded.
     pub fn root_addr(&self) -> Option<u64> {
         self.phase.read().root.map(|r| r.root)
-    }
-
-    // ---------------------------------------------------------------------------------------
-    // In-kernel API: handlers and FLBs (include/linux/liveupdate.h)
-    // ---------------------------------------------------------------------------------------
-
-    /// `liveupdate_register_file_handler`.
-    pub fn register_handler(&self, h: &P::Handler) -> Result {
-        if !self.enabled() {
-            return Err(Error::Disabled);
-        }
-        self.registry.write().register_handler(h)
-    }
-
-    /// `liveupdate_unregister_file_handler`. Refused (and logged) while files of the handler
-    /// are preserved or not yet finished: they would point at a handler that is gone (B10).
-    pub fn unregister_handler(&self, h: &P::Handler) -> Result {
-        if !self.enabled() {
-            return Ok(());
-        }
-        let mut reg = self.registry.write();
-        let refs = self.refs.lock();
-        if refs.handler_live(h.key()) > 0 {
-            log!(
-                self.platform,
-                Warn,
-                "not unregistering handler with live files: {:?}",
-                Compat::new(h.compatible())
-            );
-            return Err(Error::AlreadyPreserved);
-        }
-        reg.unregister_handler(h.key(), &refs)
-    }
-
-    /// `liveupdate_register_flb`.
-    pub fn register_flb(&self, h: &P::Handler, flb: &P::Flb) -> Result {
-        if !self.enabled() {
-            return Err(Error::Disabled);
-        }
-        let mut reg = self.registry.write();
-        let refs = self.refs.lock();
-        reg.register_flb(h.key(), flb, &refs)
-    }
-
-    /// `liveupdate_unregister_flb`.
-    pub fn unregister_flb(&self, h: &P::Handler, flb: &P::Flb) -> Result {
-        if !self.enabled() {
-            return Ok(());
-        }
-        let mut reg = self.registry.write();
-        let refs = self.refs.lock();
-        let r = reg.unregister_flb(h.key(), flb.key(), &refs);
-        if let Err(e) = r {
-            log!(self.platform, Warn, "FLB unregister refused: {e}");
-        }
-        r
-    }
-
-    /// `liveupdate_flb_get_incoming`.
-    pub fn flb_get_incoming(&self, flb: &P::Flb) -> Result<usize> {
-        if !self.enabled {
-            return Err(Error::Disabled);
-        }
-        // Any FLB object may ask, registered or not (early-boot users, lib/tests); a
-        // compatible string that cannot have been handed over matches nothing.
-        let compat = Compat::new(flb.compatible()).ok_or(Error::FlbNotFound)?;
-        self.refs.lock().get_incoming(&self.platform, flb, &compat)
-    }
-
-    /// `liveupdate_flb_put_incoming`.
-    pub fn flb_put_incoming(&self, flb: &P::Flb) {
-        let Some(compat) = Compat::new(flb.compatible()) else {
-            return;
-        };
-        self.refs.lock().put_incoming(&self.platform, flb, &compat);
-    }
-
-    /// `liveupdate_flb_get_outgoing`.
-    pub fn flb_get_outgoing(&self, flb: &P::Flb) -> Result<usize> {
-        if !self.enabled() {
-            return Err(Error::Disabled);
-        }
-        self.refs.lock().get_outgoing(flb.key())
-    }
-
-    /// `liveupdate_flb_put_outgoing`.
-    pub fn flb_put_outgoing(&self, flb: &P::Flb) {
-        let reg = self.registry.read();
-        let mut refs = self.refs.lock();
-        if !refs.put_outgoing(&reg, flb.key()) {
-            log!(
-                self.platform,
-                Warn,
-                "FLB {:?}: outgoing reference count underflow",
-                Compat::new(flb.compatible())
-            );
-        }
     }
 }
 
