@@ -7,7 +7,7 @@
 use super::Luo;
 use crate::abi::Compat;
 use crate::errno::{Error, Result};
-use crate::platform::{FileHandler, FlbOps, Level, PMutex, PRwLock, Platform};
+use crate::platform::{FileHandler, FlbOps, PMutex, PRwLock, Platform};
 
 impl<P: Platform> Luo<P> {
     /// `liveupdate_register_file_handler`.

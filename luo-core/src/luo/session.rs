@@ -4,7 +4,7 @@
 //! and the fds that refer to it. Nothing here takes the phase or a table lock: the operations
 //! that do live beside [`Luo`](super::Luo), in lock order.
 
-use super::padded_span;
+use super::serialize::padded_span;
 use crate::abi::{LuoFileSer, LuoSessionSer, SessionName, SESSION_NAME_LEN};
 use crate::block::BlockSet;
 use crate::errno::{Error, Result};
