@@ -7,10 +7,7 @@
 //! has serialized the state, every later operation fails with [`Error::Serialized`] (the kernel
 //! backend turns that into "block until the kexec", as upstream does).
 
-use crate::abi::{
-    Compat, LuoFlbHeaderSer, LuoSer, SessionName, LUO_ABI_COMPATIBLE, LUO_ABI_COMPAT_LEN,
-    LUO_FLB_PGCNT,
-};
+use crate::abi::{Compat, LuoSer, SessionName};
 use crate::block::BlockSet;
 use crate::errno::{Error, HandoverError, Result};
 use crate::image::{self, Image};
@@ -19,7 +16,7 @@ use crate::platform::{
 };
 use crate::registry::{Refs, Registry};
 use crate::uapi::Direction;
-use zerocopy::IntoBytes;
+use core::mem::size_of;
 
 /// One log line at a [`Level`]; defined before the modules so that all of them can use it.
 macro_rules! log {
@@ -46,6 +43,7 @@ pub(crate) struct Phase {
     serialized: bool,
 }
 
+/// The outgoing handover's fixed pages, allocated and published at start.
 #[derive(Clone, Copy)]
 struct Root {
     root: u64,
@@ -154,29 +152,21 @@ impl<P: Platform> Luo<P> {
                 return Err(e);
             }
         };
-        let num = self.incoming_num.wrapping_add(1);
-        let mut compat = [0u8; LUO_ABI_COMPAT_LEN];
-        compat[..LUO_ABI_COMPATIBLE.len()].copy_from_slice(LUO_ABI_COMPATIBLE);
-        let ser = LuoSer {
-            compatible: compat,
-            liveupdate_num: num,
-            sessions_pa: 0,
-            flbs_pa: flbs,
+        let new = Root {
+            root,
+            flbs,
+            num: self.incoming_num.wrapping_add(1),
         };
-        let header = LuoFlbHeaderSer {
-            pgcnt: LUO_FLB_PGCNT,
-            count: 0,
-        };
-        let r = p
-            .write(root, ser.as_bytes())
-            .and_then(|()| p.write(flbs, header.as_bytes()))
-            .and_then(|()| p.publish_root(root, core::mem::size_of::<LuoSer>() as u64));
+        let r = new
+            .write_root(p, 0)
+            .and_then(|()| new.write_flb_header(p, 0))
+            .and_then(|()| p.publish_root(root, size_of::<LuoSer>() as u64));
         if let Err(e) = r {
             p.free_page(flbs);
             p.free_page(root);
             return Err(e);
         }
-        phase.root = Some(Root { root, flbs, num });
+        phase.root = Some(new);
         Ok(())
     }
 

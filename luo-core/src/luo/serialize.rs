@@ -90,8 +90,8 @@ impl<P: Platform> Luo<P> {
             let reg = self.registry.read();
             let refs = self.refs.lock();
             let mut n = 0u64;
-            let header_size = core::mem::size_of::<LuoFlbHeaderSer>() as u64;
-            let entry_size = core::mem::size_of::<LuoFlbSer>() as u64;
+            let header_size = size_of::<LuoFlbHeaderSer>() as u64;
+            let entry_size = size_of::<LuoFlbSer>() as u64;
             for (_, &fk) in reg.flb_order.iter() {
                 let (Some(f), Some(o)) = (reg.flbs.get(&fk), refs.outgoing.get(&fk)) else {
                     continue;
@@ -107,22 +107,38 @@ impl<P: Platform> Luo<P> {
                 p.write(root.flbs + header_size + n * entry_size, e.as_bytes())?;
                 n += 1;
             }
-            let header = LuoFlbHeaderSer {
-                pgcnt: LUO_FLB_PGCNT,
-                count: n,
-            };
-            p.write(root.flbs, header.as_bytes())?;
+            root.write_flb_header(p, n)?;
         }
         // Last, the root: the next kernel sees sessions only once everything else is written.
-        let mut compat = [0u8; LUO_ABI_COMPAT_LEN];
-        compat[..LUO_ABI_COMPATIBLE.len()].copy_from_slice(LUO_ABI_COMPATIBLE);
+        root.write_root(p, head)
+    }
+}
+
+impl Root {
+    /// Writes `luo_ser`, the one place that does. Start writes it with no sessions before it
+    /// publishes the root, so the root is never published unwritten; reboot writes it again,
+    /// last, pointing at the session chain.
+    #[inline]
+    pub(super) fn write_root<P: Platform>(&self, p: &P, sessions_pa: u64) -> Result {
+        let mut compatible = [0u8; LUO_ABI_COMPAT_LEN];
+        compatible[..LUO_ABI_COMPATIBLE.len()].copy_from_slice(LUO_ABI_COMPATIBLE);
         let ser = LuoSer {
-            compatible: compat,
-            liveupdate_num: root.num,
-            sessions_pa: head,
-            flbs_pa: root.flbs,
+            compatible,
+            liveupdate_num: self.num,
+            sessions_pa,
+            flbs_pa: self.flbs,
         };
-        p.write(root.root, ser.as_bytes())
+        p.write(self.root, ser.as_bytes())
+    }
+
+    /// Writes the FLB page's header: `count` entries follow it (none until reboot).
+    #[inline]
+    pub(super) fn write_flb_header<P: Platform>(&self, p: &P, count: u64) -> Result {
+        let header = LuoFlbHeaderSer {
+            pgcnt: LUO_FLB_PGCNT,
+            count,
+        };
+        p.write(self.flbs, header.as_bytes())
     }
 }
 
