@@ -7,13 +7,11 @@
 //! has serialized the state, every later operation fails with [`Error::Serialized`] (the kernel
 //! backend turns that into "block until the kexec", as upstream does).
 
-use crate::abi::{Compat, LuoSer, SessionName};
+use crate::abi::{LuoSer, SessionName};
 use crate::block::BlockSet;
-use crate::errno::{Error, HandoverError, Result};
-use crate::image::{self, Image};
-use crate::platform::{
-    FileHandler, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
-};
+use crate::errno::{Error, Result};
+use crate::image;
+use crate::platform::{FileHandler, OrdMap, PMutex, PRwLock, PVec, Platform, RetrieveStatus};
 use crate::registry::{Refs, Registry};
 use crate::uapi::Direction;
 use core::mem::size_of;
@@ -26,9 +24,11 @@ macro_rules! log {
 }
 
 mod api;
+mod incoming;
 mod serialize;
 mod session;
 
+use incoming::{Device, Incoming};
 use session::{FileEntry, IncomingSlot, Outgoing};
 pub use session::{FileSet, Session, SessionHead, SessionRef};
 
@@ -49,22 +49,6 @@ struct Root {
     root: u64,
     flbs: u64,
     num: u64,
-}
-
-/// What the first open does with the incoming image.
-enum Incoming<P: Platform> {
-    /// Cold boot or already consumed.
-    None,
-    /// Validated at boot; sessions are built at the first open (handlers register in between).
-    Pending(Image<P>),
-    /// Refused at boot; the first open reports it with `EIO`, later opens proceed without it.
-    Refused(HandoverError),
-}
-
-/// The exclusive-open token and the one-time incoming work.
-struct Device<P: Platform> {
-    in_use: bool,
-    incoming: Incoming<P>,
 }
 
 /// The Live Update Orchestrator over a platform.
@@ -200,137 +184,18 @@ impl<P: Platform> Luo<P> {
         Ok(())
     }
 
-    // ---------------------------------------------------------------------------------------
-    // /dev/liveupdate
-    // ---------------------------------------------------------------------------------------
-
-    /// Opens the device: exclusive (`EBUSY`), and the first open builds the incoming sessions.
+    /// Incoming work needs only "not serialized": it is allowed even if outgoing setup failed.
     ///
-    /// If the incoming state was refused at boot, this open fails with `EIO` once and later
-    /// opens proceed with no incoming sessions, so the next update can still be prepared
-    /// (upstream fails every open forever, spec §13 B5). If a preserved file's handler is not
-    /// registered yet, the open fails with `EIO` and nothing is consumed: a later open, after
-    /// the handler registers, builds the sessions.
-    pub fn open(&self) -> Result {
-        let mut dev = self.device.lock();
-        if dev.in_use {
-            return Err(Error::DeviceBusy);
+    /// The session ioctls take this once, after decoding, and hold it while the command runs
+    /// (upstream's serialize rwsem, spec §2.4 step 7): `ESHUTDOWN` once the state is
+    /// serialized for the next kernel, where upstream's session ioctls block.
+    #[inline]
+    pub(crate) fn live_or_incoming(&self) -> Result<PhaseRead<'_, P>> {
+        let phase = self.phase.read();
+        if phase.serialized {
+            return Err(Error::Serialized);
         }
-        match core::mem::replace(&mut dev.incoming, Incoming::None) {
-            Incoming::None => {}
-            Incoming::Refused(e) => {
-                log!(
-                    self.platform,
-                    Error,
-                    "incoming state was refused at boot: {e}"
-                );
-                return Err(Error::IncomingRefused);
-            }
-            Incoming::Pending(img) => {
-                if let Err(e) = self.deserialize(&img) {
-                    log!(
-                        self.platform,
-                        Error,
-                        "cannot restore incoming sessions: {e}"
-                    );
-                    let keep = matches!(
-                        e,
-                        Error::Handover(HandoverError::UnknownHandler { .. }) | Error::NoMemory
-                    );
-                    if keep {
-                        dev.incoming = Incoming::Pending(img);
-                    }
-                    return Err(Error::IncomingRefused);
-                }
-            }
-        }
-        dev.in_use = true;
-        Ok(())
-    }
-
-    /// Releases the device (the last reference to its file closed). Sessions are unaffected.
-    pub fn close(&self) {
-        self.device.lock().in_use = false;
-    }
-
-    /// Builds incoming sessions from the image; all or nothing.
-    fn deserialize(&self, img: &Image<P>) -> Result {
-        let mut built = P::Map::<SessionName, IncomingSlot<P>>::default();
-        let result = self.build_incoming(img, &mut built);
-        if result.is_err() {
-            // Undo owner pins and live counts taken for the partial result.
-            for (_, slot) in built.iter() {
-                self.drop_incoming_files(&slot.session);
-            }
-            return result;
-        }
-        let mut table = self.incoming.write();
-        core::mem::swap(&mut *table, &mut built);
-        Ok(())
-    }
-
-    fn build_incoming(
-        &self,
-        img: &Image<P>,
-        built: &mut P::Map<SessionName, IncomingSlot<P>>,
-    ) -> Result {
-        for s in img.sessions.as_slice() {
-            let session = Session::try_new(s.name, Direction::Incoming)?;
-            built.try_insert(
-                s.name,
-                IncomingSlot {
-                    session: session.clone(),
-                    retrieved: false,
-                },
-            )?;
-            // The documented order is session, then registry (as in `finish_files`), even
-            // though nobody else can see this session yet: lockdep checks classes, not
-            // instances.
-            let mut set = session.files();
-            let reg = self.registry.read();
-            for f in s.files.as_slice() {
-                let (hkey, handler) = reg
-                    .handler_by_compat(&f.compat)
-                    .ok_or(HandoverError::UnknownHandler { at: f.at })?;
-                if !handler.get_owner() {
-                    return Err(HandoverError::UnknownHandler { at: f.at }.into());
-                }
-                let entry = FileEntry::<P> {
-                    hkey,
-                    handler,
-                    file: None,
-                    state: Preserved {
-                        data: f.data,
-                        private: 0,
-                    },
-                    token: f.token,
-                    status: RetrieveStatus::NotAttempted,
-                    id: None,
-                };
-                let handler: P::Handler = entry.handler.clone();
-                if let Err(e) = set.insert(entry) {
-                    handler.put_owner();
-                    return Err(e);
-                }
-                if let Err(e) = self.refs.lock().live_inc(hkey) {
-                    if let Some(entry) = set.pop_last() {
-                        entry.handler.put_owner();
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Drops the files of a session that never reached userspace (failed deserialization).
-    fn drop_incoming_files(&self, s: &SessionRef<P>) {
-        let mut set = s.files();
-        let mut refs = self.refs.lock();
-        while let Some(e) = set.pop_last() {
-            refs.live_dec(e.hkey);
-            e.handler.put_owner();
-        }
+        Ok(phase)
     }
 
     /// CREATE_SESSION after the fd is reserved (spec §2.5): name rules, then unique insert.
@@ -363,44 +228,6 @@ impl<P: Platform> Luo<P> {
             return Err(Error::NoMemory);
         }
         Ok(session)
-    }
-
-    /// RETRIEVE_SESSION after the fd is reserved: exact name match among incoming sessions.
-    pub fn retrieve_session(&self, name: &[u8; 64]) -> Result<SessionRef<P>> {
-        // An empty or unterminated name matches nothing (upstream does not validate it).
-        let name = SessionName::from_field(name).map_err(|_| Error::NoSuchSession)?;
-        let _phase = self.live_or_incoming()?;
-        let mut table = self.incoming.write();
-        let slot = table.get_mut(&name).ok_or(Error::NoSuchSession)?;
-        if slot.retrieved {
-            return Err(Error::AlreadyRetrieved);
-        }
-        slot.retrieved = true;
-        Ok(slot.session.clone())
-    }
-
-    /// Incoming work needs only "not serialized": it is allowed even if outgoing setup failed.
-    ///
-    /// The session ioctls take this once, after decoding, and hold it while the command runs
-    /// (upstream's serialize rwsem, spec §2.4 step 7): `ESHUTDOWN` once the state is
-    /// serialized for the next kernel, where upstream's session ioctls block.
-    #[inline]
-    pub(crate) fn live_or_incoming(&self) -> Result<PhaseRead<'_, P>> {
-        let phase = self.phase.read();
-        if phase.serialized {
-            return Err(Error::Serialized);
-        }
-        Ok(phase)
-    }
-
-    /// Undoes a RETRIEVE_SESSION whose reply could not be written: the session goes back to
-    /// the unretrieved state with nothing finished (upstream finishes and frees it: bug B6).
-    pub fn unretrieve_session(&self, s: &SessionRef<P>) {
-        if let Some(slot) = self.incoming.write().get_mut(&s.name) {
-            if Session::ptr_eq(&slot.session, s) {
-                slot.retrieved = false;
-            }
-        }
     }
 
     /// The last fd of a session closed.
@@ -709,21 +536,6 @@ impl<P: Platform> Luo<P> {
     /// Number of outgoing sessions.
     pub fn outgoing_count(&self) -> usize {
         self.outgoing.read().len()
-    }
-
-    /// Calls `f(compatible, data)` for every file of the incoming image that awaits the first
-    /// open, in handover order. Lets a backend protect what the previous image handed over
-    /// before anyone retrieves it (the userspace memfd handler marks inherited fds
-    /// close-on-exec, so files that are never retrieved do not leak into the next image).
-    pub fn for_each_pending_incoming_file(&self, mut f: impl FnMut(&Compat, u64)) {
-        let dev = self.device.lock();
-        if let Incoming::Pending(img) = &dev.incoming {
-            for s in img.sessions.as_slice() {
-                for file in s.files.as_slice() {
-                    f(&file.compat, file.data);
-                }
-            }
-        }
     }
 
     /// Number of incoming sessions not yet closed (retrieved or not).
