@@ -10,7 +10,10 @@
 //! - [`uapi`]: the ioctl ABI and its decoder; [`dispatch`]: decode, execute, respond.
 //! - [`abi`]: the `luo-v5` handover structs; `block`: the block-chain writer and reader;
 //!   [`image`]: validation of incoming state.
-//! - [`Luo`]: sessions, files, reboot and boot; `registry`: handlers and FLB counts.
+//! - [`Luo`] (`luo/`, one file per concern): boot and the lock order, the session data model,
+//!   the incoming sessions, the session and file operations, the writer of the handover
+//!   (`serialize`, the mirror of [`image`]) and the in-kernel handler and FLB API.
+//! - `registry`: handlers and FLBs; `registry::refs`: their reference counts.
 //! - [`errno`]: one error type, one errno table.
 
 #![no_std]
