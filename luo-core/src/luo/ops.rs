@@ -2,7 +2,8 @@
 //! do, and what the last close of a session fd undoes.
 //!
 //! Each public operation takes the phase itself; the `*_held` variants let
-//! [`dispatch`](crate::dispatch) take it once per ioctl, around decoding and the reply.
+//! [`dispatch`](crate::dispatch) take it once per ioctl, after decoding, and hold it while the
+//! command runs.
 
 use super::session::{FileEntry, FileSet, Session, SessionRef};
 use super::{Luo, Phase};

@@ -1,8 +1,8 @@
 //! The data model: sessions, their file sets, and the two session tables.
 //!
-//! A session is one allocation (its head and its files behind its mutex), shared by the tables
-//! and the fds that refer to it. Nothing here takes the phase or a table lock: the operations
-//! that do live beside [`Luo`](super::Luo), in lock order.
+//! A session is one allocation (its head, and its files behind its mutex) shared by the tables
+//! and the fds that refer to it. Nothing here takes the phase or a table lock: the callers hold
+//! them, in the lock order `luo/mod.rs` documents.
 
 use super::serialize::padded_span;
 use crate::abi::{LuoFileSer, LuoSessionSer, SessionName, SESSION_NAME_LEN};
