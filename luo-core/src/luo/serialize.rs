@@ -1,9 +1,10 @@
 //! Writing the outgoing `luo-v5` state at reboot: the mirror of [`image`](crate::image), which
 //! reads it back in the next kernel.
 //!
-//! Every page the handover needs was reserved when its session or file was added, so nothing
-//! here allocates. The root is written last: a failure before it hands the next kernel no
-//! sessions, and the state stays live for a retry.
+//! Every page the handover needs was reserved before (the root and the FLB page at start, room
+//! in the block pages whenever a session or file was added), so nothing here allocates. The
+//! root is written last: a failure before it hands the next kernel no sessions, and the state
+//! stays live for a retry.
 
 use super::session::{FileSet, Outgoing};
 use super::{Luo, Root};
