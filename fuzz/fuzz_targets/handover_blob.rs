@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    luo_fuzz::run_checked(data, luo_fuzz::targets::blob::run);
+    luo_fuzz::run_checked(data, luo_fuzz_targets::blob::run);
 });

@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    luo_fuzz::run_checked(data, luo_fuzz::targets::lifecycle::run);
+    luo_fuzz::run_checked(data, luo_fuzz_targets::lifecycle::run);
 });

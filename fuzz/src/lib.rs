@@ -1,10 +1,8 @@
-//! The fuzz targets' logic, shared with the regression tests.
+//! What the fuzz binaries add to the target bodies (luo-fuzz-targets, `fuzz-targets/`): the
+//! malloc limit and the leak check a build without a sanitizer would lack.
 //!
-//! Everything lives in [`targets`], which uses only luo-core, backend-user, luo-handlers and
-//! libc, so `tests/tests/fuzz_regressions.rs` can compile the same file (`#[path]`) and replay
-//! saved inputs without libFuzzer.
-
-pub mod targets;
+//! They live here, not with the bodies: a `#[global_allocator]` in luo-fuzz-targets would
+//! become the allocator of the regression tests that replay the bodies too.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,21 +1,18 @@
 //! Fuzz findings as regression tests, and the fuzz seed corpora.
 //!
-//! The fuzz targets' bodies live in `fuzz/src/targets/` and are compiled here too (`#[path]`),
-//! so every crash input the fuzzer found (saved under `tests/fuzz-regressions/`, named after
-//! its target) is replayed on every `cargo test` without libFuzzer or nightly. See
-//! docs/verification.md.
+//! The fuzz targets' bodies are the luo-fuzz-targets crate (`fuzz-targets/`), which the fuzz
+//! binaries run too, so every crash input the fuzzer found (saved under
+//! `tests/fuzz-regressions/`, named after its target) is replayed on every `cargo test` without
+//! libFuzzer or nightly. See docs/verification.md.
 //!
 //! `cargo test -p luo-tests --test fuzz_regressions -- --ignored generate_seeds` rewrites the
 //! checked-in seed corpora under `fuzz/corpus/` from the real backend.
-
-#[allow(dead_code, unreachable_pub, missing_docs)]
-#[path = "../../fuzz/src/targets/mod.rs"]
-mod targets;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use backend_user::{FlbRef, HandlerRef, LiveUpdate, Memory};
+use luo_fuzz_targets as targets;
 use luo_handlers::testing::{Journal, Op as Cb, Store, TestFlb, TestHandler};
 use targets::lifecycle::Op;
 

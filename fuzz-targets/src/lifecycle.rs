@@ -489,7 +489,7 @@ impl Model {
 // The system under test.
 // ---------------------------------------------------------------------------------------------
 
-/// The [`FILES`] memfds every input preserves, made once per process: a memfd is only an
+/// The `FILES` memfds every input preserves, made once per process: a memfd is only an
 /// identity here (nothing reads or writes it), and every reference LUO or the handler takes is
 /// a dup that the end of [`run`] has closed (no session, no stored object is left), so the next
 /// input starts from files nobody else holds, as fresh ones would be.

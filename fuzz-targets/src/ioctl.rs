@@ -20,7 +20,7 @@ use luo_core::uapi::{decode_device, decode_session, Direction, SliceArg};
 use luo_core::uapi::{DeviceRequest, SessionRequest};
 use luo_core::{FileHandler, Platform, Preserved, RetrieveStatus};
 
-use super::common::name_field;
+use crate::common::name_field;
 
 /// The token of the incoming file.
 pub const TOKEN: u64 = 7;

@@ -19,7 +19,7 @@ use backend_user::{Device, FlbRef, HandlerRef, Installed, LiveUpdate, Memory, Se
 use luo_core::uapi::{LIVEUPDATE_IOCTL_CREATE_SESSION, LIVEUPDATE_IOCTL_RETRIEVE_SESSION};
 use luo_core::Error;
 
-use super::common::{
+use crate::common::{
     decode, decode_owned, name_field, word, CanonFlb, Canonical, Decoded, EchoFlb, EchoHandler,
     Files, PAGE,
 };
@@ -209,7 +209,7 @@ fn retrieve_and_reserialize(
         if n > 0 {
             flb_entries.push(CanonFlb {
                 compat: FLBS[i].as_bytes().to_vec(),
-                data: flb.incoming().unwrap_or(super::common::ECHO_FLB_DEFAULT),
+                data: flb.incoming().unwrap_or(crate::common::ECHO_FLB_DEFAULT),
                 count: n,
             });
         }

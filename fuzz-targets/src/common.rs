@@ -20,7 +20,7 @@ const POOLED: usize = 64;
 static POOL: Mutex<Vec<(OwnedFd, u64)>> = Mutex::new(Vec::new());
 
 /// The distinct files one input's handlers hand out: the `n`-th is a dup of the `n`-th pooled
-/// memfd (the first [`POOLED`]) or a fresh memfd.
+/// memfd (the first `POOLED`) or a fresh memfd.
 ///
 /// A memfd is only an identity to the handlers and to LUO (its inode; nothing reads or writes
 /// it), and LUO's "already preserved" bookkeeping belongs to one `LiveUpdate`, which does not
