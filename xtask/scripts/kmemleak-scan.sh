@@ -6,6 +6,10 @@
 # "unreferenced object" (docs/verification.md). A no-op on kernels without
 # CONFIG_DEBUG_KMEMLEAK.
 f=/sys/kernel/debug/kmemleak
+# A systemd-shutdown hook inherits systemd-shutdown's stdout, which is not the console (PID 1
+# keeps its stdio on /dev/null); the report must reach the serial console, where xtask reads
+# it.
+[ -c /dev/console ] && exec >/dev/console 2>&1
 [ -e $f ] || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 [ -e $f ] || exit 0
 # kmemleak reports an object only once it is older than its minimum age (5 s), so that

@@ -459,6 +459,7 @@ fn kernels(
         let vo = vm::Options {
             core,
             tests: Vec::new(),
+            skip: Vec::new(),
             clean: false,
             debug: opts.debug,
             timeout: Duration::from_secs(120),

@@ -24,7 +24,8 @@ use kbuild::Core;
 use util::{bail, Result};
 
 const USAGE: &str = "\
-usage: cargo xtask vm test  [--core c|rust] [--tests NAME[,NAME...]] [--clean]
+usage: cargo xtask vm test  [--core c|rust] [--tests NAME[,NAME...]] [--skip NAME[,NAME...]]
+                            [--clean]
                             [--no-debug] [--timeout SECS] [--jobs N] [--verbose]
                             [--kexec-into c|rust] [--sanitize]
        cargo xtask vm build [--core c|rust] [--clean] [--no-debug] [--jobs N] [--sanitize]
@@ -52,6 +53,7 @@ vm fuzz    differential fuzzing of /dev/liveupdate (docs/verification.md): seeds
 
 --core       LUO core to build: c (upstream, default) or rust (needs the patch series)
 --tests      run only these (repeatable or comma separated), e.g. liveupdate.preserve_memfd
+--skip       leave these VM tests out (repeatable or comma separated)
 --clean      remove the build outputs first (a cold kernel build)
 --no-debug   leave out backend-linux/kernel/config/debug.config (lockdep etc.), which
              roughly doubles boot and kexec times under TCG; for timing runs
@@ -86,6 +88,7 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
     let mut opts = vm::Options {
         core: Core::C,
         tests: Vec::new(),
+        skip: Vec::new(),
         clean: false,
         debug: true,
         timeout: Duration::from_secs(120),
@@ -116,13 +119,10 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
                 opts.core = c;
             }
             "--tests" | "--test" => {
-                let v = value("--tests")?;
-                opts.tests.extend(
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(String::from),
-                );
+                opts.tests.extend(names(&value("--tests")?));
+            }
+            "--skip" => {
+                opts.skip.extend(names(&value("--skip")?));
             }
             "--kexec-into" => {
                 let v = value("--kexec-into")?;
@@ -156,6 +156,15 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
         opts.timeout = opts.timeout.max(Duration::from_secs(600));
     }
     Ok(opts)
+}
+
+/// A comma-separated list of names.
+fn names(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 fn run() -> Result<ExitCode> {

@@ -27,16 +27,19 @@ pub(crate) struct Sysroot {
     pub(crate) built: bool,
 }
 
-/// Build the root image unless the cache has one for the same script and package lists.
+/// Build the root image unless the cache has one for the same scripts and package lists.
 pub(crate) fn ensure(paths: &Paths) -> Result<Sysroot> {
     let script = paths.scripts().join("sysroot.sh");
     let text =
         fs::read_to_string(&script).context(|| format!("cannot read {}", script.display()))?;
-    let key = Fnv::new()
-        .str(&text)
-        .str(ROOT_PACKAGES)
-        .str(TEMPLATE_PACKAGES)
-        .hex();
+    // And the files sysroot.sh sources or installs into the root.
+    let mut key = Fnv::new();
+    key.str(&text);
+    for f in ["mirror.sh", "kmemleak-scan.sh"] {
+        let p = paths.scripts().join(f);
+        key.str(&fs::read_to_string(&p).context(|| format!("cannot read {}", p.display()))?);
+    }
+    let key = key.str(ROOT_PACKAGES).str(TEMPLATE_PACKAGES).hex();
     let dir = paths.cache.join("sysroot").join(&key);
     let image = dir.join("root.ext4");
     if image.is_file() {
