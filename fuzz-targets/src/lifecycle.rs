@@ -605,30 +605,22 @@ pub fn run(data: &[u8]) {
 
 fn apply(sys: &mut System, m: &mut Model, op: Op, step: usize) {
     match op {
-        Op::Create(slot, name) => {
+        Op::Create(slot, name) | Op::Retrieve(slot, name) => {
             if sys.slots[slot].is_some() {
                 return;
             }
             let Some(dev) = sys.dev.as_ref() else { return };
-            let got = errno(dev.create_session(NAMES[name]));
-            let want = m.create(NAMES[name]);
-            assert_eq!(
-                got.as_ref().err(),
-                want.as_ref().err(),
-                "step {step} {op:?}"
-            );
-            if let (Ok(fd), Ok(dir)) = (got, want) {
-                sys.slots[slot] = Some(fd);
-                m.slots[slot] = Some(dir);
-            }
-        }
-        Op::Retrieve(slot, name) => {
-            if sys.slots[slot].is_some() {
-                return;
-            }
-            let Some(dev) = sys.dev.as_ref() else { return };
-            let got = errno(dev.retrieve_session(NAMES[name]));
-            let want = m.retrieve(NAMES[name]);
+            let (got, want) = if matches!(op, Op::Create(..)) {
+                (
+                    errno(dev.create_session(NAMES[name])),
+                    m.create(NAMES[name]),
+                )
+            } else {
+                (
+                    errno(dev.retrieve_session(NAMES[name])),
+                    m.retrieve(NAMES[name]),
+                )
+            };
             assert_eq!(
                 got.as_ref().err(),
                 want.as_ref().err(),
