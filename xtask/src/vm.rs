@@ -893,3 +893,35 @@ fn luod_systemd_vm(
         echo: opts.verbose,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(args: &[&str]) -> Result<Vec<&'static str>> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let opts = crate::parse_vm_options(&args)?;
+        Ok(select(&opts)?.keys().map(|&i| TESTS[i].name).collect())
+    }
+
+    #[test]
+    fn skip_leaves_out_exactly_the_named_tests() {
+        let all = names(&[]).unwrap();
+        assert!(all.contains(&"systemd_luo") && all.contains(&"liveupdate"));
+        let some = names(&["--skip", "systemd_luo"]).unwrap();
+        assert_eq!(
+            some,
+            all.iter()
+                .copied()
+                .filter(|n| *n != "systemd_luo")
+                .collect::<Vec<_>>()
+        );
+        // --skip applies to an explicit selection too, and a typo is an error, not a no-op.
+        assert_eq!(
+            names(&["--tests", "liveupdate,luod_update", "--skip=luod_update"]).unwrap(),
+            ["liveupdate"]
+        );
+        assert!(names(&["--skip", "systemd-luo"]).is_err());
+        assert!(names(&["--tests", "liveupdate", "--skip", "liveupdate"]).is_err());
+    }
+}
