@@ -869,6 +869,27 @@ mod tests {
     }
 
     #[test]
+    fn a_kmemleak_report_or_a_missing_scan_fails_with_its_stack() {
+        let clean = [
+            "[  9.1] x",
+            "LUO-VM: kmemleak scan: 0 unreferenced object(s)",
+        ];
+        assert!(kmemleak_problems(&clean, 1).is_empty());
+        // Each boot must scan: one scan for two boots is a problem, and so is a second one.
+        assert_eq!(kmemleak_problems(&clean, 2).len(), 1);
+        assert_eq!(kmemleak_problems(&clean, 0).len(), 1);
+        let leak = [
+            "LUO-VM: kmemleak scan: 1 unreferenced object(s)",
+            "LUO-VM: unreferenced object 0xffff888004a1b000 (size 64):",
+            "LUO-VM:   backtrace (crc 0):",
+            "LUO-VM:     luo_session_create+0x1c/0x90",
+        ];
+        let p = kmemleak_problems(&leak, 1);
+        assert!(p[0].starts_with("kmemleak: ") && p[0].contains("0xffff888004a1b000"));
+        assert!(p.iter().any(|l| l.contains("luo_session_create")));
+    }
+
+    #[test]
     fn kernel_timestamps() {
         assert_eq!(kernel_line("[    1.500000] x: y"), Some((1.5, "x: y")));
         assert_eq!(kernel_line("# [STAGE 1] x"), None);
