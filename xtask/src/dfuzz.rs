@@ -434,7 +434,7 @@ fn kernels(
     for &core in &opts.cores {
         let var = format!("LUO_DFUZZ_BZIMAGE_{}", core.to_string().to_uppercase());
         if let Some(bz) = std::env::var_os(&var).map(PathBuf::from) {
-            let Some(dir) = bz.ancestors().nth(4) else {
+            let Some(dir) = build_dir(&bz) else {
                 bail!(
                     "{var}: {} is not <build>/arch/x86/boot/bzImage",
                     bz.display()
@@ -475,12 +475,7 @@ fn kernels(
         let copy = run_dir.join(format!("bzImage-{core}"));
         fs::copy(&b.kernel.bzimage, &copy)
             .context(|| format!("cannot copy {}", b.kernel.bzimage.display()))?;
-        let dir = b
-            .kernel
-            .bzimage
-            .ancestors()
-            .nth(4)
-            .unwrap_or(Path::new("/"));
+        let dir = build_dir(&b.kernel.bzimage).unwrap_or(Path::new("/"));
         out.push(KernelFiles {
             core,
             bzimage: copy,
@@ -506,6 +501,11 @@ fn kernels(
         });
     }
     Ok((lock, out))
+}
+
+/// The build directory of `<build>/arch/x86/boot/bzImage`.
+fn build_dir(bzimage: &Path) -> Option<&Path> {
+    bzimage.ancestors().nth(4)
 }
 
 /// Was the kernel in `build` configured with kmemleak?
@@ -676,11 +676,10 @@ fn boot(
             )
         });
         trace.problems.push(format!(
-            "no trace output for {} s after {:.0} s (stuck at {}); see the console log{}",
+            "no trace output for {} s after {:.0} s (stuck at {}); see the console log",
             STALL.as_secs(),
             at.as_secs_f64(),
-            last.unwrap_or_else(|| "the start".into()),
-            timed_out.as_deref().unwrap_or("")
+            last.unwrap_or_else(|| "the start".into())
         ));
     }
     Ok(VmRun {
@@ -829,11 +828,9 @@ fn text_symbols(map: &str) -> Vec<(u64, String)> {
 }
 
 /// Kernel splats and test-FLB errors in a console log (the VM suite's rules).
-fn kernel_problems(log: &Path) -> Vec<String> {
-    let text = fs::read(log).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
+fn kernel_problems(lines: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
-    for l in text.lines() {
+    for &l in lines {
         let Some((_, msg)) = kernel_line(l) else {
             continue;
         };
@@ -935,11 +932,11 @@ pub(crate) fn run(paths: &Paths, opts: &Options) -> Result<bool> {
     let mut per_core: BTreeMap<String, BTreeMap<u64, Seq>> = BTreeMap::new();
     for r in runs {
         let mut problems = r.trace.problems.clone();
-        problems.extend(kernel_problems(&r.log));
+        let text = fs::read(&r.log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        problems.extend(kernel_problems(&lines));
         if r.kmemleak {
-            let text = fs::read(&r.log).unwrap_or_default();
-            let text = String::from_utf8_lossy(&text);
-            let lines: Vec<&str> = text.lines().collect();
             problems.extend(suite::kmemleak_problems(&lines, 1));
         }
         if let Some(cpus) = &r.timed_out {

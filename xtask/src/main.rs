@@ -46,8 +46,9 @@ vm fuzz    differential fuzzing of /dev/liveupdate (docs/verification.md): seeds
            default 1, many sequences per boot); the traces must agree except where
            docs/decisions.md fixes an upstream bug. --ops: operations per sequence
            (default 60); --kexec-every K: seeds with seed % K == K-1 kexec half way
-           (default 0); --smp N: vCPUs per VM; --sanitize: the Rust core's kernel is
-           the --sanitize build, its last boot scans kmemleak. LUO_DFUZZ_BZIMAGE_C / _RUST: use these bzImages (inside intact
+           (default 0); --smp N: vCPUs per VM (default 1); --sanitize: the Rust core's
+           kernel is the --sanitize build, its last boot scans kmemleak.
+           LUO_DFUZZ_BZIMAGE_C / _RUST: use these bzImages (inside intact
            build directories) instead of building. Exit status 1 on a finding, a splat
            or a VM that did not finish.
 

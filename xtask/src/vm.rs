@@ -697,10 +697,15 @@ const SYSTEMD_TIMEOUT: Duration = Duration::from_secs(900);
 /// boot several times slower.
 const SYSTEMD_SANITIZE_TIMEOUT: Duration = Duration::from_secs(1800);
 
-/// The kernel command line of the systemd VM: what systemd's integration-test harness
-/// passes (mkosi.conf's KernelCommandLine=, integration-test-wrapper.py's
-/// --kernel-command-line-extra, TEST-91's meson `cmdline`), the root disk, and the
-/// harness's credentials (which mkosi passes over SMBIOS) as `systemd.set_credential_binary=`.
+/// The systemd VMs' timeout floor.
+fn systemd_timeout(opts: &Options) -> Duration {
+    if opts.sanitize {
+        SYSTEMD_SANITIZE_TIMEOUT
+    } else {
+        SYSTEMD_TIMEOUT
+    }
+}
+
 /// The command line of a systemd VM (2 GiB, PCI disks). `--sanitize` adds two things:
 /// - `kho_scratch=64M,384M,64M`: a kexec'd kernel makes its early allocations only in the KHO
 ///   scratch areas, and KASAN's shadow of 2 GiB (256 MiB) does not fit the 64M,128M,64M that
@@ -713,14 +718,6 @@ const SYSTEMD_SANITIZE_TIMEOUT: Duration = Duration::from_secs(1800);
 ///   boot stops at the root; the plain kernels run the same method in milliseconds. With
 ///   it, legacy interrupts are routed by the BIOS's $PIR table instead; nothing of LUO
 ///   depends on how.
-fn systemd_timeout(opts: &Options) -> Duration {
-    if opts.sanitize {
-        SYSTEMD_SANITIZE_TIMEOUT
-    } else {
-        SYSTEMD_TIMEOUT
-    }
-}
-
 fn disk_vm_cmdline(line: String, opts: &Options) -> String {
     if opts.sanitize {
         line + " kho_scratch=64M,384M,64M pci=noacpi"
@@ -729,6 +726,10 @@ fn disk_vm_cmdline(line: String, opts: &Options) -> String {
     }
 }
 
+/// The kernel command line of the systemd VM: what systemd's integration-test harness
+/// passes (mkosi.conf's KernelCommandLine=, integration-test-wrapper.py's
+/// --kernel-command-line-extra, TEST-91's meson `cmdline`), the root disk, and the
+/// harness's credentials (which mkosi passes over SMBIOS) as `systemd.set_credential_binary=`.
 fn systemd_cmdline() -> String {
     const HARNESS: &[&str] = &[
         // the root and the ESP (docs/systemd.md)
