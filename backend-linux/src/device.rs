@@ -157,11 +157,6 @@ impl FdTable<KernelPlatform> for Fds {
         slot.reserved_fd() as i32
     }
 
-    fn unreserve(&mut self, slot: FileDescriptorReservation) {
-        // Dropping a reservation gives the fd number back (`put_unused_fd`).
-        drop(slot);
-    }
-
     fn session_file(&mut self, session: &SessionRef<KernelPlatform>) -> luo_core::Result<ARef<File>> {
         new_session_file(session)
     }
@@ -270,7 +265,7 @@ unsafe extern "C" fn session_release(_inode: *mut bindings::inode, file: *mut bi
     // SAFETY: `private` came from `into_foreign` in `new_session_file`; release runs once.
     let session = Session::from_shared(KernelShared(unsafe { SessionArc::from_foreign(private) }));
     if let Some(luo) = luo() {
-        if let Err(LuoError::Serialized) = luo.release_session(&session) {
+        if let Err(LuoError::Serialized) = luo.begin().and_then(|live| live.release_session(&session)) {
             block_forever();
         }
     }

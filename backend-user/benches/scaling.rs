@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use backend_user::{Memory, UserPlatform};
 use common::{boot, name, nofd};
-use luo_core::Luo;
+use luo_core::{create_name, Luo};
 
 const RUNS: usize = 5;
 
@@ -44,7 +44,11 @@ fn row(shape: &str, n: usize, sessions: usize, files: usize) {
             },
             |luo| {
                 for nm in &names {
-                    black_box(luo.create_session(nm).expect("create"));
+                    black_box(
+                        luo.begin()
+                            .and_then(|l| l.create_session(create_name(nm)?))
+                            .expect("create"),
+                    );
                 }
                 luo
             },
@@ -95,7 +99,11 @@ fn probe(spec: &str) {
             },
             |(luo, names)| {
                 for nm in &names {
-                    black_box(luo.create_session(nm).expect("create"));
+                    black_box(
+                        luo.begin()
+                            .and_then(|l| l.create_session(create_name(nm)?))
+                            .expect("create"),
+                    );
                 }
                 luo
             },

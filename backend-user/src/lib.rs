@@ -220,7 +220,11 @@ impl Drop for SessionFile {
     fn drop(&mut self) {
         if self.live.load(std::sync::atomic::Ordering::Acquire) {
             // The kernel ignores release errors too (a refused finish is logged by the core).
-            let _ = self.lu.luo.release_session(&self.session);
+            let _ = self
+                .lu
+                .luo
+                .begin()
+                .and_then(|live| live.release_session(&self.session));
         }
     }
 }
@@ -347,10 +351,6 @@ impl FdTable<UserPlatform> for Fds<'_> {
 
     fn slot_fd(&self, slot: &OwnedFd) -> i32 {
         slot.as_raw_fd()
-    }
-
-    fn unreserve(&mut self, slot: OwnedFd) {
-        drop(slot);
     }
 
     fn session_file(&mut self, session: &SessionRef<UserPlatform>) -> Result<SessionFd> {

@@ -10,7 +10,7 @@
 
 use luo_core::errno::{EBADF, EBUSY, EEXIST, ENOENT, ESHUTDOWN};
 use luo_core::uapi::Direction;
-use luo_core::{Error, Luo, SessionRef};
+use luo_core::{create_name, retrieve_name, Error, Luo, SessionRef};
 
 use crate::handover::{self, CanonFile, CanonFlb, CanonSession, Canonical};
 use crate::platform::{FakeFile, LoomPlatform};
@@ -81,12 +81,17 @@ impl World {
 
     /// Creates an outgoing session (setup: must succeed).
     pub fn create(&self, n: &str) -> S {
-        self.luo.create_session(&name(n)).unwrap()
+        self.luo
+            .begin()
+            .and_then(|l| l.create_session(create_name(&name(n))?))
+            .unwrap()
     }
 
     /// Preserves file `id` under `token`.
     pub fn preserve(&self, s: &S, token: u64, id: u64) -> Result<(), Error> {
-        self.luo.preserve_fd(s, token, || Ok(FakeFile::new(id)))
+        self.luo
+            .begin()
+            .and_then(|l| l.preserve_fd(s, token, || Ok(FakeFile::new(id))))
     }
 
     /// Pages the core should hold with no sessions: the root and the FLB page.
@@ -116,7 +121,10 @@ pub fn same_file_two_sessions() {
     let s1 = w.create("one");
     let s2 = w.create("two");
     let (luo, s1c) = (w.luo.clone(), s1.clone());
-    let t = thread::spawn(move || luo.preserve_fd(&s1c, 1, || Ok(FakeFile::new(7))));
+    let t = thread::spawn(move || {
+        luo.begin()
+            .and_then(|l| l.preserve_fd(&s1c, 1, || Ok(FakeFile::new(7))))
+    });
     let r2 = w.preserve(&s2, 2, 7);
     let r1 = t.join().unwrap();
     match (r1, r2) {
@@ -128,12 +136,12 @@ pub fn same_file_two_sessions() {
     }
     assert_eq!(s1.file_count() + s2.file_count(), 1);
     assert_eq!(count(&w.journal, Event::Preserve(7)), 1);
-    w.luo.release_session(&s1).unwrap();
-    w.luo.release_session(&s2).unwrap();
+    w.luo.begin().and_then(|l| l.release_session(&s1)).unwrap();
+    w.luo.begin().and_then(|l| l.release_session(&s2)).unwrap();
     assert_eq!(count(&w.journal, Event::Unpreserve(7)), 1);
     let s3 = w.create("three");
     w.preserve(&s3, 3, 7).unwrap();
-    w.luo.release_session(&s3).unwrap();
+    w.luo.begin().and_then(|l| l.release_session(&s3)).unwrap();
     assert_eq!(w.platform.outgoing_pages(), World::BASE_PAGES);
     w.assert_quiet();
 }
@@ -152,8 +160,11 @@ pub fn preserve_races_close() {
     let s = w.create("racy");
     w.preserve(&s, 1, 1).unwrap();
     let (luo, sc) = (w.luo.clone(), s.clone());
-    let t = thread::spawn(move || luo.preserve_fd(&sc, 2, || Ok(FakeFile::new(2))));
-    w.luo.release_session(&s).unwrap();
+    let t = thread::spawn(move || {
+        luo.begin()
+            .and_then(|l| l.preserve_fd(&sc, 2, || Ok(FakeFile::new(2))))
+    });
+    w.luo.begin().and_then(|l| l.release_session(&s)).unwrap();
     let r = t.join().unwrap();
     if let Err(e) = r {
         assert_eq!(e, Error::BadFd, "a preserve into a closed session");
@@ -171,7 +182,7 @@ pub fn preserve_races_close() {
     let s2 = w.create("after");
     w.preserve(&s2, 1, 1).unwrap();
     w.preserve(&s2, 2, 2).unwrap();
-    w.luo.release_session(&s2).unwrap();
+    w.luo.begin().and_then(|l| l.release_session(&s2)).unwrap();
     w.assert_quiet();
 }
 
@@ -186,8 +197,14 @@ pub fn preserve_races_close() {
 pub fn duplicate_create() {
     let w = World::cold(false);
     let luo = w.luo.clone();
-    let t = thread::spawn(move || luo.create_session(&name("same")));
-    let r2 = w.luo.create_session(&name("same"));
+    let t = thread::spawn(move || {
+        luo.begin()
+            .and_then(|l| l.create_session(create_name(&name("same"))?))
+    });
+    let r2 = w
+        .luo
+        .begin()
+        .and_then(|l| l.create_session(create_name(&name("same"))?));
     let r1 = t.join().unwrap();
     let winner = match (r1, r2) {
         (Ok(s), Err(e)) | (Err(e), Ok(s)) => {
@@ -203,7 +220,10 @@ pub fn duplicate_create() {
     };
     assert_eq!(w.luo.outgoing_count(), 1);
     assert_eq!(w.platform.outgoing_pages(), World::BASE_PAGES + 1);
-    w.luo.release_session(&winner).unwrap();
+    w.luo
+        .begin()
+        .and_then(|l| l.release_session(&winner))
+        .unwrap();
     assert_eq!(w.luo.outgoing_count(), 0);
     assert_eq!(w.platform.outgoing_pages(), World::BASE_PAGES);
     w.assert_quiet();
@@ -230,11 +250,15 @@ pub fn reboot_cut() {
     let reboot = thread::spawn(move || luo.reboot());
     let luo = w.luo.clone();
     let creator = thread::spawn(move || {
-        let b = luo.create_session(&name("b"))?;
-        let p = luo.preserve_fd(&b, 20, || Ok(FakeFile::new(2)));
+        let b = luo
+            .begin()
+            .and_then(|l| l.create_session(create_name(&name("b"))?))?;
+        let p = luo
+            .begin()
+            .and_then(|l| l.preserve_fd(&b, 20, || Ok(FakeFile::new(2))));
         Ok::<_, Error>((b, p))
     });
-    let closed = w.luo.release_session(&a);
+    let closed = w.luo.begin().and_then(|l| l.release_session(&a));
     reboot.join().unwrap().unwrap();
     let created = creator.join().unwrap();
 
@@ -290,15 +314,24 @@ pub fn reboot_cut() {
     // Nothing changes after the cut.
     assert!(w.luo.is_serialized());
     assert_eq!(
-        w.luo.create_session(&name("c")).err(),
+        w.luo
+            .begin()
+            .and_then(|l| l.create_session(create_name(&name("c"))?))
+            .err(),
         Some(Error::Serialized)
     );
     if let Ok((b, _)) = &created {
         assert_eq!(w.preserve(b, 30, 3), Err(Error::Serialized));
-        assert_eq!(w.luo.release_session(b), Err(Error::Serialized));
+        assert_eq!(
+            w.luo.begin().and_then(|l| l.release_session(b)),
+            Err(Error::Serialized)
+        );
     }
     if closed.is_err() {
-        assert_eq!(w.luo.release_session(&a), Err(Error::Serialized));
+        assert_eq!(
+            w.luo.begin().and_then(|l| l.release_session(&a)),
+            Err(Error::Serialized)
+        );
     }
     assert_eq!(w.platform.snapshot(), snap);
     w.assert_quiet();
@@ -370,12 +403,14 @@ fn flb_refcount_with(make: impl FnOnce(&'static str, &Journal) -> Handler) {
     let s2 = w.create("two");
     let (luo, s1c) = (w.luo.clone(), s1.clone());
     let t = thread::spawn(move || {
-        let r = luo.preserve_fd(&s1c, 1, || Ok(FakeFile::new(1)));
-        luo.release_session(&s1c).unwrap();
+        let r = luo
+            .begin()
+            .and_then(|l| l.preserve_fd(&s1c, 1, || Ok(FakeFile::new(1))));
+        luo.begin().and_then(|l| l.release_session(&s1c)).unwrap();
         r
     });
     let r2 = w.preserve(&s2, 2, 2);
-    w.luo.release_session(&s2).unwrap();
+    w.luo.begin().and_then(|l| l.release_session(&s2)).unwrap();
     let r1 = t.join().unwrap();
     r1.unwrap();
     if let Err(e) = r2 {
@@ -420,7 +455,11 @@ fn incoming_world(
 ) -> (World, S) {
     let w = World::boot(LoomPlatform::booted_from(image), true, make);
     w.luo.open().unwrap();
-    let s = w.luo.retrieve_session(&name("in")).unwrap();
+    let s = w
+        .luo
+        .begin()
+        .and_then(|l| l.retrieve_session(retrieve_name(&name("in"))?))
+        .unwrap();
     assert_eq!(s.direction(), Direction::Incoming);
     (w, s)
 }
@@ -471,7 +510,7 @@ fn check_finished(w: &World) {
     let s = w.create("next");
     w.preserve(&s, 1, 1).unwrap();
     w.preserve(&s, 2, 2).unwrap();
-    w.luo.release_session(&s).unwrap();
+    w.luo.begin().and_then(|l| l.release_session(&s)).unwrap();
     w.assert_quiet();
 }
 
@@ -483,14 +522,14 @@ fn check_finished(w: &World) {
 pub fn finish_races_retrieve() {
     let (w, s) = incoming_world(&incoming_image(), |j| Handler::new(HANDLER, j));
     let (luo, sc) = (w.luo.clone(), s.clone());
-    let t = thread::spawn(move || luo.retrieve_fd(&sc, 11));
-    w.luo.finish(&s).unwrap();
+    let t = thread::spawn(move || luo.begin().and_then(|l| l.retrieve_fd(&sc, 11)));
+    w.luo.begin().and_then(|l| l.finish(&s)).unwrap();
     let r = t.join().unwrap();
     check_retrieve(&w.journal, &r, 1);
     drop(r);
     // FINISH again is a no-op, and the close finishes nothing more.
-    w.luo.finish(&s).unwrap();
-    w.luo.release_session(&s).unwrap();
+    w.luo.begin().and_then(|l| l.finish(&s)).unwrap();
+    w.luo.begin().and_then(|l| l.release_session(&s)).unwrap();
     check_finished(&w);
 }
 
@@ -501,10 +540,10 @@ pub fn finish_races_retrieve() {
 pub fn finish_retrieve_close() {
     let (w, s) = incoming_world(&incoming_image(), |j| Handler::new(HANDLER, j));
     let (luo, sc) = (w.luo.clone(), s.clone());
-    let finisher = thread::spawn(move || luo.finish(&sc));
+    let finisher = thread::spawn(move || luo.begin().and_then(|l| l.finish(&sc)));
     let (luo, sc) = (w.luo.clone(), s.clone());
-    let retriever = thread::spawn(move || luo.retrieve_fd(&sc, 12));
-    w.luo.release_session(&s).unwrap();
+    let retriever = thread::spawn(move || luo.begin().and_then(|l| l.retrieve_fd(&sc, 12)));
+    w.luo.begin().and_then(|l| l.release_session(&s)).unwrap();
     let finished = finisher.join().unwrap();
     assert!(
         matches!(finished, Ok(()) | Err(Error::BadFd)),
@@ -524,10 +563,10 @@ pub fn finish_retrieve_close() {
 pub fn refused_finish_races_retrieve() {
     let (w, s) = incoming_world(&incoming_image(), |j| Handler::refusing_finish(HANDLER, j));
     let (luo, sc) = (w.luo.clone(), s.clone());
-    let finisher = thread::spawn(move || luo.finish(&sc));
+    let finisher = thread::spawn(move || luo.begin().and_then(|l| l.finish(&sc)));
     let (luo, sc) = (w.luo.clone(), s.clone());
-    let retriever = thread::spawn(move || luo.retrieve_fd(&sc, 11));
-    let closed = w.luo.release_session(&s);
+    let retriever = thread::spawn(move || luo.begin().and_then(|l| l.retrieve_fd(&sc, 11)));
+    let closed = w.luo.begin().and_then(|l| l.release_session(&s));
     let finished = finisher.join().unwrap();
     let r = retriever.join().unwrap();
     assert_eq!(finished, Err(Error::FinishRefused));
@@ -535,11 +574,22 @@ pub fn refused_finish_races_retrieve() {
     assert_eq!(r.unwrap().id, 1);
     assert_eq!(w.journal.count(|e| matches!(e, Event::Finish(..))), 0);
     assert_eq!(count(&w.journal, Event::FlbFinish), 0);
-    let again = w.luo.retrieve_session(&name("in")).unwrap();
+    let again = w
+        .luo
+        .begin()
+        .and_then(|l| l.retrieve_session(retrieve_name(&name("in"))?))
+        .unwrap();
     assert_eq!(again.file_count(), 2);
-    assert_eq!(w.luo.retrieve_fd(&again, 11).unwrap().id, 1);
+    assert_eq!(
+        w.luo
+            .begin()
+            .and_then(|l| l.retrieve_fd(&again, 11))
+            .unwrap()
+            .id,
+        1
+    );
     // The retrieved file is still owned by LUO (not finished): it cannot be preserved.
     let out = w.create("out");
     assert_eq!(w.preserve(&out, 1, 1), Err(Error::AlreadyPreserved));
-    w.luo.release_session(&out).unwrap();
+    w.luo.begin().and_then(|l| l.release_session(&out)).unwrap();
 }

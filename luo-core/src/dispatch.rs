@@ -2,20 +2,29 @@
 //!
 //! New fds are made in two phases as upstream does: an fd number is reserved first (so a full
 //! fd table gives `EMFILE` before anything else is looked at), the operation runs, the reply is
-//! written, and only then is the file installed. If the reply cannot be written, everything is
+//! written, and only then is the file installed. A reservation that is not installed gives its
+//! number back when it drops, so an error path only undoes the LUO operation: everything is
 //! undone without side effects where upstream has them (B6), or kept where the spec keeps them
 //! (a PRESERVE_FD reply fault leaves the file preserved).
+//!
+//! Every command runs as a method of [`Live`], the guard of the serialize lock, taken once per
+//! ioctl after decoding (spec §2.4 step 7) and held until the reply is written, so an undo runs
+//! under the same hold as the operation it undoes.
 
+use crate::abi::SessionName;
 use crate::errno::{Error, Result};
-use crate::luo::{Luo, SessionRef};
+use crate::luo::{create_name, retrieve_name, Live, Luo, SessionRef};
 use crate::platform::Platform;
 use crate::uapi::{
-    decode_device, decode_session, respond, DeviceRequest, GetName, SessionRequest, UserArg,
+    decode_device, decode_session, respond, CreateSession, DeviceRequest, GetName, SessionRequest,
+    UserArg,
 };
 
 /// The caller's fd table, as the backend sees it.
 pub trait FdTable<P: Platform> {
-    /// A reserved fd number (`get_unused_fd_flags(O_CLOEXEC)`).
+    /// A reserved fd number (`get_unused_fd_flags(O_CLOEXEC)`). Dropping it gives the number
+    /// back (`put_unused_fd`, as Rust Binder's `FileDescriptorReservation` does); the
+    /// `install_*` methods consume it.
     type Slot;
     /// A session file not yet installed.
     type SessionFile;
@@ -23,8 +32,6 @@ pub trait FdTable<P: Platform> {
     fn reserve(&mut self) -> Result<Self::Slot>;
     /// The number of a reserved fd.
     fn slot_fd(&self, slot: &Self::Slot) -> i32;
-    /// Gives a reservation back (`put_unused_fd`).
-    fn unreserve(&mut self, slot: Self::Slot);
     /// Creates the file for a session (`anon_inode_getfile("[luo_session] <name>")`).
     fn session_file(&mut self, session: &SessionRef<P>) -> Result<Self::SessionFile>;
     /// Drops a session file that was never installed, *without* running its release: the
@@ -53,52 +60,49 @@ impl<P: Platform> Luo<P> {
                 req,
                 arg,
                 fds,
-                |name| self.create_session(name),
-                |s| {
-                    let _ = self.release_session(s);
+                create_name,
+                |live, name| live.create_session(name),
+                |live, s| {
+                    let _ = live.release_session(s);
                 },
             ),
             DeviceRequest::Retrieve(req) => self.new_session_fd(
                 req,
                 arg,
                 fds,
-                |name| self.retrieve_session(name),
-                |s| self.unretrieve_session(s),
+                retrieve_name,
+                |live, name| live.retrieve_session(name),
+                |live, s| live.unretrieve_session(s),
             ),
         }
     }
 
-    /// CREATE and RETRIEVE share their fd handling: reserve, run `op`, make the file, reply,
-    /// install; `undo` reverts `op` if a later step fails.
+    /// CREATE and RETRIEVE share their fd handling: reserve, check the name, run `op`, make
+    /// the file, reply, install; `undo` reverts `op` if a later step fails.
     fn new_session_fd<F: FdTable<P>>(
         &self,
-        mut req: crate::uapi::CreateSession,
+        mut req: CreateSession,
         arg: &mut impl UserArg,
         fds: &mut F,
-        op: impl FnOnce(&[u8; 64]) -> Result<SessionRef<P>>,
-        undo: impl FnOnce(&SessionRef<P>),
+        name: fn(&[u8; 64]) -> Result<SessionName>,
+        op: impl FnOnce(&Live<'_, P>, SessionName) -> Result<SessionRef<P>>,
+        undo: impl FnOnce(&Live<'_, P>, &SessionRef<P>),
     ) -> Result {
         let slot = fds.reserve()?;
-        let session = match op(&req.name) {
-            Ok(s) => s,
-            Err(e) => {
-                fds.unreserve(slot);
-                return Err(e);
-            }
-        };
+        let name = name(&req.name)?;
+        let live = self.begin()?;
+        let session = op(&live, name)?;
         let file = match fds.session_file(&session) {
             Ok(f) => f,
             Err(e) => {
-                undo(&session);
-                fds.unreserve(slot);
+                undo(&live, &session);
                 return Err(e);
             }
         };
         req.fd = fds.slot_fd(&slot);
         if let Err(e) = respond(arg, req.size, &req) {
             fds.discard_session_file(file);
-            undo(&session);
-            fds.unreserve(slot);
+            undo(&live, &session);
             return Err(e);
         }
         fds.install_session(slot, file);
@@ -119,32 +123,21 @@ impl<P: Platform> Luo<P> {
         // Upstream takes the serialize rwsem here, after decoding and before executing any
         // command (spec §2.4 step 7), and holds it while the command runs: once the state is
         // serialized every session command stops here, before its own checks (`reserved`,
-        // fd reservation) and including GET_NAME. The commands run with the lock held (the
-        // `*_held` functions), so it is taken once per ioctl.
-        let phase = self.live_or_incoming()?;
+        // fd reservation) and including GET_NAME.
+        let live = self.begin()?;
         match request {
             SessionRequest::PreserveFd(req) => {
-                self.check_live(&phase)?;
-                self.preserve_fd_held(&phase, session, req.token, || fds.fget(req.fd))?;
+                live.preserve_fd(session, req.token, || fds.fget(req.fd))?;
                 // A fault here leaves the file preserved, as upstream does (spec §2.5).
                 respond(arg, req.size, &req)
             }
             SessionRequest::RetrieveFd(mut req) => {
                 let slot = fds.reserve()?;
-                let file = match self.retrieve_fd_held(&phase, session, req.token) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        fds.unreserve(slot);
-                        return Err(e);
-                    }
-                };
+                let file = live.retrieve_fd(session, req.token)?;
                 req.fd = fds.slot_fd(&slot);
-                if let Err(e) = respond(arg, req.size, &req) {
-                    // The file stays retrieved in LUO; only the user's reference goes.
-                    drop(file);
-                    fds.unreserve(slot);
-                    return Err(e);
-                }
+                // On a fault the file stays retrieved in LUO; only the user's reference (and
+                // the reservation) go.
+                respond(arg, req.size, &req)?;
                 fds.install_file(slot, file);
                 Ok(())
             }
@@ -152,7 +145,7 @@ impl<P: Platform> Luo<P> {
                 if req.reserved != 0 {
                     return Err(Error::ReservedNotZero);
                 }
-                self.finish_held(&phase, session)?;
+                live.finish(session)?;
                 respond(arg, req.size, &req)
             }
             SessionRequest::GetName(req) => {

@@ -35,7 +35,7 @@ pub mod std_impls;
 pub mod uapi;
 
 pub use errno::{Errno, Error, HandoverError, Result};
-pub use luo::{FileSet, Luo, Session, SessionHead, SessionRef};
+pub use luo::{create_name, retrieve_name, FileSet, Live, Luo, Session, SessionHead, SessionRef};
 pub use platform::{
     FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
     SharedLocked,

@@ -2,8 +2,10 @@
 //! reboots, raw uAPI request bytes, a forked child for process-wide limits, a reader for
 //! handover bytes, and an fd table plus a user argument that can fault on the reply.
 
+use std::cell::Cell;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use backend_user::{LiveUpdate, Memory, UserPlatform};
@@ -460,24 +462,48 @@ pub struct TestFds {
     pub files: Vec<OwnedFd>,
     /// Session files discarded without release.
     pub discarded: usize,
-    /// Reservations given back.
-    pub unreserved: usize,
+    /// Reservations given back: dropped without being installed.
+    pub unreserved: Rc<Cell<usize>>,
     /// Make session file creation fail with this error (`anon_inode_getfile` failing).
     pub fail_session_file: Option<Error>,
 }
 
+/// A reserved fd number of [`TestFds`]: a placeholder fd that counts itself in
+/// [`TestFds::unreserved`] when it drops without being installed.
+pub struct TestSlot {
+    fd: Option<OwnedFd>,
+    given_back: Rc<Cell<usize>>,
+}
+
+impl TestSlot {
+    fn install(mut self) -> OwnedFd {
+        match self.fd.take() {
+            Some(fd) => fd,
+            None => unreachable!("a slot is installed once: `install` consumes it"),
+        }
+    }
+}
+
+impl Drop for TestSlot {
+    fn drop(&mut self) {
+        if self.fd.is_some() {
+            self.given_back.set(self.given_back.get() + 1);
+        }
+    }
+}
+
 impl FdTable<UserPlatform> for TestFds {
-    type Slot = OwnedFd;
+    type Slot = TestSlot;
     type SessionFile = SessionRef<UserPlatform>;
-    fn reserve(&mut self) -> luo_core::Result<OwnedFd> {
-        backend_user::sys::placeholder_fd().map_err(|_| Error::TooManyFds)
+    fn reserve(&mut self) -> luo_core::Result<TestSlot> {
+        let fd = backend_user::sys::placeholder_fd().map_err(|_| Error::TooManyFds)?;
+        Ok(TestSlot {
+            fd: Some(fd),
+            given_back: self.unreserved.clone(),
+        })
     }
-    fn slot_fd(&self, slot: &OwnedFd) -> i32 {
-        slot.as_raw_fd()
-    }
-    fn unreserve(&mut self, slot: OwnedFd) {
-        self.unreserved += 1;
-        drop(slot);
+    fn slot_fd(&self, slot: &TestSlot) -> i32 {
+        slot.fd.as_ref().map_or(-1, |fd| fd.as_raw_fd())
     }
     fn session_file(
         &mut self,
@@ -491,10 +517,11 @@ impl FdTable<UserPlatform> for TestFds {
     fn discard_session_file(&mut self, _file: SessionRef<UserPlatform>) {
         self.discarded += 1;
     }
-    fn install_session(&mut self, slot: OwnedFd, file: SessionRef<UserPlatform>) {
-        self.sessions.push((slot, file));
+    fn install_session(&mut self, slot: TestSlot, file: SessionRef<UserPlatform>) {
+        self.sessions.push((slot.install(), file));
     }
-    fn install_file(&mut self, _slot: OwnedFd, file: OwnedFd) {
+    fn install_file(&mut self, slot: TestSlot, file: OwnedFd) {
+        drop(slot.install());
         self.files.push(file);
     }
     fn fget(&mut self, fd: i32) -> luo_core::Result<OwnedFd> {

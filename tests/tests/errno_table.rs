@@ -372,15 +372,16 @@ fn create_past_10000_blocks_is_enospc() {
     let lu = cold_memfd();
     let base = lu.memory().outgoing_pages();
     let luo = lu.luo();
+    let create = |name: &[u8]| {
+        luo.begin()
+            .and_then(|l| l.create_session(luo_core::create_name(&name_field(name))?))
+    };
     for i in 0..510_000u32 {
-        luo.create_session(&name_field(format!("s{i}").as_bytes()))
-            .unwrap_or_else(|e| panic!("session {i}: {e}"));
+        create(format!("s{i}").as_bytes()).unwrap_or_else(|e| panic!("session {i}: {e}"));
     }
     assert_eq!(lu.memory().outgoing_pages() - base, 10_000);
     assert_eq!(
-        luo.create_session(&name_field(b"one-too-many"))
-            .err()
-            .map(Error::errno),
+        create(b"one-too-many").err().map(Error::errno),
         Some(ENOSPC)
     );
     assert_eq!(lu.memory().outgoing_pages() - base, 10_000);
@@ -405,7 +406,7 @@ fn create_or_retrieve_anon_file_creation_failure_is_its_errno() {
         let r = lu.luo().device_ioctl(CREATE, &mut arg, &mut fds);
         assert_eq!(r.err().map(Error::errno), Some(e.errno()));
         assert_eq!(lu.luo().outgoing_count(), 0, "the session is removed again");
-        assert_eq!(fds.unreserved, 1);
+        assert_eq!(fds.unreserved.get(), 1);
     }
     assert_eq!(Error::FileTableFull.errno(), ENFILE);
     // RETRIEVE: the incoming session goes back unretrieved.
@@ -747,6 +748,7 @@ fn response_copy_out_failure_is_efault_after_the_side_effects() {
     let r = luo.device_ioctl(CREATE, &mut fault(session_req(b"c", 72, 72)), &mut fds);
     assert_eq!(r.err().map(Error::errno), Some(EFAULT));
     assert!(fds.sessions.is_empty());
+    assert_eq!(fds.unreserved.get(), 1, "the fd number is given back");
     assert_eq!(luo.outgoing_count(), 0);
     let out = inc.dev.create_session("c").unwrap();
     // PRESERVE_FD: the file stays preserved.
@@ -769,6 +771,11 @@ fn response_copy_out_failure_is_efault_after_the_side_effects() {
     );
     assert_eq!(r.err().map(Error::errno), Some(EFAULT));
     assert!(fds.files.is_empty());
+    assert_eq!(
+        fds.unreserved.get(),
+        2,
+        "CREATE's and RETRIEVE_FD's fd numbers given back"
+    );
     inc.j.take();
     inc.s.retrieve_fd(1).unwrap();
     assert!(inc.j.take().is_empty(), "already retrieved");
@@ -822,6 +829,7 @@ fn retrieve_session_response_fault_is_efault_and_puts_the_session_back() {
     let r = lu.luo().device_ioctl(RETRIEVE, &mut arg, &mut fds);
     assert_eq!(r.err().map(Error::errno), Some(EFAULT));
     assert_eq!(fds.discarded, 1);
+    assert_eq!(fds.unreserved.get(), 1, "the fd number is given back");
     assert!(j.take().is_empty(), "nothing finished");
     assert_eq!(lu.luo().incoming_count(), 1);
     let s = dev.retrieve_session("keep").expect("still retrievable");

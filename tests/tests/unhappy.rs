@@ -367,6 +367,7 @@ fn retrieve_session_reply_fault_puts_the_session_back_unretrieved() {
         let r = lu.luo().device_ioctl(RETRIEVE, &mut arg, &mut fds);
         assert_eq!(r.err().map(Error::errno), Some(luo_core::errno::EFAULT));
         assert!(fds.sessions.is_empty());
+        assert_eq!(fds.unreserved.get(), 1, "the fd number is given back");
     }
     assert_eq!(
         lu.memory().released_incoming(),
@@ -581,17 +582,21 @@ fn a_released_session_takes_no_more_operations() {
     lu.luo().device_ioctl(CREATE, &mut arg, &mut fds).unwrap();
     let (_slot, s) = fds.sessions.pop().unwrap();
     let m = memfd_with(b"");
-    lu.luo()
-        .preserve_fd(&s, 1, || sys::fget(m.as_raw_fd()).map_err(|_| Error::BadFd))
+    let luo = lu.luo();
+    luo.begin()
+        .and_then(|l| l.preserve_fd(&s, 1, || sys::fget(m.as_raw_fd()).map_err(|_| Error::BadFd)))
         .unwrap();
-    lu.luo().release_session(&s).unwrap();
+    luo.begin().and_then(|l| l.release_session(&s)).unwrap();
     assert_eq!(j.take().len(), 2, "preserve and unpreserve");
-    assert_eq!(errno(lu.luo().release_session(&s)), EBADF);
-    let r = lu
-        .luo()
-        .preserve_fd(&s, 2, || -> luo_core::Result<OwnedFd> {
+    assert_eq!(
+        errno(luo.begin().and_then(|l| l.release_session(&s))),
+        EBADF
+    );
+    let r = luo.begin().and_then(|l| {
+        l.preserve_fd(&s, 2, || -> luo_core::Result<OwnedFd> {
             sys::fget(m.as_raw_fd()).map_err(|_| Error::BadFd)
-        });
+        })
+    });
     assert_eq!(errno(r), EBADF);
     assert!(j.take().is_empty());
     assert_eq!(lu.luo().outgoing_count(), 0);
@@ -806,7 +811,10 @@ fn disabled_luo_refuses_registration_and_reboots_as_a_no_op() {
     assert_eq!(errno(luo.flb_get_outgoing(&flb)), EOPNOTSUPP);
     luo.unregister_handler(&h).expect("no-op");
     luo.unregister_flb(&h, &flb).expect("no-op");
-    assert_eq!(errno(luo.create_session(&name_field(b"s"))), EOPNOTSUPP);
+    let create = luo
+        .begin()
+        .and_then(|l| l.create_session(luo_core::create_name(&name_field(b"s"))?));
+    assert_eq!(errno(create), EOPNOTSUPP);
     luo.reboot().expect("reboot with LUO off is a no-op");
     assert!(!luo.is_serialized());
     assert_eq!(mem.outgoing_pages(), 0, "no outgoing state at all");

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use backend_user::memory::PAGE_SIZE;
 use backend_user::{sys, HandlerRef, Memory, UserPlatform};
 use luo_core::errno::{Errno, HandoverError};
-use luo_core::{FileHandler, FlbOps, Level, Luo, Platform, Preserved, RetrieveStatus};
+use luo_core::{create_name, FileHandler, FlbOps, Level, Luo, Platform, Preserved, RetrieveStatus};
 
 const COMPAT: &str = "bench-v1";
 
@@ -124,10 +124,14 @@ pub fn build<P: Platform>(
     luo.start().expect("start");
     luo.register_handler(&handler).expect("register");
     for i in 0..sessions {
-        let s = luo.create_session(&name(i)).expect("create_session");
+        let s = luo
+            .begin()
+            .and_then(|l| l.create_session(create_name(&name(i))?))
+            .expect("create_session");
         for t in 0..files {
             let f = file();
-            luo.preserve_fd(&s, t as u64, || Ok(f))
+            luo.begin()
+                .and_then(|l| l.preserve_fd(&s, t as u64, || Ok(f)))
                 .expect("preserve_fd");
         }
     }

@@ -5,7 +5,7 @@
 //! between; building is all or nothing, so a failed open leaves nothing half-restored.
 
 use super::session::{FileEntry, IncomingSlot, Session, SessionRef};
-use super::Luo;
+use super::{Live, Luo};
 use crate::abi::{Compat, SessionName};
 use crate::errno::{Error, HandoverError, Result};
 use crate::image::Image;
@@ -160,30 +160,6 @@ impl<P: Platform> Luo<P> {
         }
     }
 
-    /// RETRIEVE_SESSION after the fd is reserved: exact name match among incoming sessions.
-    pub fn retrieve_session(&self, name: &[u8; 64]) -> Result<SessionRef<P>> {
-        // An empty or unterminated name matches nothing (upstream does not validate it).
-        let name = SessionName::from_field(name).map_err(|_| Error::NoSuchSession)?;
-        let _phase = self.live_or_incoming()?;
-        let mut table = self.incoming.write();
-        let slot = table.get_mut(&name).ok_or(Error::NoSuchSession)?;
-        if slot.retrieved {
-            return Err(Error::AlreadyRetrieved);
-        }
-        slot.retrieved = true;
-        Ok(slot.session.clone())
-    }
-
-    /// Undoes a RETRIEVE_SESSION whose reply could not be written: the session goes back to
-    /// the unretrieved state with nothing finished (upstream finishes and frees it: bug B6).
-    pub fn unretrieve_session(&self, s: &SessionRef<P>) {
-        if let Some(slot) = self.incoming.write().get_mut(&s.name) {
-            if Session::ptr_eq(&slot.session, s) {
-                slot.retrieved = false;
-            }
-        }
-    }
-
     /// Calls `f(compatible, data)` for every file of the incoming image that awaits the first
     /// open, in handover order. Lets a backend protect what the previous image handed over
     /// before anyone retrieves it (the userspace memfd handler marks inherited fds
@@ -195,6 +171,35 @@ impl<P: Platform> Luo<P> {
                 for file in s.files.as_slice() {
                     f(&file.compat, file.data);
                 }
+            }
+        }
+    }
+}
+
+/// RETRIEVE_SESSION's lookup key. An empty or unterminated name matches nothing (upstream does
+/// not validate it): `NoSuchSession`, before the serialize lock, as every other miss.
+pub fn retrieve_name(field: &[u8; 64]) -> Result<SessionName> {
+    SessionName::from_field(field).map_err(|_| Error::NoSuchSession)
+}
+
+impl<P: Platform> Live<'_, P> {
+    /// RETRIEVE_SESSION after the fd is reserved: exact name match among incoming sessions.
+    pub fn retrieve_session(&self, name: SessionName) -> Result<SessionRef<P>> {
+        let mut table = self.luo.incoming.write();
+        let slot = table.get_mut(&name).ok_or(Error::NoSuchSession)?;
+        if slot.retrieved {
+            return Err(Error::AlreadyRetrieved);
+        }
+        slot.retrieved = true;
+        Ok(slot.session.clone())
+    }
+
+    /// Undoes a RETRIEVE_SESSION whose reply could not be written: the session goes back to
+    /// the unretrieved state with nothing finished (upstream finishes and frees it: bug B6).
+    pub fn unretrieve_session(&self, s: &SessionRef<P>) {
+        if let Some(slot) = self.luo.incoming.write().get_mut(&s.name) {
+            if Session::ptr_eq(&slot.session, s) {
+                slot.retrieved = false;
             }
         }
     }

@@ -7,11 +7,11 @@
 //! has serialized the state, every later operation fails with [`Error::Serialized`] (the kernel
 //! backend turns that into "block until the kexec", as upstream does).
 //!
-//! Here: [`Luo`], its boot (`new`, `start`) and the phase checks every operation starts with.
-//! Beside it, one file per concern, each adding to `impl Luo`:
+//! Here: [`Luo`], its boot (`new`, `start`) and [`Live`], the guard every operation is a
+//! method of ([`Luo::begin`] takes the phase shared). Beside it, one file per concern:
 //! - `session`: the data model (sessions, their file sets, the outgoing and incoming tables);
 //! - `incoming`: the first open builds the incoming sessions; RETRIEVE_SESSION hands them out;
-//! - `ops`: create and release a session, preserve, retrieve and finish its files;
+//! - `ops`: create and release a session, preserve, retrieve and finish its files (on [`Live`]);
 //! - `serialize`: reboot, the writer of the handover (the mirror of [`image`]);
 //! - `api`: the in-kernel handler and FLB API.
 
@@ -37,15 +37,16 @@ mod ops;
 mod serialize;
 mod session;
 
+pub use incoming::retrieve_name;
 use incoming::{Device, Incoming};
+pub use ops::create_name;
 pub use session::{FileSet, Session, SessionHead, SessionRef};
 use session::{IncomingSlot, Outgoing};
 
 /// The phase, read-locked: holding it keeps `liveupdate_reboot()` out.
 type PhaseRead<'a, P> = <<P as Platform>::RwLock<Phase> as PRwLock<Phase>>::Read<'a>;
 
-/// Where the serialize lock stands. A `&Phase` passed to a `*_held` function is the proof
-/// that its caller holds the lock (nothing outside this module can make one).
+/// Where the serialize lock stands.
 pub(crate) struct Phase {
     /// The outgoing root page, its FLB page and the outgoing `liveupdate_num`.
     root: Option<Root>,
@@ -73,6 +74,28 @@ pub struct Luo<P: Platform> {
     refs: P::Mutex<Refs<P>>,
     /// Identities of every file preserved or retrieved-and-not-finished (upstream's xarray).
     ids: P::Mutex<P::Map<u64, ()>>,
+}
+
+/// The serialize lock held shared, with the state not serialized: what every session and file
+/// operation needs, so they are its methods (`ops`, `incoming`). Made by [`Luo::begin`]; the
+/// lock is released when it drops.
+///
+/// It deliberately does not dereference to [`Luo`]: a [`Luo::reboot`] or another
+/// [`Luo::begin`] through it would take the lock it holds again.
+pub struct Live<'a, P: Platform> {
+    luo: &'a Luo<P>,
+    phase: PhaseRead<'a, P>,
+}
+
+impl<P: Platform> Live<'_, P> {
+    /// Outgoing work needs LUO on: switched on and the outgoing root published. Incoming work
+    /// does not (it is allowed even if outgoing setup failed).
+    fn outgoing_ready(&self) -> Result {
+        if !self.luo.enabled || self.phase.root.is_none() {
+            return Err(Error::Disabled);
+        }
+        Ok(())
+    }
 }
 
 impl<P: Platform> Luo<P> {
@@ -178,33 +201,18 @@ impl<P: Platform> Luo<P> {
         self.incoming_num.wrapping_add(1)
     }
 
-    /// Reads the shared phase and fails if LUO is off or the state was serialized.
-    fn live(&self) -> Result<PhaseRead<'_, P>> {
-        let phase = self.live_or_incoming()?;
-        self.check_live(&phase)?;
-        Ok(phase)
-    }
-
-    /// With the phase read: fails if LUO is off (outgoing work needs a published root).
-    pub(crate) fn check_live(&self, phase: &Phase) -> Result {
-        if !self.enabled || phase.root.is_none() {
-            return Err(Error::Disabled);
-        }
-        Ok(())
-    }
-
-    /// Incoming work needs only "not serialized": it is allowed even if outgoing setup failed.
-    ///
-    /// The session ioctls take this once, after decoding, and hold it while the command runs
-    /// (upstream's serialize rwsem, spec §2.4 step 7): `ESHUTDOWN` once the state is
-    /// serialized for the next kernel, where upstream's session ioctls block.
+    /// Takes the serialize lock shared for one operation: [`Error::Serialized`] once the state
+    /// is serialized for the next kernel (where upstream's session ioctls block, spec §2.4
+    /// step 7). The operations are the methods of the returned guard, so whoever calls one
+    /// (the ioctl layer, a backend's release, a test) holds the lock for as long as it runs,
+    /// and `liveupdate_reboot()` waits for it.
     #[inline]
-    pub(crate) fn live_or_incoming(&self) -> Result<PhaseRead<'_, P>> {
+    pub fn begin(&self) -> Result<Live<'_, P>> {
         let phase = self.phase.read();
         if phase.serialized {
             return Err(Error::Serialized);
         }
-        Ok(phase)
+        Ok(Live { luo: self, phase })
     }
 
     /// Number of outgoing sessions.

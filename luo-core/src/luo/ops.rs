@@ -1,26 +1,33 @@
 //! The session and file operations: what CREATE_SESSION, PRESERVE_FD, RETRIEVE_FD and FINISH
 //! do, and what the last close of a session fd undoes.
 //!
-//! Each public operation takes the phase itself; the `*_held` variants let
-//! [`dispatch`](crate::dispatch) take it once per ioctl, after decoding, and hold it while the
-//! command runs.
+//! The operations are methods of [`Live`]: the serialize lock is taken once, by whoever begins
+//! the operation ([`Luo::begin`]; for an ioctl, [`dispatch`](crate::dispatch) after decoding),
+//! and held while it runs. The file-set walks they share (`unpreserve_all`, `finish_files`) are
+//! on [`Luo`], which owns the tables and locks.
 
 use super::session::{FileEntry, FileSet, Session, SessionRef};
-use super::{Luo, Phase};
+use super::{Live, Luo};
 use crate::abi::SessionName;
 use crate::errno::{Error, Result};
 use crate::platform::{FileHandler, OrdMap, PMutex, PRwLock, PVec, Platform, RetrieveStatus};
 use crate::uapi::Direction;
 
-impl<P: Platform> Luo<P> {
-    /// CREATE_SESSION after the fd is reserved (spec §2.5): name rules, then unique insert.
-    pub fn create_session(&self, name: &[u8; 64]) -> Result<SessionRef<P>> {
-        let name = SessionName::from_field(name).map_err(|e| match e {
-            crate::abi::NameError::Empty => Error::NameEmpty,
-            crate::abi::NameError::Unterminated => Error::NameUnterminated,
-        })?;
-        let _phase = self.live()?;
-        let mut out = self.outgoing.write();
+/// CREATE_SESSION's name rules (spec §2.5): 1 to 63 bytes and a NUL. Checked before the
+/// serialize lock is taken, as upstream does.
+pub fn create_name(field: &[u8; 64]) -> Result<SessionName> {
+    SessionName::from_field(field).map_err(|e| match e {
+        crate::abi::NameError::Empty => Error::NameEmpty,
+        crate::abi::NameError::Unterminated => Error::NameUnterminated,
+    })
+}
+
+impl<P: Platform> Live<'_, P> {
+    /// CREATE_SESSION after the fd is reserved (spec §2.5): a unique insert.
+    pub fn create_session(&self, name: SessionName) -> Result<SessionRef<P>> {
+        self.outgoing_ready()?;
+        let luo = self.luo;
+        let mut out = luo.outgoing.write();
         // Check the name before growing the block set (upstream grows first and leaks an empty
         // block on EEXIST, which panics the next kernel: bug B1).
         if out.by_name.contains(&name) {
@@ -29,17 +36,17 @@ impl<P: Platform> Luo<P> {
         let session = Session::<P>::try_new(name, Direction::Outgoing)?;
         let count = out.len();
         out.order.try_reserve(1)?;
-        out.blocks.grow(&self.platform, count + 1)?;
+        out.blocks.grow(&luo.platform, count + 1)?;
         let index = out.order.len();
         session.files().slot = index;
         if out.by_name.try_insert(name, ()).is_err() {
-            out.blocks.shrink(&self.platform, count);
+            out.blocks.shrink(&luo.platform, count);
             return Err(Error::NoMemory);
         }
         // Reserved above, so this cannot fail; undone all the same if it did.
         if out.order.try_push(Some(session.clone())).is_err() {
             out.by_name.remove(&name);
-            out.blocks.shrink(&self.platform, count);
+            out.blocks.shrink(&luo.platform, count);
             return Err(Error::NoMemory);
         }
         Ok(session)
@@ -51,7 +58,7 @@ impl<P: Platform> Luo<P> {
     /// an implicit FINISH; if a `can_finish` refuses, the session goes back to the unretrieved
     /// state so it can be retrieved and finished later (upstream leaks it forever: bug B7).
     pub fn release_session(&self, s: &SessionRef<P>) -> Result {
-        let _phase = self.live_or_incoming()?;
+        let luo = self.luo;
         match s.dir {
             Direction::Outgoing => {
                 // Nobody else holds this session (its last fd closed, and reboot excludes us
@@ -62,12 +69,12 @@ impl<P: Platform> Luo<P> {
                         return Err(Error::BadFd);
                     }
                     set.closed = true;
-                    self.unpreserve_all(&mut set);
+                    luo.unpreserve_all(&mut set);
                 }
-                let mut out = self.outgoing.write();
+                let mut out = luo.outgoing.write();
                 if out.remove(s) {
                     let count = out.len();
-                    out.blocks.shrink(&self.platform, count);
+                    out.blocks.shrink(&luo.platform, count);
                 }
                 Ok(())
             }
@@ -77,12 +84,12 @@ impl<P: Platform> Luo<P> {
                     if set.closed {
                         return Err(Error::BadFd);
                     }
-                    let r = self.finish_files(&mut set);
+                    let r = luo.finish_files(&mut set);
                     // A refused finish puts the session back for a later retrieve (B7).
                     set.closed = r.is_ok();
                     r
                 };
-                let mut table = self.incoming.write();
+                let mut table = luo.incoming.write();
                 match r {
                     Ok(()) => {
                         table.remove(&s.name);
@@ -90,7 +97,7 @@ impl<P: Platform> Luo<P> {
                     }
                     Err(e) => {
                         log!(
-                            self.platform,
+                            luo.platform,
                             Warn,
                             "Unable to finish session [{}] on release",
                             s.name
@@ -105,6 +112,102 @@ impl<P: Platform> Luo<P> {
         }
     }
 
+    /// PRESERVE_FD (spec §4.2), with upstream's check order. `fget` resolves the fd; it runs
+    /// after the token check and the block reservation, as upstream's `fget` does.
+    pub fn preserve_fd(
+        &self,
+        s: &SessionRef<P>,
+        token: u64,
+        fget: impl FnOnce() -> Result<P::File>,
+    ) -> Result {
+        if s.dir != Direction::Outgoing {
+            return Err(Error::WrongDirection);
+        }
+        self.outgoing_ready()?;
+        let luo = self.luo;
+        let mut set = s.files();
+        if set.closed {
+            return Err(Error::BadFd);
+        }
+        if set.by_token.contains(&token) {
+            return Err(Error::TokenInUse);
+        }
+        let count = set.files.len();
+        set.blocks.grow(&luo.platform, count + 1)?;
+        let r = luo.preserve_locked(&mut set, token, fget);
+        if r.is_err() {
+            set.blocks.shrink(&luo.platform, count);
+        }
+        r
+    }
+
+    /// RETRIEVE_FD (spec §4.4): returns a new reference to the file for a new fd.
+    pub fn retrieve_fd(&self, s: &SessionRef<P>, token: u64) -> Result<P::File> {
+        if s.dir != Direction::Incoming {
+            return Err(Error::WrongDirection);
+        }
+        let luo = self.luo;
+        let mut set = s.files();
+        if set.closed {
+            return Err(Error::BadFd);
+        }
+        let index = *set.by_token.get(&token).ok_or(Error::NoSuchToken)?;
+        let entry = set
+            .files
+            .as_mut_slice()
+            .get_mut(index)
+            .ok_or(Error::NoSuchToken)?;
+        match entry.status {
+            RetrieveStatus::Failed(e) => return Err(Error::Handler(e)),
+            RetrieveStatus::Retrieved => {
+                let file = entry.file.as_ref().ok_or(Error::NoSuchToken)?;
+                return P::dup_file(file);
+            }
+            RetrieveStatus::NotAttempted => {}
+        }
+        let file = match entry.handler.retrieve(entry.state.data) {
+            Ok(file) => file,
+            Err(e) => {
+                entry.status = RetrieveStatus::Failed(e);
+                return Err(Error::Handler(e));
+            }
+        };
+        let id = entry.handler.get_id(&file);
+        match luo.ids.lock().try_insert(id, ()) {
+            Ok(None) => entry.id = Some(id),
+            Ok(Some(())) => log!(
+                luo.platform,
+                Warn,
+                "retrieved file identity {id:#x} is already in use"
+            ),
+            Err(_) => log!(luo.platform, Warn, "cannot track retrieved file {id:#x}"),
+        }
+        // Record the file before making the caller's reference: the handler has consumed its
+        // handover state, so if that reference cannot be made (no fd left) the file must stay
+        // retrieved, for the next RETRIEVE_FD to hand out (upstream's `get_file` cannot fail).
+        let file = entry.file.insert(file);
+        entry.status = RetrieveStatus::Retrieved;
+        P::dup_file(file)
+    }
+
+    /// FINISH (spec §4.5): `can_finish` on every file (FIFO), then `finish` (LIFO).
+    #[inline]
+    pub fn finish(&self, s: &SessionRef<P>) -> Result {
+        if s.dir != Direction::Incoming {
+            return Err(Error::WrongDirection);
+        }
+        let mut set = s.files();
+        if set.closed {
+            return Err(Error::BadFd);
+        }
+        if set.files.is_empty() {
+            return Ok(());
+        }
+        self.luo.finish_files(&mut set)
+    }
+}
+
+impl<P: Platform> Luo<P> {
     fn unpreserve_all(&self, set: &mut FileSet<P>) {
         while let Some(e) = set.pop_last() {
             if let Some(file) = e.file.as_ref() {
@@ -125,45 +228,6 @@ impl<P: Platform> Luo<P> {
             // `e.file` (LUO's reference) drops here.
         }
         set.blocks.destroy(&self.platform);
-    }
-
-    /// PRESERVE_FD (spec §4.2), with upstream's check order. `fget` resolves the fd; it runs
-    /// after the token check and the block reservation, as upstream's `fget` does.
-    pub fn preserve_fd(
-        &self,
-        s: &SessionRef<P>,
-        token: u64,
-        fget: impl FnOnce() -> Result<P::File>,
-    ) -> Result {
-        if s.dir != Direction::Outgoing {
-            return Err(Error::WrongDirection);
-        }
-        let phase = self.live()?;
-        self.preserve_fd_held(&phase, s, token, fget)
-    }
-
-    /// PRESERVE_FD with the phase read and live (`check_live`); `s` is outgoing.
-    pub(crate) fn preserve_fd_held(
-        &self,
-        _phase: &Phase,
-        s: &SessionRef<P>,
-        token: u64,
-        fget: impl FnOnce() -> Result<P::File>,
-    ) -> Result {
-        let mut set = s.files();
-        if set.closed {
-            return Err(Error::BadFd);
-        }
-        if set.by_token.contains(&token) {
-            return Err(Error::TokenInUse);
-        }
-        let count = set.files.len();
-        set.blocks.grow(&self.platform, count + 1)?;
-        let r = self.preserve_locked(&mut set, token, fget);
-        if r.is_err() {
-            set.blocks.shrink(&self.platform, count);
-        }
-        r
     }
 
     fn preserve_locked(
@@ -229,87 +293,6 @@ impl<P: Platform> Luo<P> {
             id: Some(id),
         };
         set.insert(entry)
-    }
-
-    /// RETRIEVE_FD (spec §4.4): returns a new reference to the file for a new fd.
-    pub fn retrieve_fd(&self, s: &SessionRef<P>, token: u64) -> Result<P::File> {
-        if s.dir != Direction::Incoming {
-            return Err(Error::WrongDirection);
-        }
-        let phase = self.live_or_incoming()?;
-        self.retrieve_fd_held(&phase, s, token)
-    }
-
-    /// RETRIEVE_FD with the phase read; `s` is incoming.
-    pub(crate) fn retrieve_fd_held(
-        &self,
-        _phase: &Phase,
-        s: &SessionRef<P>,
-        token: u64,
-    ) -> Result<P::File> {
-        let mut set = s.files();
-        if set.closed {
-            return Err(Error::BadFd);
-        }
-        let index = *set.by_token.get(&token).ok_or(Error::NoSuchToken)?;
-        let entry = set
-            .files
-            .as_mut_slice()
-            .get_mut(index)
-            .ok_or(Error::NoSuchToken)?;
-        match entry.status {
-            RetrieveStatus::Failed(e) => return Err(Error::Handler(e)),
-            RetrieveStatus::Retrieved => {
-                let file = entry.file.as_ref().ok_or(Error::NoSuchToken)?;
-                return P::dup_file(file);
-            }
-            RetrieveStatus::NotAttempted => {}
-        }
-        let file = match entry.handler.retrieve(entry.state.data) {
-            Ok(file) => file,
-            Err(e) => {
-                entry.status = RetrieveStatus::Failed(e);
-                return Err(Error::Handler(e));
-            }
-        };
-        let id = entry.handler.get_id(&file);
-        match self.ids.lock().try_insert(id, ()) {
-            Ok(None) => entry.id = Some(id),
-            Ok(Some(())) => log!(
-                self.platform,
-                Warn,
-                "retrieved file identity {id:#x} is already in use"
-            ),
-            Err(_) => log!(self.platform, Warn, "cannot track retrieved file {id:#x}"),
-        }
-        // Record the file before making the caller's reference: the handler has consumed its
-        // handover state, so if that reference cannot be made (no fd left) the file must stay
-        // retrieved, for the next RETRIEVE_FD to hand out (upstream's `get_file` cannot fail).
-        let file = entry.file.insert(file);
-        entry.status = RetrieveStatus::Retrieved;
-        P::dup_file(file)
-    }
-
-    /// FINISH (spec §4.5): `can_finish` on every file (FIFO), then `finish` (LIFO).
-    pub fn finish(&self, s: &SessionRef<P>) -> Result {
-        if s.dir != Direction::Incoming {
-            return Err(Error::WrongDirection);
-        }
-        let phase = self.live_or_incoming()?;
-        self.finish_held(&phase, s)
-    }
-
-    /// FINISH with the phase read; `s` is incoming.
-    #[inline]
-    pub(crate) fn finish_held(&self, _phase: &Phase, s: &SessionRef<P>) -> Result {
-        let mut set = s.files();
-        if set.closed {
-            return Err(Error::BadFd);
-        }
-        if set.files.is_empty() {
-            return Ok(());
-        }
-        self.finish_files(&mut set)
     }
 
     fn finish_files(&self, set: &mut FileSet<P>) -> Result {
