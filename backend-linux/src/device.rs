@@ -43,7 +43,6 @@ use luo_core::{
     errno::EINVAL,
     uapi::UserArg,
     Error as LuoError,
-    Luo,
     FileSet,
     Session,
     SessionHead,
