@@ -13,12 +13,14 @@
 //! a thin newtype here (the orphan rule).
 //!
 //! One file per part: [`containers`], [`sync`] (locks and lock classes), [`handlers`] (the C
-//! handler and FLB objects), [`kho`] (handover memory); here, the platform itself.
+//! handler and FLB objects), [`kho`] (handover memory), [`uaccess`] (user copies, with the
+//! fast path every ioctl takes); here, the platform itself.
 
 mod containers;
 mod handlers;
 mod kho;
 mod sync;
+mod uaccess;
 
 use core::ptr;
 
@@ -55,6 +57,7 @@ pub(crate) use sync::{
     KernelMutex,
     KernelRwLock, //
 };
+pub(crate) use uaccess::UserPtrArg;
 
 use kho::{
     in_one_page,
