@@ -20,13 +20,7 @@
 //! (built in) registers its handler from a `late_initcall`, and nothing here is exported to
 //! modules (the C core exports nothing either).
 
-use core::{
-    ptr,
-    sync::atomic::{
-        AtomicPtr,
-        Ordering as MemOrdering, //
-    },
-};
+use core::ptr;
 
 use kernel::{
     bindings,
@@ -61,7 +55,8 @@ use device::LuoDevice;
 use platform::{
     CFlb,
     CHandler,
-    KernelPlatform, //
+    KernelPlatform,
+    PublishOnce, //
 };
 
 /// Log prefix of the printing macros: `"luo: "`, as the C core's `KBUILD_MODNAME`.
@@ -80,28 +75,22 @@ impl kernel::ModuleMetadata for LuoModule {
         unsafe { kernel::ThisModule::from_ptr(ptr::null_mut()) };
 }
 
-/// The orchestrator, from the early initcall on.
-static LUO: SetOnce<Luo<KernelPlatform>> = SetOnce::new();
+/// What the core keeps for the life of the kernel.
+struct Orchestrator {
+    luo: Luo<KernelPlatform>,
+    /// `liveupdate_enabled()`: set by the late initcall once the outgoing state is published.
+    enabled: AtomicFlag,
+    /// `/dev/liveupdate`, registered by the late initcall and never unregistered.
+    device: SetOnce<Pin<KBox<MiscDeviceRegistration<LuoDevice>>>>,
+}
 
-/// `/dev/liveupdate`, registered by the late initcall and never unregistered.
-static DEVICE: SetOnce<Pin<KBox<MiscDeviceRegistration<LuoDevice>>>> = SetOnce::new();
-
-/// `liveupdate_enabled()`: set once the outgoing state is published.
-static ENABLED: AtomicFlag = AtomicFlag::new(false);
-
-/// `LUO`'s value once populated. Every session ioctl, and every call of the C API, needs the
-/// orchestrator: this is one plain load on x86, where `SetOnce::as_ref` makes two out-of-line
-/// calls (the `Atomic` accessor and its C acquire helper). A publish-once pointer needs
-/// nothing the kernel's memory model adds, so `core`'s atomic serves.
-static LUO_PTR: AtomicPtr<Luo<KernelPlatform>> = AtomicPtr::new(ptr::null_mut());
+/// The orchestrator, published by the early initcall.
+static ORCHESTRATOR: PublishOnce<Orchestrator> = PublishOnce::new();
 
 /// The orchestrator, once the early initcall created it.
+#[inline]
 pub(crate) fn luo() -> Option<&'static Luo<KernelPlatform>> {
-    let ptr = LUO_PTR.load(MemOrdering::Acquire);
-    // SAFETY: `LUO_PTR` is null or the address of `LUO`'s value, stored (Release, after
-    // `populate` finished) by `luo_rust_early_init`; a populated `SetOnce` static never
-    // changes or drops its value, so the reference is valid for `'static` and only shared.
-    unsafe { ptr.cast_const().as_ref() }
+    ORCHESTRATOR.get().map(|o| &o.luo)
 }
 
 /// A negative errno for the C API.
@@ -126,12 +115,14 @@ pub unsafe extern "C" fn luo_rust_early_init(requested: bool) -> c_int {
     // still exists so that the C API answers (EOPNOTSUPP) instead of crashing.
     match Luo::new(KernelPlatform, requested && kho) {
         Ok(luo) => {
-            if !LUO.populate(luo) {
+            let orchestrator = Orchestrator {
+                luo,
+                enabled: AtomicFlag::new(false),
+                device: SetOnce::new(),
+            };
+            if !ORCHESTRATOR.publish(orchestrator) {
                 pr_err!("initialized twice\n");
                 return -(bindings::EBUSY as c_int);
-            }
-            if let Some(luo) = LUO.as_ref() {
-                LUO_PTR.store(ptr::from_ref(luo).cast_mut(), MemOrdering::Release);
             }
             0
         }
@@ -149,9 +140,10 @@ pub unsafe extern "C" fn luo_rust_early_init(requested: bool) -> c_int {
 /// None: `unsafe` only because `#[export]` matches bindgen's declaration, which is unsafe.
 #[export]
 pub unsafe extern "C" fn luo_rust_late_init() -> c_int {
-    let Some(luo) = luo() else {
+    let Some(orchestrator) = ORCHESTRATOR.get() else {
         return 0;
     };
+    let luo = &orchestrator.luo;
     match luo.start() {
         Ok(()) => {}
         Err(LuoError::Disabled) => return 0,
@@ -160,7 +152,7 @@ pub unsafe extern "C" fn luo_rust_late_init() -> c_int {
             return neg(e);
         }
     }
-    ENABLED.store(true, Release);
+    orchestrator.enabled.store(true, Release);
     pr_info!(
         "Rust core: live update number {} is next\n",
         luo.liveupdate_num()
@@ -171,7 +163,7 @@ pub unsafe extern "C" fn luo_rust_late_init() -> c_int {
     match KBox::pin_init(MiscDeviceRegistration::register(options), GFP_KERNEL) {
         Ok(reg) => {
             // The registration lives in a static, so the device stays registered forever.
-            DEVICE.populate(reg);
+            orchestrator.device.populate(reg);
             0
         }
         Err(e) => {
@@ -188,7 +180,9 @@ pub unsafe extern "C" fn luo_rust_late_init() -> c_int {
 /// None: `unsafe` only because `#[export]` matches bindgen's declaration, which is unsafe.
 #[export]
 pub unsafe extern "C" fn liveupdate_enabled() -> bool {
-    ENABLED.load(Acquire)
+    ORCHESTRATOR
+        .get()
+        .is_some_and(|o| o.enabled.load(Acquire))
 }
 
 /// Called by `kernel_kexec()`: freezes every preserved file and writes the handover.

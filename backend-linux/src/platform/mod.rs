@@ -55,7 +55,8 @@ pub(crate) use handlers::{
 pub(crate) use sync::{
     init_lock_classes,
     KernelMutex,
-    KernelRwLock, //
+    KernelRwLock,
+    PublishOnce, //
 };
 pub(crate) use uaccess::UserPtrArg;
 

@@ -8,6 +8,8 @@
 //! give. So both locks are written here on one pattern: a pinned C lock beside its data, a
 //! [`HoldMode`] that says what a hold allows and how it ends, and one guard type, [`Held`],
 //! for every mode.
+//!
+//! And [`PublishOnce`], what the orchestrator lives in from the early initcall on.
 
 use core::{
     cell::UnsafeCell,
@@ -19,12 +21,20 @@ use core::{
         Deref,
         DerefMut, //
     },
+    ptr,
+    sync::atomic::{
+        AtomicPtr,
+        Ordering, //
+    },
 };
 
 use kernel::{
     bindings,
     prelude::*,
-    sync::LockClassKey,
+    sync::{
+        LockClassKey,
+        SetOnce, //
+    },
     types::{
         NotThreadSafe,
         Opaque, //
@@ -400,3 +410,55 @@ impl<T> PRwLock<T> for KernelRwLock<T> {
         self.0.write()
     }
 }
+
+/// A value set once and then only read, for the life of the kernel, at the cost of one load
+/// per read.
+///
+/// Every session ioctl and every call of the C API needs the orchestrator. The kernel crate's
+/// `SetOnce::as_ref` makes two out-of-line calls per read (the `Atomic` accessor and its C
+/// acquire helper), so the value's address is kept beside it in a `core` atomic: a
+/// publish-once pointer needs nothing from the kernel memory model that `core`'s
+/// acquire/release pair does not give.
+///
+/// # Invariants
+///
+/// `ptr` is null or the address of `cell`'s value; it is set once, after `cell` was populated,
+/// and a populated `SetOnce` never changes or drops its value while it lives.
+pub(crate) struct PublishOnce<T> {
+    cell: SetOnce<T>,
+    ptr: AtomicPtr<T>,
+}
+
+impl<T> PublishOnce<T> {
+    /// An empty cell, for a `static`.
+    pub(crate) const fn new() -> Self {
+        // INVARIANT: `ptr` is null.
+        PublishOnce {
+            cell: SetOnce::new(),
+            ptr: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// Publishes `value`; false (and `value` dropped) if a value was published before.
+    pub(crate) fn publish(&self, value: T) -> bool {
+        if !self.cell.populate(value) {
+            return false;
+        }
+        if let Some(v) = self.cell.as_ref() {
+            // INVARIANT: `v` is the populated cell's value; `populate` succeeded only here, once.
+            self.ptr.store(ptr::from_ref(v).cast_mut(), Ordering::Release);
+        }
+        true
+    }
+
+    /// The value, once published.
+    #[inline]
+    pub(crate) fn get(&self) -> Option<&T> {
+        let p = self.ptr.load(Ordering::Acquire);
+        // SAFETY: By the type invariant `p` is null or the address of `cell`'s value, which
+        // lives as long as `self` and is only ever shared; the acquire load pairs with the
+        // release store in `publish`, so the value is fully written.
+        unsafe { p.cast_const().as_ref() }
+    }
+}
+
