@@ -83,18 +83,37 @@ impl<T> PVec<T> for KernelVec<T> {
 /// The tree does not count its nodes, so the map does. `try_reserve` keeps one preallocated
 /// node, which the next insert of a new key consumes, so an insert after a successful
 /// reservation cannot fail.
+///
+/// Most maps of the core are empty when they drop (the token index of a session without
+/// files, closed by the thousand), and `RBTree`'s drop walks the tree even then, so an empty
+/// map drops without it, as [`KernelVec`] does.
+///
+/// # Invariants
+///
+/// `len` is the number of nodes in `tree`.
 pub(crate) struct KernelMap<K, V> {
-    tree: RBTree<K, V>,
+    tree: ManuallyDrop<RBTree<K, V>>,
     len: usize,
     spare: Option<RBTreeNodeReservation<K, V>>,
 }
 
 impl<K, V> Default for KernelMap<K, V> {
     fn default() -> Self {
+        // INVARIANT: a new tree has no nodes.
         KernelMap {
-            tree: RBTree::new(),
+            tree: ManuallyDrop::new(RBTree::new()),
             len: 0,
             spare: None,
+        }
+    }
+}
+
+impl<K, V> Drop for KernelMap<K, V> {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: `tree` is dropped once, here, and not used afterwards. When `len` is 0
+            // the tree has no nodes (type invariant), so not dropping it leaks nothing.
+            unsafe { ManuallyDrop::drop(&mut self.tree) };
         }
     }
 }
@@ -130,6 +149,7 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for KernelMap<K, V> {
                     None => RBTreeNodeReservation::new(GFP_KERNEL).map_err(|_| AllocError)?,
                 };
                 entry.insert(value, reservation);
+                // INVARIANT: one node more.
                 self.len += 1;
                 Ok(None)
             }
@@ -153,6 +173,7 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for KernelMap<K, V> {
 
     fn remove(&mut self, key: &K) -> Option<V> {
         let value = self.tree.remove(key)?;
+        // INVARIANT: one node less.
         self.len -= 1;
         Some(value)
     }
@@ -164,6 +185,7 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for KernelMap<K, V> {
             return None;
         }
         let (_, node) = cursor.remove_current();
+        // INVARIANT: one node less.
         self.len -= 1;
         Some(node.to_key_value().1)
     }
