@@ -63,17 +63,16 @@ impl<P: Platform> Live<'_, P> {
             Direction::Outgoing => {
                 // Nobody else holds this session (its last fd closed, and reboot excludes us
                 // through the phase lock), so callbacks run without the table lock.
-                let slot = {
+                {
                     let mut set = s.files();
                     if set.closed {
                         return Err(Error::BadFd);
                     }
                     set.closed = true;
                     luo.unpreserve_all(&mut set);
-                    set.slot
-                };
+                }
                 let mut out = luo.outgoing.write();
-                if out.remove(s, slot) {
+                if out.remove(s) {
                     let count = out.len();
                     out.blocks.shrink(&luo.platform, count);
                 }

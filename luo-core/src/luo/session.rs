@@ -208,16 +208,8 @@ impl<P: Platform> Outgoing<P> {
     }
 
     /// Removes `s` if it is the session of its name here; true if it was.
-    ///
-    /// `hint` is `s`'s slot as read before this table was locked (its close holds the session
-    /// lock first), which saves taking the session lock again; a compaction in between may have
-    /// moved `s`, and then its slot is read again, now stable under this table's lock.
-    pub(super) fn remove(&mut self, s: &SessionRef<P>, hint: usize) -> bool {
-        let at_hint = |o: &Option<SessionRef<P>>| o.as_ref().is_some_and(|o| Session::ptr_eq(o, s));
-        let index = match self.order.as_slice().get(hint) {
-            Some(o) if at_hint(o) => hint,
-            _ => s.files().slot,
-        };
+    pub(super) fn remove(&mut self, s: &SessionRef<P>) -> bool {
+        let index = s.files().slot;
         match self.order.as_mut_slice().get_mut(index) {
             Some(slot) if slot.as_ref().is_some_and(|o| Session::ptr_eq(o, s)) => *slot = None,
             _ => return false,
