@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, RwLock};
 
 use luo_core::errno::HandoverError;
-use luo_core::{Error, FileHandler, FlbOps, Level, Platform, Result};
+use luo_core::{Error, FileHandler, FlbOps, HandoverMemory, Level, Platform, Result, Runtime};
 
 use crate::memory::{Memory, PAGE_SIZE};
 use crate::{errno_of, sys};
@@ -33,33 +33,16 @@ impl UserPlatform {
     }
 }
 
-impl Platform for UserPlatform {
-    const PAGE_SIZE: usize = PAGE_SIZE;
-
-    type File = OwnedFd;
-    type Handler = HandlerRef;
-    type Flb = FlbRef;
+impl Runtime for UserPlatform {
     type Vec<T> = Vec<T>;
     type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
     type Shared<H: 'static, T: 'static> = luo_core::std_impls::StdShared<H, T>;
     type Mutex<T> = Mutex<T>;
     type RwLock<T> = RwLock<T>;
+}
 
-    /// The inode (device and number): a process cannot name an open file description, so two
-    /// descriptions of one inode count as the same file (stricter than the kernel's pointer).
-    fn file_identity(file: &OwnedFd) -> u64 {
-        match sys::fstat(file.as_fd()) {
-            Ok(st) => st.st_dev.rotate_left(40) ^ st.st_ino,
-            Err(_) => 0,
-        }
-    }
-
-    fn dup_file(file: &OwnedFd) -> Result<OwnedFd> {
-        sys::dup_cloexec(file.as_fd()).map_err(|e| match e.raw_os_error() {
-            Some(libc::EMFILE) => Error::TooManyFds,
-            _ => Error::Platform(errno_of(&e)),
-        })
-    }
+impl HandoverMemory for UserPlatform {
+    const PAGE_SIZE: usize = PAGE_SIZE;
 
     fn alloc_page(&self) -> Result<u64> {
         self.mem.alloc_page()
@@ -88,6 +71,28 @@ impl Platform for UserPlatform {
     fn publish_root(&self, addr: u64, size: u64) -> Result {
         self.mem.publish_root(addr, size);
         Ok(())
+    }
+}
+
+impl Platform for UserPlatform {
+    type File = OwnedFd;
+    type Handler = HandlerRef;
+    type Flb = FlbRef;
+
+    /// The inode (device and number): a process cannot name an open file description, so two
+    /// descriptions of one inode count as the same file (stricter than the kernel's pointer).
+    fn file_identity(file: &OwnedFd) -> u64 {
+        match sys::fstat(file.as_fd()) {
+            Ok(st) => st.st_dev.rotate_left(40) ^ st.st_ino,
+            Err(_) => 0,
+        }
+    }
+
+    fn dup_file(file: &OwnedFd) -> Result<OwnedFd> {
+        sys::dup_cloexec(file.as_fd()).map_err(|e| match e.raw_os_error() {
+            Some(libc::EMFILE) => Error::TooManyFds,
+            _ => Error::Platform(errno_of(&e)),
+        })
     }
 
     fn log(&self, level: Level, args: std::fmt::Arguments<'_>) {

@@ -37,6 +37,6 @@ pub mod uapi;
 pub use errno::{Errno, Error, HandoverError, Result};
 pub use luo::{create_name, retrieve_name, FileSet, Live, Luo, Session, SessionHead, SessionRef};
 pub use platform::{
-    FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
-    SharedLocked,
+    FileHandler, FlbOps, HandoverMemory, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved,
+    RetrieveStatus, Runtime, SharedLocked,
 };

@@ -9,7 +9,7 @@
 //!
 //! Handover memory is modelled on KHO: preserved pages named by a `u64` address (a physical
 //! address in the kernel, an offset into the handover memfd in userspace), read and written
-//! only through [`Platform::read`] and [`Platform::write`], which validate the address. The core
+//! only through [`HandoverMemory::read`] and [`HandoverMemory::write`], which validate the address. The core
 //! never forms a pointer from an address it read out of handover memory.
 
 use core::ops::{Deref, DerefMut};
@@ -261,17 +261,8 @@ pub trait FlbOps {
     fn finish(&self, data: u64, obj: usize);
 }
 
-/// Everything the core needs from its environment.
-pub trait Platform: Sized + 'static {
-    /// `PAGE_SIZE`, which is part of the handover ABI (`KHO_BLOCK_SIZE`).
-    const PAGE_SIZE: usize;
-
-    /// A counted reference to an open file (`struct file *` with a reference, `OwnedFd`).
-    type File;
-    /// A file handler.
-    type Handler: FileHandler<Self> + Clone;
-    /// An FLB.
-    type Flb: FlbOps + Clone;
+/// The containers and locks: everything the core allocates or synchronizes with.
+pub trait Runtime {
     /// Growable array.
     type Vec<T>: PVec<T>;
     /// Ordered map.
@@ -282,26 +273,44 @@ pub trait Platform: Sized + 'static {
     type Mutex<T>: PMutex<T>;
     /// Reader/writer lock.
     type RwLock<T>: PRwLock<T>;
+}
 
-    /// Identity of an open file when the handler has no `get_id` (upstream: the file pointer).
-    fn file_identity(file: &Self::File) -> u64;
-    /// Takes another reference to an open file (`get_file`; `dup` in userspace).
-    fn dup_file(file: &Self::File) -> Result<Self::File>;
+/// Handover memory: preserved pages named by a non-zero `u64` address (KHO in the kernel).
+pub trait HandoverMemory {
+    /// `PAGE_SIZE`, which is part of the handover ABI (`KHO_BLOCK_SIZE`).
+    const PAGE_SIZE: usize;
 
     /// Allocates one zeroed, preserved page of handover memory; returns its address (never 0).
     fn alloc_page(&self) -> Result<u64>;
-    /// Frees a page from [`Platform::alloc_page`] in this kernel (`kho_unpreserve_free`).
+    /// Frees a page from [`HandoverMemory::alloc_page`] in this kernel (`kho_unpreserve_free`).
     fn free_page(&self, addr: u64);
     /// Releases a page the previous kernel preserved (`kho_restore_free`).
     fn release_incoming_page(&self, addr: u64);
     /// Reads `buf.len()` bytes at `addr`; the range must lie in one page the platform knows.
     fn read(&self, addr: u64, buf: &mut [u8]) -> core::result::Result<(), HandoverError>;
-    /// Writes `data` at `addr` in a page allocated by [`Platform::alloc_page`].
+    /// Writes `data` at `addr` in a page allocated by [`HandoverMemory::alloc_page`].
     fn write(&self, addr: u64, data: &[u8]) -> Result;
     /// The incoming `"LUO"` subtree: address and size of `luo_ser`, or None on a cold boot.
     fn incoming_root(&self) -> core::result::Result<Option<(u64, u64)>, HandoverError>;
     /// Publishes the outgoing root (`kho_add_subtree("LUO", ...)`).
     fn publish_root(&self, addr: u64, size: u64) -> Result;
+}
+
+/// Everything the core needs from its environment: the [`Runtime`], the [`HandoverMemory`],
+/// and what is the platform's own: its open files, the handler and FLB types that see them,
+/// and its log.
+pub trait Platform: Runtime + HandoverMemory + Sized + 'static {
+    /// A counted reference to an open file (`struct file *` with a reference, `OwnedFd`).
+    type File;
+    /// A file handler.
+    type Handler: FileHandler<Self> + Clone;
+    /// An FLB.
+    type Flb: FlbOps + Clone;
+
+    /// Identity of an open file when the handler has no `get_id` (upstream: the file pointer).
+    fn file_identity(file: &Self::File) -> u64;
+    /// Takes another reference to an open file (`get_file`; `dup` in userspace).
+    fn dup_file(file: &Self::File) -> Result<Self::File>;
 
     /// Writes one line to the log (`pr_err`/`pr_warn`/`pr_info` with the `luo: ` prefix).
     fn log(&self, level: Level, args: core::fmt::Arguments<'_>);

@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use backend_user::memory::PAGE_SIZE;
 use backend_user::{sys, HandlerRef, Memory, UserPlatform};
 use luo_core::errno::{Errno, HandoverError};
-use luo_core::{create_name, FileHandler, FlbOps, Level, Luo, Platform, Preserved, RetrieveStatus};
+use luo_core::{
+    create_name, FileHandler, FlbOps, HandoverMemory, Level, Luo, Platform, Preserved,
+    RetrieveStatus, Runtime,
+};
 
 const COMPAT: &str = "bench-v1";
 
@@ -25,23 +28,16 @@ pub struct NoFdPlatform {
 
 pub struct NoFdFile(pub u64);
 
-impl Platform for NoFdPlatform {
-    const PAGE_SIZE: usize = PAGE_SIZE;
-    type File = NoFdFile;
-    type Handler = Arc<dyn FileHandler<NoFdPlatform> + Send + Sync>;
-    type Flb = Arc<dyn FlbOps + Send + Sync>;
+impl Runtime for NoFdPlatform {
     type Vec<T> = Vec<T>;
     type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
     type Shared<H: 'static, T: 'static> = luo_core::std_impls::StdShared<H, T>;
     type Mutex<T> = Mutex<T>;
     type RwLock<T> = RwLock<T>;
+}
 
-    fn file_identity(file: &NoFdFile) -> u64 {
-        file.0
-    }
-    fn dup_file(file: &NoFdFile) -> luo_core::Result<NoFdFile> {
-        Ok(NoFdFile(file.0))
-    }
+impl HandoverMemory for NoFdPlatform {
+    const PAGE_SIZE: usize = PAGE_SIZE;
     fn alloc_page(&self) -> luo_core::Result<u64> {
         self.mem.alloc_page()
     }
@@ -63,6 +59,18 @@ impl Platform for NoFdPlatform {
     fn publish_root(&self, addr: u64, size: u64) -> luo_core::Result {
         self.mem.publish_root(addr, size);
         Ok(())
+    }
+}
+
+impl Platform for NoFdPlatform {
+    type File = NoFdFile;
+    type Handler = Arc<dyn FileHandler<NoFdPlatform> + Send + Sync>;
+    type Flb = Arc<dyn FlbOps + Send + Sync>;
+    fn file_identity(file: &NoFdFile) -> u64 {
+        file.0
+    }
+    fn dup_file(file: &NoFdFile) -> luo_core::Result<NoFdFile> {
+        Ok(NoFdFile(file.0))
     }
     fn log(&self, level: Level, args: std::fmt::Arguments<'_>) {
         self.mem.log(level, args)
