@@ -1,11 +1,10 @@
 //! The `Platform` implementation for a process.
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use luo_core::errno::HandoverError;
-use luo_core::{Error, FileHandler, FlbOps, HandoverMemory, Level, Platform, Result, Runtime};
+use luo_core::{Error, FileHandler, FlbOps, HandoverMemory, Level, Platform, Result, StdRuntime};
 
 use crate::memory::{Memory, PAGE_SIZE};
 use crate::{errno_of, sys};
@@ -33,13 +32,7 @@ impl UserPlatform {
     }
 }
 
-impl Runtime for UserPlatform {
-    type Vec<T> = Vec<T>;
-    type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
-    type Shared<H: 'static, T: 'static> = luo_core::std_impls::StdShared<H, T>;
-    type Mutex<T> = Mutex<T>;
-    type RwLock<T> = RwLock<T>;
-}
+impl StdRuntime for UserPlatform {}
 
 impl HandoverMemory for UserPlatform {
     const PAGE_SIZE: usize = PAGE_SIZE;

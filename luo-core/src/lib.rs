@@ -40,3 +40,5 @@ pub use platform::{
     FileHandler, FlbOps, HandoverMemory, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved,
     RetrieveStatus, Runtime, SharedLocked,
 };
+#[cfg(feature = "std")]
+pub use std_impls::StdRuntime;

@@ -2,17 +2,16 @@
 //! builders for the states measured.
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use backend_user::memory::PAGE_SIZE;
 use backend_user::{sys, HandlerRef, Memory, UserPlatform};
 use luo_core::errno::{Errno, HandoverError};
 use luo_core::{
     create_name, FileHandler, FlbOps, HandoverMemory, Level, Luo, Platform, Preserved,
-    RetrieveStatus, Runtime,
+    RetrieveStatus, StdRuntime,
 };
 
 const COMPAT: &str = "bench-v1";
@@ -28,13 +27,7 @@ pub struct NoFdPlatform {
 
 pub struct NoFdFile(pub u64);
 
-impl Runtime for NoFdPlatform {
-    type Vec<T> = Vec<T>;
-    type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
-    type Shared<H: 'static, T: 'static> = luo_core::std_impls::StdShared<H, T>;
-    type Mutex<T> = Mutex<T>;
-    type RwLock<T> = RwLock<T>;
-}
+impl StdRuntime for NoFdPlatform {}
 
 impl HandoverMemory for NoFdPlatform {
     const PAGE_SIZE: usize = PAGE_SIZE;
