@@ -4,7 +4,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use luo_core::errno::HandoverError;
-use luo_core::{Error, FileHandler, FlbOps, HandoverMemory, Level, Platform, Result, StdRuntime};
+use luo_core::{
+    DelegateMemory, Error, FileHandler, FlbOps, HandoverMemory, Level, Platform, Result, StdRuntime,
+};
 
 use crate::memory::{Memory, PAGE_SIZE};
 use crate::{errno_of, sys};
@@ -34,36 +36,45 @@ impl UserPlatform {
 
 impl StdRuntime for UserPlatform {}
 
-impl HandoverMemory for UserPlatform {
+/// backend-user's handover memory as luo-core's, through `Memory`'s inherent methods (which
+/// take precedence over these of the same names).
+impl HandoverMemory for Memory {
     const PAGE_SIZE: usize = PAGE_SIZE;
 
     fn alloc_page(&self) -> Result<u64> {
-        self.mem.alloc_page()
+        Memory::alloc_page(self)
     }
 
     fn free_page(&self, addr: u64) {
-        self.mem.free_page(addr)
+        Memory::free_page(self, addr)
     }
 
     fn release_incoming_page(&self, addr: u64) {
-        self.mem.release_incoming(addr)
+        self.release_incoming(addr)
     }
 
     fn read(&self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), HandoverError> {
-        self.mem.read(addr, buf)
+        Memory::read(self, addr, buf)
     }
 
     fn write(&self, addr: u64, data: &[u8]) -> Result {
-        self.mem.write(addr, data)
+        Memory::write(self, addr, data)
     }
 
     fn incoming_root(&self) -> std::result::Result<Option<(u64, u64)>, HandoverError> {
-        Ok(self.mem.incoming_root())
+        Ok(Memory::incoming_root(self))
     }
 
     fn publish_root(&self, addr: u64, size: u64) -> Result {
-        self.mem.publish_root(addr, size);
+        Memory::publish_root(self, addr, size);
         Ok(())
+    }
+}
+
+impl DelegateMemory for UserPlatform {
+    type Memory = Memory;
+    fn memory(&self) -> &Memory {
+        &self.mem
     }
 }
 

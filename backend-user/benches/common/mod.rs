@@ -6,11 +6,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use backend_user::memory::PAGE_SIZE;
 use backend_user::{sys, HandlerRef, Memory, UserPlatform};
-use luo_core::errno::{Errno, HandoverError};
+use luo_core::errno::Errno;
 use luo_core::{
-    create_name, FileHandler, FlbOps, HandoverMemory, Level, Luo, Platform, Preserved,
+    create_name, DelegateMemory, FileHandler, FlbOps, Level, Luo, Platform, Preserved,
     RetrieveStatus, StdRuntime,
 };
 
@@ -29,29 +28,10 @@ pub struct NoFdFile(pub u64);
 
 impl StdRuntime for NoFdPlatform {}
 
-impl HandoverMemory for NoFdPlatform {
-    const PAGE_SIZE: usize = PAGE_SIZE;
-    fn alloc_page(&self) -> luo_core::Result<u64> {
-        self.mem.alloc_page()
-    }
-    fn free_page(&self, addr: u64) {
-        self.mem.free_page(addr)
-    }
-    fn release_incoming_page(&self, addr: u64) {
-        self.mem.release_incoming(addr)
-    }
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), HandoverError> {
-        self.mem.read(addr, buf)
-    }
-    fn write(&self, addr: u64, data: &[u8]) -> luo_core::Result {
-        self.mem.write(addr, data)
-    }
-    fn incoming_root(&self) -> Result<Option<(u64, u64)>, HandoverError> {
-        Ok(self.mem.incoming_root())
-    }
-    fn publish_root(&self, addr: u64, size: u64) -> luo_core::Result {
-        self.mem.publish_root(addr, size);
-        Ok(())
+impl DelegateMemory for NoFdPlatform {
+    type Memory = Memory;
+    fn memory(&self) -> &Memory {
+        &self.mem
     }
 }
 
