@@ -261,6 +261,8 @@ fn page_of(addr: u64) -> (u64, usize) {
     (base, (addr - base) as usize)
 }
 
+/// In full although `Vec` and `Map` are std's: luo-core's `StdRuntime` brings std's locks too
+/// (why `Runtime` is not split: luo-core's `platform` module docs).
 impl Runtime for LoomPlatform {
     type Vec<T> = Vec<T>;
     type Map<K: Ord + Copy, V> = BTreeMap<K, V>;

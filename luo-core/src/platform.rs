@@ -1,4 +1,5 @@
-//! The `Platform` trait: the only way the core touches locks, memory, files and callbacks.
+//! The `Platform` trait and its parts: the only way the core touches locks, memory, files and
+//! callbacks.
 //!
 //! luo-core has no `alloc` (the kernel builds Rust with `core` only), so every container it
 //! needs is an associated type of the platform with a fallible constructor and fallible growth:
@@ -9,8 +10,24 @@
 //!
 //! Handover memory is modelled on KHO: preserved pages named by a `u64` address (a physical
 //! address in the kernel, an offset into the handover memfd in userspace), read and written
-//! only through [`HandoverMemory::read`] and [`HandoverMemory::write`], which validate the address. The core
-//! never forms a pointer from an address it read out of handover memory.
+//! only through [`HandoverMemory::read`] and [`HandoverMemory::write`], which validate the
+//! address. The core never forms a pointer from an address it read out of handover memory.
+//!
+//! A platform is three traits on one type, split by what platforms share. [`Runtime`] is the
+//! containers and locks: luo-core's `std` feature implements it once with std's types for any
+//! type that implements the empty `StdRuntime` marker, the kernel with its own wrappers, the
+//! loom models with loom locks. [`HandoverMemory`] is the pages and the root; [`DelegateMemory`]
+//! forwards it to an object, so backend-user's two platforms share its `Memory`. [`Platform`]
+//! requires both and adds what is each platform's own: the file type with its identity and
+//! `dup`, the handler and FLB types (defined over that file type, which is why files are not a
+//! part of their own: no two platforms could share one), and the log. A std platform thus
+//! writes one line for its runtime, a few for its memory, and only its files, handlers and log
+//! in full. It is all static (supertraits and blanket impls, no `dyn`), and generic code keeps
+//! writing `P::Vec<T>` and `p.read(..)` under `P: Platform`; only a fully qualified path names
+//! the part (`<P as Runtime>::Shared<..>`). `Runtime` is not split further into containers
+//! and locks: only the loom models would use that split (std containers, loom locks), and it
+//! would save that test platform two lines at the cost of two more traits and a second marker,
+//! so loom implements `Runtime` in full.
 
 use core::ops::{Deref, DerefMut};
 
