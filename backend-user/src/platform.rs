@@ -1,11 +1,12 @@
 //! The `Platform` implementation for a process.
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use luo_core::errno::HandoverError;
-use luo_core::{Error, FileHandler, FlbOps, Level, Platform, Result};
+use luo_core::{
+    DelegateMemory, Error, FileHandler, FlbOps, HandoverMemory, Level, Platform, Result, StdRuntime,
+};
 
 use crate::memory::{Memory, PAGE_SIZE};
 use crate::{errno_of, sys};
@@ -33,17 +34,54 @@ impl UserPlatform {
     }
 }
 
-impl Platform for UserPlatform {
+impl StdRuntime for UserPlatform {}
+
+/// backend-user's handover memory as luo-core's, through `Memory`'s inherent methods (which
+/// take precedence over these of the same names).
+impl HandoverMemory for Memory {
     const PAGE_SIZE: usize = PAGE_SIZE;
 
+    fn alloc_page(&self) -> Result<u64> {
+        Memory::alloc_page(self)
+    }
+
+    fn free_page(&self, addr: u64) {
+        Memory::free_page(self, addr)
+    }
+
+    fn release_incoming_page(&self, addr: u64) {
+        self.release_incoming(addr)
+    }
+
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), HandoverError> {
+        Memory::read(self, addr, buf)
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> Result {
+        Memory::write(self, addr, data)
+    }
+
+    fn incoming_root(&self) -> std::result::Result<Option<(u64, u64)>, HandoverError> {
+        Ok(Memory::incoming_root(self))
+    }
+
+    fn publish_root(&self, addr: u64, size: u64) -> Result {
+        Memory::publish_root(self, addr, size);
+        Ok(())
+    }
+}
+
+impl DelegateMemory for UserPlatform {
+    type Memory = Memory;
+    fn memory(&self) -> &Memory {
+        &self.mem
+    }
+}
+
+impl Platform for UserPlatform {
     type File = OwnedFd;
     type Handler = HandlerRef;
     type Flb = FlbRef;
-    type Vec<T> = Vec<T>;
-    type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
-    type Shared<H: 'static, T: 'static> = luo_core::std_impls::StdShared<H, T>;
-    type Mutex<T> = Mutex<T>;
-    type RwLock<T> = RwLock<T>;
 
     /// The inode (device and number): a process cannot name an open file description, so two
     /// descriptions of one inode count as the same file (stricter than the kernel's pointer).
@@ -59,35 +97,6 @@ impl Platform for UserPlatform {
             Some(libc::EMFILE) => Error::TooManyFds,
             _ => Error::Platform(errno_of(&e)),
         })
-    }
-
-    fn alloc_page(&self) -> Result<u64> {
-        self.mem.alloc_page()
-    }
-
-    fn free_page(&self, addr: u64) {
-        self.mem.free_page(addr)
-    }
-
-    fn release_incoming_page(&self, addr: u64) {
-        self.mem.release_incoming(addr)
-    }
-
-    fn read(&self, addr: u64, buf: &mut [u8]) -> std::result::Result<(), HandoverError> {
-        self.mem.read(addr, buf)
-    }
-
-    fn write(&self, addr: u64, data: &[u8]) -> Result {
-        self.mem.write(addr, data)
-    }
-
-    fn incoming_root(&self) -> std::result::Result<Option<(u64, u64)>, HandoverError> {
-        Ok(self.mem.incoming_root())
-    }
-
-    fn publish_root(&self, addr: u64, size: u64) -> Result {
-        self.mem.publish_root(addr, size);
-        Ok(())
     }
 
     fn log(&self, level: Level, args: std::fmt::Arguments<'_>) {

@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
 
 use luo_core::errno::{AllocError, HandoverError, EFAULT, ENOMEM};
-use luo_core::{Error, Level, PMutex, PRwLock, Platform, Result, SharedLocked};
+use luo_core::{
+    Error, HandoverMemory, Level, PMutex, PRwLock, Platform, Result, Runtime, SharedLocked,
+};
 
 use crate::recorder::{Flb, Handler};
 use crate::sync::{self, lock};
@@ -259,25 +261,18 @@ fn page_of(addr: u64) -> (u64, usize) {
     (base, (addr - base) as usize)
 }
 
-impl Platform for LoomPlatform {
-    const PAGE_SIZE: usize = PAGE_SIZE;
-
-    type File = FakeFile;
-    type Handler = Handler;
-    type Flb = Flb;
+/// In full although `Vec` and `Map` are std's: luo-core's `StdRuntime` brings std's locks too
+/// (why `Runtime` is not split: luo-core's `platform` module docs).
+impl Runtime for LoomPlatform {
     type Vec<T> = Vec<T>;
     type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
     type Shared<H: 'static, T: 'static> = LShared<H, T>;
     type Mutex<T> = LMutex<T>;
     type RwLock<T> = LRwLock<T>;
+}
 
-    fn file_identity(file: &FakeFile) -> u64 {
-        file.id
-    }
-
-    fn dup_file(file: &FakeFile) -> Result<FakeFile> {
-        Ok(FakeFile { id: file.id })
-    }
+impl HandoverMemory for LoomPlatform {
+    const PAGE_SIZE: usize = PAGE_SIZE;
 
     fn alloc_page(&self) -> Result<u64> {
         let mut m = self.mem.lock();
@@ -344,6 +339,20 @@ impl Platform for LoomPlatform {
     fn publish_root(&self, addr: u64, size: u64) -> Result {
         self.mem.lock().root = Some((addr, size));
         Ok(())
+    }
+}
+
+impl Platform for LoomPlatform {
+    type File = FakeFile;
+    type Handler = Handler;
+    type Flb = Flb;
+
+    fn file_identity(file: &FakeFile) -> u64 {
+        file.id
+    }
+
+    fn dup_file(file: &FakeFile) -> Result<FakeFile> {
+        Ok(FakeFile { id: file.id })
     }
 
     fn log(&self, level: Level, args: core::fmt::Arguments<'_>) {

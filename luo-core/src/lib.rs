@@ -37,6 +37,8 @@ pub mod uapi;
 pub use errno::{Errno, Error, HandoverError, Result};
 pub use luo::{create_name, retrieve_name, FileSet, Live, Luo, Session, SessionHead, SessionRef};
 pub use platform::{
-    FileHandler, FlbOps, Level, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
-    SharedLocked,
+    DelegateMemory, FileHandler, FlbOps, HandoverMemory, Level, OrdMap, PMutex, PRwLock, PVec,
+    Platform, Preserved, RetrieveStatus, Runtime, SharedLocked,
 };
+#[cfg(feature = "std")]
+pub use std_impls::StdRuntime;

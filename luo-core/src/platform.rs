@@ -1,4 +1,5 @@
-//! The `Platform` trait: the only way the core touches locks, memory, files and callbacks.
+//! The `Platform` trait and its parts: the only way the core touches locks, memory, files and
+//! callbacks.
 //!
 //! luo-core has no `alloc` (the kernel builds Rust with `core` only), so every container it
 //! needs is an associated type of the platform with a fallible constructor and fallible growth:
@@ -9,8 +10,24 @@
 //!
 //! Handover memory is modelled on KHO: preserved pages named by a `u64` address (a physical
 //! address in the kernel, an offset into the handover memfd in userspace), read and written
-//! only through [`Platform::read`] and [`Platform::write`], which validate the address. The core
-//! never forms a pointer from an address it read out of handover memory.
+//! only through [`HandoverMemory::read`] and [`HandoverMemory::write`], which validate the
+//! address. The core never forms a pointer from an address it read out of handover memory.
+//!
+//! A platform is three traits on one type, split by what platforms share. [`Runtime`] is the
+//! containers and locks: luo-core's `std` feature implements it once with std's types for any
+//! type that implements the empty `StdRuntime` marker, the kernel with its own wrappers, the
+//! loom models with loom locks. [`HandoverMemory`] is the pages and the root; [`DelegateMemory`]
+//! forwards it to an object, so backend-user's two platforms share its `Memory`. [`Platform`]
+//! requires both and adds what is each platform's own: the file type with its identity and
+//! `dup`, the handler and FLB types (defined over that file type, which is why files are not a
+//! part of their own: no two platforms could share one), and the log. A std platform thus
+//! writes one line for its runtime, a few for its memory, and only its files, handlers and log
+//! in full. It is all static (supertraits and blanket impls, no `dyn`), and generic code keeps
+//! writing `P::Vec<T>` and `p.read(..)` under `P: Platform`; only a fully qualified path names
+//! the part (`<P as Runtime>::Shared<..>`). `Runtime` is not split further into containers
+//! and locks: only the loom models would use that split (std containers, loom locks), and it
+//! would save that test platform two lines at the cost of two more traits and a second marker,
+//! so loom implements `Runtime` in full.
 
 use core::ops::{Deref, DerefMut};
 
@@ -261,17 +278,8 @@ pub trait FlbOps {
     fn finish(&self, data: u64, obj: usize);
 }
 
-/// Everything the core needs from its environment.
-pub trait Platform: Sized + 'static {
-    /// `PAGE_SIZE`, which is part of the handover ABI (`KHO_BLOCK_SIZE`).
-    const PAGE_SIZE: usize;
-
-    /// A counted reference to an open file (`struct file *` with a reference, `OwnedFd`).
-    type File;
-    /// A file handler.
-    type Handler: FileHandler<Self> + Clone;
-    /// An FLB.
-    type Flb: FlbOps + Clone;
+/// The containers and locks: everything the core allocates or synchronizes with.
+pub trait Runtime {
     /// Growable array.
     type Vec<T>: PVec<T>;
     /// Ordered map.
@@ -282,26 +290,81 @@ pub trait Platform: Sized + 'static {
     type Mutex<T>: PMutex<T>;
     /// Reader/writer lock.
     type RwLock<T>: PRwLock<T>;
+}
 
-    /// Identity of an open file when the handler has no `get_id` (upstream: the file pointer).
-    fn file_identity(file: &Self::File) -> u64;
-    /// Takes another reference to an open file (`get_file`; `dup` in userspace).
-    fn dup_file(file: &Self::File) -> Result<Self::File>;
+/// Handover memory: preserved pages named by a non-zero `u64` address (KHO in the kernel).
+pub trait HandoverMemory {
+    /// `PAGE_SIZE`, which is part of the handover ABI (`KHO_BLOCK_SIZE`).
+    const PAGE_SIZE: usize;
 
     /// Allocates one zeroed, preserved page of handover memory; returns its address (never 0).
     fn alloc_page(&self) -> Result<u64>;
-    /// Frees a page from [`Platform::alloc_page`] in this kernel (`kho_unpreserve_free`).
+    /// Frees a page from [`HandoverMemory::alloc_page`] in this kernel (`kho_unpreserve_free`).
     fn free_page(&self, addr: u64);
     /// Releases a page the previous kernel preserved (`kho_restore_free`).
     fn release_incoming_page(&self, addr: u64);
     /// Reads `buf.len()` bytes at `addr`; the range must lie in one page the platform knows.
     fn read(&self, addr: u64, buf: &mut [u8]) -> core::result::Result<(), HandoverError>;
-    /// Writes `data` at `addr` in a page allocated by [`Platform::alloc_page`].
+    /// Writes `data` at `addr` in a page allocated by [`HandoverMemory::alloc_page`].
     fn write(&self, addr: u64, data: &[u8]) -> Result;
     /// The incoming `"LUO"` subtree: address and size of `luo_ser`, or None on a cold boot.
     fn incoming_root(&self) -> core::result::Result<Option<(u64, u64)>, HandoverError>;
     /// Publishes the outgoing root (`kho_add_subtree("LUO", ...)`).
     fn publish_root(&self, addr: u64, size: u64) -> Result;
+}
+
+/// A platform whose handover memory is an object it holds: implementing this implements
+/// [`HandoverMemory`] by forwarding every item to [`DelegateMemory::memory`], so platforms that
+/// share one implementation (backend-user's `Memory`) do not each restate it. A platform that
+/// implements [`HandoverMemory`] itself does not implement this.
+pub trait DelegateMemory {
+    /// The object that implements the handover memory.
+    type Memory: HandoverMemory;
+    /// This platform's handover memory.
+    fn memory(&self) -> &Self::Memory;
+}
+
+impl<T: DelegateMemory> HandoverMemory for T {
+    const PAGE_SIZE: usize = <T::Memory as HandoverMemory>::PAGE_SIZE;
+
+    fn alloc_page(&self) -> Result<u64> {
+        self.memory().alloc_page()
+    }
+    fn free_page(&self, addr: u64) {
+        self.memory().free_page(addr)
+    }
+    fn release_incoming_page(&self, addr: u64) {
+        self.memory().release_incoming_page(addr)
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> core::result::Result<(), HandoverError> {
+        self.memory().read(addr, buf)
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> Result {
+        self.memory().write(addr, data)
+    }
+    fn incoming_root(&self) -> core::result::Result<Option<(u64, u64)>, HandoverError> {
+        self.memory().incoming_root()
+    }
+    fn publish_root(&self, addr: u64, size: u64) -> Result {
+        self.memory().publish_root(addr, size)
+    }
+}
+
+/// Everything the core needs from its environment: the [`Runtime`], the [`HandoverMemory`],
+/// and what is the platform's own: its open files, the handler and FLB types that see them,
+/// and its log.
+pub trait Platform: Runtime + HandoverMemory + Sized + 'static {
+    /// A counted reference to an open file (`struct file *` with a reference, `OwnedFd`).
+    type File;
+    /// A file handler.
+    type Handler: FileHandler<Self> + Clone;
+    /// An FLB.
+    type Flb: FlbOps + Clone;
+
+    /// Identity of an open file when the handler has no `get_id` (upstream: the file pointer).
+    fn file_identity(file: &Self::File) -> u64;
+    /// Takes another reference to an open file (`get_file`; `dup` in userspace).
+    fn dup_file(file: &Self::File) -> Result<Self::File>;
 
     /// Writes one line to the log (`pr_err`/`pr_warn`/`pr_info` with the `luo: ` prefix).
     fn log(&self, level: Level, args: core::fmt::Arguments<'_>);

@@ -1,4 +1,5 @@
-//! The platform container and lock traits for std types, for userspace backends and tests.
+//! The platform container and lock traits for std types, for userspace backends and tests,
+//! and the std [`Runtime`]: a platform that implements the [`StdRuntime`] marker has it.
 //!
 //! Poisoned std locks are recovered rather than propagated: a panic in a callback on another
 //! thread must not turn every later LUO call into a panic.
@@ -11,8 +12,24 @@ use crate::errno::AllocError;
 use crate::errno::Errno;
 use crate::platform::{
     FileHandler, FlbOps, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
-    SharedLocked,
+    Runtime, SharedLocked,
 };
+
+/// Opts a platform into std's containers and locks: `impl StdRuntime for MyPlatform {}` gives
+/// it the [`Runtime`] below (`Vec`, `BTreeMap`, [`StdShared`], `Mutex`, `RwLock`).
+///
+/// A platform with other containers or locks does not implement this marker and implements
+/// [`Runtime`] itself, as the loom models do: coherence allows that for any type of its own
+/// crate, because only that crate could make the type a `StdRuntime`.
+pub trait StdRuntime {}
+
+impl<P: StdRuntime> Runtime for P {
+    type Vec<T> = Vec<T>;
+    type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
+    type Shared<H: 'static, T: 'static> = StdShared<H, T>;
+    type Mutex<T> = Mutex<T>;
+    type RwLock<T> = RwLock<T>;
+}
 
 impl<T> PVec<T> for Vec<T> {
     fn try_push(&mut self, value: T) -> Result<(), AllocError> {

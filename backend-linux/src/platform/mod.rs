@@ -38,8 +38,10 @@ use luo_core::{
     Errno,
     Error as LuoError,
     HandoverError,
+    HandoverMemory,
     Level,
-    Platform, //
+    Platform,
+    Runtime, //
 };
 
 pub(crate) use containers::{
@@ -74,25 +76,16 @@ pub(crate) fn errno_of(e: kernel::error::Error) -> Errno {
     Errno::new(-e.to_errno())
 }
 
-impl Platform for KernelPlatform {
-    const PAGE_SIZE: usize = PAGE_SIZE;
-
-    type File = ARef<File>;
-    type Handler = CHandler;
-    type Flb = CFlb;
+impl Runtime for KernelPlatform {
     type Vec<T> = KernelVec<T>;
     type Map<K: Ord + Copy, V> = KernelMap<K, V>;
     type Shared<H: 'static, T: 'static> = KernelShared<H, T>;
     type Mutex<T> = KernelMutex<T>;
     type RwLock<T> = KernelRwLock<T>;
+}
 
-    fn file_identity(file: &ARef<File>) -> u64 {
-        file.as_ptr() as usize as u64
-    }
-
-    fn dup_file(file: &ARef<File>) -> luo_core::Result<ARef<File>> {
-        Ok(file.clone())
-    }
+impl HandoverMemory for KernelPlatform {
+    const PAGE_SIZE: usize = PAGE_SIZE;
 
     fn alloc_page(&self) -> luo_core::Result<u64> {
         // SAFETY: Any size may be asked for; the result is a valid pointer or an `ERR_PTR`.
@@ -179,6 +172,20 @@ impl Platform for KernelPlatform {
             None => Ok(()),
             Some(e) => Err(LuoError::Platform(e)),
         }
+    }
+}
+
+impl Platform for KernelPlatform {
+    type File = ARef<File>;
+    type Handler = CHandler;
+    type Flb = CFlb;
+
+    fn file_identity(file: &ARef<File>) -> u64 {
+        file.as_ptr() as usize as u64
+    }
+
+    fn dup_file(file: &ARef<File>) -> luo_core::Result<ARef<File>> {
+        Ok(file.clone())
     }
 
     fn log(&self, level: Level, args: core::fmt::Arguments<'_>) {

@@ -2,15 +2,16 @@
 //! builders for the states measured.
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
-use backend_user::memory::PAGE_SIZE;
 use backend_user::{sys, HandlerRef, Memory, UserPlatform};
-use luo_core::errno::{Errno, HandoverError};
-use luo_core::{create_name, FileHandler, FlbOps, Level, Luo, Platform, Preserved, RetrieveStatus};
+use luo_core::errno::Errno;
+use luo_core::{
+    create_name, DelegateMemory, FileHandler, FlbOps, Level, Luo, Platform, Preserved,
+    RetrieveStatus, StdRuntime,
+};
 
 const COMPAT: &str = "bench-v1";
 
@@ -25,44 +26,24 @@ pub struct NoFdPlatform {
 
 pub struct NoFdFile(pub u64);
 
+impl StdRuntime for NoFdPlatform {}
+
+impl DelegateMemory for NoFdPlatform {
+    type Memory = Memory;
+    fn memory(&self) -> &Memory {
+        &self.mem
+    }
+}
+
 impl Platform for NoFdPlatform {
-    const PAGE_SIZE: usize = PAGE_SIZE;
     type File = NoFdFile;
     type Handler = Arc<dyn FileHandler<NoFdPlatform> + Send + Sync>;
     type Flb = Arc<dyn FlbOps + Send + Sync>;
-    type Vec<T> = Vec<T>;
-    type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
-    type Shared<H: 'static, T: 'static> = luo_core::std_impls::StdShared<H, T>;
-    type Mutex<T> = Mutex<T>;
-    type RwLock<T> = RwLock<T>;
-
     fn file_identity(file: &NoFdFile) -> u64 {
         file.0
     }
     fn dup_file(file: &NoFdFile) -> luo_core::Result<NoFdFile> {
         Ok(NoFdFile(file.0))
-    }
-    fn alloc_page(&self) -> luo_core::Result<u64> {
-        self.mem.alloc_page()
-    }
-    fn free_page(&self, addr: u64) {
-        self.mem.free_page(addr)
-    }
-    fn release_incoming_page(&self, addr: u64) {
-        self.mem.release_incoming(addr)
-    }
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), HandoverError> {
-        self.mem.read(addr, buf)
-    }
-    fn write(&self, addr: u64, data: &[u8]) -> luo_core::Result {
-        self.mem.write(addr, data)
-    }
-    fn incoming_root(&self) -> Result<Option<(u64, u64)>, HandoverError> {
-        Ok(self.mem.incoming_root())
-    }
-    fn publish_root(&self, addr: u64, size: u64) -> luo_core::Result {
-        self.mem.publish_root(addr, size);
-        Ok(())
     }
     fn log(&self, level: Level, args: std::fmt::Arguments<'_>) {
         self.mem.log(level, args)

@@ -19,7 +19,7 @@ use crate::abi::{LuoSer, SessionName};
 use crate::block::BlockSet;
 use crate::errno::{Error, Result};
 use crate::image;
-use crate::platform::{OrdMap, PMutex, PRwLock, Platform};
+use crate::platform::{OrdMap, PMutex, PRwLock, Platform, Runtime};
 use crate::registry::{Refs, Registry};
 use core::mem::size_of;
 
@@ -44,7 +44,7 @@ pub use session::{FileSet, Session, SessionHead, SessionRef};
 use session::{IncomingSlot, Outgoing};
 
 /// The phase, read-locked: holding it keeps `liveupdate_reboot()` out.
-type PhaseRead<'a, P> = <<P as Platform>::RwLock<Phase> as PRwLock<Phase>>::Read<'a>;
+type PhaseRead<'a, P> = <<P as Runtime>::RwLock<Phase> as PRwLock<Phase>>::Read<'a>;
 
 /// Where the serialize lock stands.
 pub(crate) struct Phase {

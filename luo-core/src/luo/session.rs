@@ -8,7 +8,7 @@ use super::serialize::padded_span;
 use crate::abi::{LuoFileSer, LuoSessionSer, SessionName, SESSION_NAME_LEN};
 use crate::block::BlockSet;
 use crate::errno::{Error, Result};
-use crate::platform::{OrdMap, PVec, Platform, Preserved, RetrieveStatus, SharedLocked};
+use crate::platform::{OrdMap, PVec, Platform, Preserved, RetrieveStatus, Runtime, SharedLocked};
 use crate::uapi::Direction;
 
 /// A session handle, shared between the LUO tables and the fds that refer to it.
@@ -93,7 +93,7 @@ pub struct SessionHead {
 }
 
 /// The guard of a session's files.
-pub(super) type FilesGuard<'a, P> = <<P as Platform>::Shared<SessionHead, FileSet<P>> as SharedLocked<
+pub(super) type FilesGuard<'a, P> = <<P as Runtime>::Shared<SessionHead, FileSet<P>> as SharedLocked<
     SessionHead,
     FileSet<P>,
 >>::Guard<'a>;
