@@ -49,6 +49,8 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include "guest_cmdline.h"
+
 #ifndef F_SEAL_EXEC
 #define F_SEAL_EXEC 0x0020
 #endif
@@ -61,7 +63,6 @@
 /* ------------------------------------------------------------------ */
 
 static int tfd = 1;		/* the trace: /dev/ttyS1, else stdout */
-static char cmdline[4096];
 static uint64_t cur_seed;
 static int cur_step;
 static uint64_t th = 0xcbf29ce484222325ull; /* FNV-1a of the current seed's lines */
@@ -1229,21 +1230,6 @@ static void begin_seed(uint64_t seed, int part, long lines, uint64_t hash)
 	}
 }
 
-static const char *param(const char *name)
-{
-	static char val[256];
-	char key[64];
-	char *p;
-
-	snprintf(key, sizeof(key), " %s=", name);
-	p = strstr(cmdline, key);
-	if (!p)
-		return NULL;
-	p += strlen(key);
-	snprintf(val, sizeof(val), "%.*s", (int)strcspn(p, " \n"), p);
-	return val;
-}
-
 /*
  * On a kmemleak kernel (`cargo xtask vm fuzz --sanitize`), the objects kmemleak finds
  * unreferenced at the end of the last boot, on the console as xtask/scripts/kmemleak-scan.sh
@@ -1443,7 +1429,6 @@ int main(void)
 	unsigned long long rhash;
 	const char *v;
 	int fd;
-	ssize_t n;
 
 	mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
 	mount("proc", "/proc", "proc", 0, NULL);
@@ -1458,14 +1443,10 @@ int main(void)
 		}
 		tfd = fd;
 	}
-	fd = open("/proc/cmdline", O_RDONLY);
-	n = fd < 0 ? -1 : read(fd, cmdline + 1, sizeof(cmdline) - 2);
-	if (n <= 0) {
+	if (read_cmdline()) {
 		info("FAIL read /proc/cmdline");
 		power_off();
 	}
-	cmdline[0] = ' ';
-	close(fd);
 	v = param("dfuzz_seeds");
 	if (!v || sscanf(v, "%llu-%llu", &a, &b) != 2 || b < a) {
 		info("FAIL no dfuzz_seeds=A-B");

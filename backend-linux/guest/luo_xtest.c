@@ -50,6 +50,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "guest_cmdline.h"
+
 #define MAX_PLAN 16
 #define BIG_SIZE (4u << 20)
 #define NSMALL 3
@@ -57,7 +59,6 @@
 #define BENCH_FILES 500
 #define BENCH_ROUNDS 5
 
-static char cmdline[4096];
 static const char *mode = "";
 static char plan[MAX_PLAN][8];
 static int nplan, step;
@@ -244,21 +245,6 @@ static int check_memfd(int fd, size_t size, const char *text, uint64_t seed)
 /* ------------------------------------------------------------------ */
 /* Plan, kexec                                                         */
 /* ------------------------------------------------------------------ */
-
-static const char *param(const char *name)
-{
-	static char val[256];
-	char key[64];
-	char *p;
-
-	snprintf(key, sizeof(key), " %s=", name);
-	p = strstr(cmdline, key);
-	if (!p)
-		return NULL;
-	p += strlen(key);
-	snprintf(val, sizeof(val), "%.*s", (int)strcspn(p, " \n"), p);
-	return val;
-}
 
 /* "rust" if this kernel runs the Rust core: its symbol, or its boot line in the log. */
 static const char *running_core(void)
@@ -983,19 +969,13 @@ int main(void)
 {
 	const char *v;
 	char *p, *save;
-	int fd;
-	ssize_t n;
 
 	mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
 	mount("proc", "/proc", "proc", 0, NULL);
-	fd = open("/proc/cmdline", O_RDONLY);
-	n = fd < 0 ? -1 : read(fd, cmdline + 1, sizeof(cmdline) - 2);
-	if (n <= 0) {
+	if (read_cmdline()) {
 		fail("read /proc/cmdline");
 		finish_run();
 	}
-	cmdline[0] = ' ';
-	close(fd);
 	v = param("luox");
 	mode = v ? strdup(v) : "";
 	v = param("luox_step");

@@ -84,7 +84,7 @@ impl<P: Platform> Luo<P> {
         mut req: CreateSession,
         arg: &mut impl UserArg,
         fds: &mut F,
-        name: fn(&[u8; 64]) -> Result<SessionName>,
+        name: impl FnOnce(&[u8; 64]) -> Result<SessionName>,
         op: impl FnOnce(&Live<'_, P>, SessionName) -> Result<SessionRef<P>>,
         undo: impl FnOnce(&Live<'_, P>, &SessionRef<P>),
     ) -> Result {
