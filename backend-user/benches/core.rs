@@ -71,7 +71,7 @@ fn create_sessions(c: &mut Criterion) {
                     for nm in &names {
                         black_box(
                             luo.begin()
-                                .and_then(|l| l.create_session(create_name(nm)?))
+                                .and_then(|l| l.create_session(&create_name(nm)?))
                                 .expect("create"),
                         );
                     }

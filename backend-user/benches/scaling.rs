@@ -46,7 +46,7 @@ fn row(shape: &str, n: usize, sessions: usize, files: usize) {
                 for nm in &names {
                     black_box(
                         luo.begin()
-                            .and_then(|l| l.create_session(create_name(nm)?))
+                            .and_then(|l| l.create_session(&create_name(nm)?))
                             .expect("create"),
                     );
                 }
@@ -101,7 +101,7 @@ fn probe(spec: &str) {
                 for nm in &names {
                     black_box(
                         luo.begin()
-                            .and_then(|l| l.create_session(create_name(nm)?))
+                            .and_then(|l| l.create_session(&create_name(nm)?))
                             .expect("create"),
                     );
                 }

@@ -83,7 +83,7 @@ impl World {
     pub fn create(&self, n: &str) -> S {
         self.luo
             .begin()
-            .and_then(|l| l.create_session(create_name(&name(n))?))
+            .and_then(|l| l.create_session(&create_name(&name(n))?))
             .unwrap()
     }
 
@@ -199,12 +199,12 @@ pub fn duplicate_create() {
     let luo = w.luo.clone();
     let t = thread::spawn(move || {
         luo.begin()
-            .and_then(|l| l.create_session(create_name(&name("same"))?))
+            .and_then(|l| l.create_session(&create_name(&name("same"))?))
     });
     let r2 = w
         .luo
         .begin()
-        .and_then(|l| l.create_session(create_name(&name("same"))?));
+        .and_then(|l| l.create_session(&create_name(&name("same"))?));
     let r1 = t.join().unwrap();
     let winner = match (r1, r2) {
         (Ok(s), Err(e)) | (Err(e), Ok(s)) => {
@@ -252,7 +252,7 @@ pub fn reboot_cut() {
     let creator = thread::spawn(move || {
         let b = luo
             .begin()
-            .and_then(|l| l.create_session(create_name(&name("b"))?))?;
+            .and_then(|l| l.create_session(&create_name(&name("b"))?))?;
         let p = luo
             .begin()
             .and_then(|l| l.preserve_fd(&b, 20, || Ok(FakeFile::new(2))));
@@ -316,7 +316,7 @@ pub fn reboot_cut() {
     assert_eq!(
         w.luo
             .begin()
-            .and_then(|l| l.create_session(create_name(&name("c"))?))
+            .and_then(|l| l.create_session(&create_name(&name("c"))?))
             .err(),
         Some(Error::Serialized)
     );
@@ -458,7 +458,7 @@ fn incoming_world(
     let s = w
         .luo
         .begin()
-        .and_then(|l| l.retrieve_session(retrieve_name(&name("in"))?))
+        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?))
         .unwrap();
     assert_eq!(s.direction(), Direction::Incoming);
     (w, s)
@@ -577,7 +577,7 @@ pub fn refused_finish_races_retrieve() {
     let again = w
         .luo
         .begin()
-        .and_then(|l| l.retrieve_session(retrieve_name(&name("in"))?))
+        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?))
         .unwrap();
     assert_eq!(again.file_count(), 2);
     assert_eq!(

@@ -297,7 +297,9 @@ impl<const N: usize> FixedStr<N> {
     }
 
     /// Validates a field: the string ends at the first NUL; empty or unterminated fields are
-    /// refused (CREATE_SESSION's rules, and the handover reader's).
+    /// refused (CREATE_SESSION's rules, and the handover reader's). Inline: the ioctls build
+    /// the name in place (out of line, its 65-byte result was copied twice more).
+    #[inline]
     pub fn from_field(field: &[u8; N]) -> core::result::Result<Self, NameError> {
         match c_strlen(field) {
             None => Err(NameError::Unterminated),

@@ -85,13 +85,13 @@ impl<P: Platform> Luo<P> {
         arg: &mut impl UserArg,
         fds: &mut F,
         name: impl FnOnce(&[u8; 64]) -> Result<SessionName>,
-        op: impl FnOnce(&Live<'_, P>, SessionName) -> Result<SessionRef<P>>,
+        op: impl FnOnce(&Live<'_, P>, &SessionName) -> Result<SessionRef<P>>,
         undo: impl FnOnce(&Live<'_, P>, &SessionRef<P>),
     ) -> Result {
         let slot = fds.reserve()?;
         let name = name(&req.name)?;
         let live = self.begin()?;
-        let session = op(&live, name)?;
+        let session = op(&live, &name)?;
         let file = match fds.session_file(&session) {
             Ok(f) => f,
             Err(e) => {

@@ -374,7 +374,7 @@ fn create_past_10000_blocks_is_enospc() {
     let luo = lu.luo();
     let create = |name: &[u8]| {
         luo.begin()
-            .and_then(|l| l.create_session(luo_core::create_name(&name_field(name))?))
+            .and_then(|l| l.create_session(&luo_core::create_name(&name_field(name))?))
     };
     for i in 0..510_000u32 {
         create(format!("s{i}").as_bytes()).unwrap_or_else(|e| panic!("session {i}: {e}"));

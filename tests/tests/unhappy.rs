@@ -813,7 +813,7 @@ fn disabled_luo_refuses_registration_and_reboots_as_a_no_op() {
     luo.unregister_flb(&h, &flb).expect("no-op");
     let create = luo
         .begin()
-        .and_then(|l| l.create_session(luo_core::create_name(&name_field(b"s"))?));
+        .and_then(|l| l.create_session(&luo_core::create_name(&name_field(b"s"))?));
     assert_eq!(errno(create), EOPNOTSUPP);
     luo.reboot().expect("reboot with LUO off is a no-op");
     assert!(!luo.is_serialized());

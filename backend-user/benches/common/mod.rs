@@ -107,7 +107,7 @@ pub fn build<P: Platform>(
     for i in 0..sessions {
         let s = luo
             .begin()
-            .and_then(|l| l.create_session(create_name(&name(i))?))
+            .and_then(|l| l.create_session(&create_name(&name(i))?))
             .expect("create_session");
         for t in 0..files {
             let f = file();

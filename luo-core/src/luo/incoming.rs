@@ -178,15 +178,16 @@ impl<P: Platform> Luo<P> {
 
 /// RETRIEVE_SESSION's lookup key. An empty or unterminated name matches nothing (upstream does
 /// not validate it): `NoSuchSession`, before the serialize lock, as every other miss.
+#[inline]
 pub fn retrieve_name(field: &[u8; 64]) -> Result<SessionName> {
     SessionName::from_field(field).map_err(|_| Error::NoSuchSession)
 }
 
 impl<P: Platform> Live<'_, P> {
     /// RETRIEVE_SESSION after the fd is reserved: exact name match among incoming sessions.
-    pub fn retrieve_session(&self, name: SessionName) -> Result<SessionRef<P>> {
+    pub fn retrieve_session(&self, name: &SessionName) -> Result<SessionRef<P>> {
         let mut table = self.luo.incoming.write();
-        let slot = table.get_mut(&name).ok_or(Error::NoSuchSession)?;
+        let slot = table.get_mut(name).ok_or(Error::NoSuchSession)?;
         if slot.retrieved {
             return Err(Error::AlreadyRetrieved);
         }

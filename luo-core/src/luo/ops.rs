@@ -15,6 +15,7 @@ use crate::uapi::Direction;
 
 /// CREATE_SESSION's name rules (spec §2.5): 1 to 63 bytes and a NUL. Checked before the
 /// serialize lock is taken, as upstream does.
+#[inline]
 pub fn create_name(field: &[u8; 64]) -> Result<SessionName> {
     SessionName::from_field(field).map_err(|e| match e {
         crate::abi::NameError::Empty => Error::NameEmpty,
@@ -24,28 +25,28 @@ pub fn create_name(field: &[u8; 64]) -> Result<SessionName> {
 
 impl<P: Platform> Live<'_, P> {
     /// CREATE_SESSION after the fd is reserved (spec §2.5): a unique insert.
-    pub fn create_session(&self, name: SessionName) -> Result<SessionRef<P>> {
+    pub fn create_session(&self, name: &SessionName) -> Result<SessionRef<P>> {
         self.outgoing_ready()?;
         let luo = self.luo;
         let mut out = luo.outgoing.write();
         // Check the name before growing the block set (upstream grows first and leaks an empty
         // block on EEXIST, which panics the next kernel: bug B1).
-        if out.by_name.contains(&name) {
+        if out.by_name.contains(name) {
             return Err(Error::NameExists);
         }
-        let session = Session::<P>::try_new(name, Direction::Outgoing)?;
+        let session = Session::<P>::try_new(*name, Direction::Outgoing)?;
         let count = out.len();
         out.order.try_reserve(1)?;
         out.blocks.grow(&luo.platform, count + 1)?;
         let index = out.order.len();
         session.files().slot = index;
-        if out.by_name.try_insert(name, ()).is_err() {
+        if out.by_name.try_insert(*name, ()).is_err() {
             out.blocks.shrink(&luo.platform, count);
             return Err(Error::NoMemory);
         }
         // Reserved above, so this cannot fail; undone all the same if it did.
         if out.order.try_push(Some(session.clone())).is_err() {
-            out.by_name.remove(&name);
+            out.by_name.remove(name);
             out.blocks.shrink(&luo.platform, count);
             return Err(Error::NoMemory);
         }
