@@ -98,6 +98,7 @@ impl CHandler {
     ///
     /// A non-NULL `fh` must satisfy the type invariant (the C API's contract for handlers).
     pub(crate) unsafe fn from_raw(fh: *mut bindings::liveupdate_file_handler) -> Option<Self> {
+        // INVARIANT: the caller guarantees it for a non-NULL `fh`.
         NonNull::new(fh).map(CHandler)
     }
 
@@ -312,6 +313,7 @@ impl CFlb {
     ///
     /// A non-NULL `flb` must satisfy the type invariant.
     pub(crate) unsafe fn from_raw(flb: *mut bindings::liveupdate_flb) -> Option<Self> {
+        // INVARIANT: the caller guarantees it for a non-NULL `flb`.
         NonNull::new(flb).map(CFlb)
     }
 

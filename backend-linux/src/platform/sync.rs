@@ -213,6 +213,8 @@ unsafe impl<T: Send> Sync for KMutex<T> {}
 impl<T> KMutex<T> {
     /// An initializer for a mutex protecting `value`, in lockdep class `key`.
     pub(super) fn new(value: T, name: &'static CStr, key: Pin<&'static LockClassKey>) -> impl PinInit<Self> {
+        // INVARIANT: `mutex` is initialized in place before the lock can be reached, and `data`
+        // is reachable only through `lock`'s guard.
         pin_init!(Self {
             data: UnsafeCell::new(value),
             _pin: PhantomPinned,
@@ -307,6 +309,8 @@ unsafe impl<T: Send + Sync> Sync for RwSem<T> {}
 impl<T> RwSem<T> {
     /// An initializer for a semaphore protecting `value`, in lockdep class `key`.
     fn new(value: T, name: &'static CStr, key: Pin<&'static LockClassKey>) -> impl PinInit<Self> {
+        // INVARIANT: `sem` is initialized in place before the lock can be reached, and `data` is
+        // reachable only through the read and write guards.
         pin_init!(Self {
             data: UnsafeCell::new(value),
             _pin: PhantomPinned,
