@@ -73,7 +73,7 @@ impl HandoverMemory for Memory {
 
 impl DelegateMemory for UserPlatform {
     type Memory = Memory;
-    fn memory(&self) -> &Memory {
+    fn handover_memory(&self) -> &Memory {
         &self.mem
     }
 }

@@ -314,39 +314,39 @@ pub trait HandoverMemory {
 }
 
 /// A platform whose handover memory is an object it holds: implementing this implements
-/// [`HandoverMemory`] by forwarding every item to [`DelegateMemory::memory`], so platforms that
+/// [`HandoverMemory`] by forwarding every item to [`DelegateMemory::handover_memory`], so platforms that
 /// share one implementation (backend-user's `Memory`) do not each restate it. A platform that
 /// implements [`HandoverMemory`] itself does not implement this.
 pub trait DelegateMemory {
     /// The object that implements the handover memory.
     type Memory: HandoverMemory;
     /// This platform's handover memory.
-    fn memory(&self) -> &Self::Memory;
+    fn handover_memory(&self) -> &Self::Memory;
 }
 
 impl<T: DelegateMemory> HandoverMemory for T {
     const PAGE_SIZE: usize = <T::Memory as HandoverMemory>::PAGE_SIZE;
 
     fn alloc_page(&self) -> Result<u64> {
-        self.memory().alloc_page()
+        self.handover_memory().alloc_page()
     }
     fn free_page(&self, addr: u64) {
-        self.memory().free_page(addr)
+        self.handover_memory().free_page(addr)
     }
     fn release_incoming_page(&self, addr: u64) {
-        self.memory().release_incoming_page(addr)
+        self.handover_memory().release_incoming_page(addr)
     }
     fn read(&self, addr: u64, buf: &mut [u8]) -> core::result::Result<(), HandoverError> {
-        self.memory().read(addr, buf)
+        self.handover_memory().read(addr, buf)
     }
     fn write(&self, addr: u64, data: &[u8]) -> Result {
-        self.memory().write(addr, data)
+        self.handover_memory().write(addr, data)
     }
     fn incoming_root(&self) -> core::result::Result<Option<(u64, u64)>, HandoverError> {
-        self.memory().incoming_root()
+        self.handover_memory().incoming_root()
     }
     fn publish_root(&self, addr: u64, size: u64) -> Result {
-        self.memory().publish_root(addr, size)
+        self.handover_memory().publish_root(addr, size)
     }
 }
 

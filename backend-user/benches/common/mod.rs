@@ -30,7 +30,7 @@ impl StdRuntime for NoFdPlatform {}
 
 impl DelegateMemory for NoFdPlatform {
     type Memory = Memory;
-    fn memory(&self) -> &Memory {
+    fn handover_memory(&self) -> &Memory {
         &self.mem
     }
 }
