@@ -8,8 +8,9 @@
 //!
 //! The models unwrap freely: a failure is a finding.
 
-use luo_core::errno::{EBADF, EBUSY, EEXIST, ENOENT, ESHUTDOWN};
-use luo_core::uapi::Direction;
+use luo_core::dispatch::FdTable;
+use luo_core::errno::{EBADF, EBUSY, EEXIST, EFAULT, ENOENT, ESHUTDOWN};
+use luo_core::uapi::{Direction, UserArg, LIVEUPDATE_IOCTL_CREATE_SESSION};
 use luo_core::{create_name, retrieve_name, Error, Luo, SessionRef};
 
 use crate::handover::{self, CanonFile, CanonFlb, CanonSession, Canonical};
@@ -334,6 +335,98 @@ pub fn reboot_cut() {
         );
     }
     assert_eq!(w.platform.snapshot(), snap);
+    w.assert_quiet();
+}
+
+// -------------------------------------------------------------------------------------------
+// 4b. CREATE_SESSION whose reply faults, against the reboot.
+// -------------------------------------------------------------------------------------------
+
+/// A CREATE_SESSION request whose reply cannot be written (the user's buffer faults on write).
+struct FaultingReply(Vec<u8>);
+
+impl FaultingReply {
+    fn create(n: &str) -> Self {
+        let mut v = vec![0u8; 72];
+        v[0..4].copy_from_slice(&72u32.to_ne_bytes());
+        v[8..72].copy_from_slice(&name(n));
+        FaultingReply(v)
+    }
+}
+
+impl UserArg for FaultingReply {
+    fn read(&mut self, offset: usize, buf: &mut [u8]) -> luo_core::Result {
+        let src = self.0.get(offset..offset + buf.len()).ok_or(Error::Fault)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn write(&mut self, _offset: usize, _data: &[u8]) -> luo_core::Result {
+        Err(Error::Fault)
+    }
+}
+
+/// An fd table that never runs out; what it installs is kept, so the model can see it.
+#[derive(Default)]
+struct ModelFds {
+    installed: Vec<S>,
+}
+
+impl FdTable<LoomPlatform> for ModelFds {
+    type Slot = ();
+    type SessionFile = S;
+    fn reserve(&mut self) -> luo_core::Result<()> {
+        Ok(())
+    }
+    fn slot_fd(&self, _slot: &()) -> i32 {
+        3
+    }
+    fn session_file(&mut self, session: &S) -> luo_core::Result<S> {
+        Ok(session.clone())
+    }
+    fn discard_session_file(&mut self, _file: S) {}
+    fn install_session(&mut self, _slot: (), file: S) {
+        self.installed.push(file);
+    }
+    fn install_file(&mut self, _slot: (), _file: FakeFile) {}
+    fn fget(&mut self, _fd: i32) -> luo_core::Result<FakeFile> {
+        Err(Error::BadFd)
+    }
+}
+
+/// CREATE_SESSION runs while another thread reboots, and its reply faults, so the creation is
+/// undone (spec §2.5: nothing of a failed CREATE remains).
+///
+/// Invariant: whatever the interleaving, the session is not in the handover: either the reboot
+/// came first (CREATE fails with `ESHUTDOWN`) or CREATE, its failed reply and its undo all ran
+/// under one hold of the serialize lock, before the reboot (`EFAULT`, and the session is gone
+/// when the reboot serializes). If the lock were released between the create and the undo, a
+/// reboot in between would hand over a session nobody has an fd for, and the undo would fail.
+pub fn create_reply_fault_races_reboot() {
+    let w = World::cold(false);
+    let luo = w.luo.clone();
+    let creator = thread::spawn(move || {
+        let mut fds = ModelFds::default();
+        let r = luo.device_ioctl(
+            LIVEUPDATE_IOCTL_CREATE_SESSION,
+            &mut FaultingReply::create("b"),
+            &mut fds,
+        );
+        (r, fds.installed.len())
+    });
+    w.luo.reboot().unwrap();
+    let (r, installed) = creator.join().unwrap();
+    assert_eq!(installed, 0, "nothing installed after a failed reply");
+    let e = r.expect_err("the reply always faults");
+    assert!(
+        e.errno() == EFAULT || e == Error::Serialized,
+        "CREATE failed with {e:?}"
+    );
+    assert_eq!(w.luo.outgoing_count(), 0, "the session was undone");
+    let expected = Canonical {
+        liveupdate_num: 1,
+        ..Canonical::default()
+    };
+    assert_eq!(handover::decode(&w.platform.snapshot()).unwrap(), expected);
     w.assert_quiet();
 }
 

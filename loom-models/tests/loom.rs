@@ -46,6 +46,11 @@ fn m4_reboot_cut() {
 }
 
 #[test]
+fn m4_create_reply_fault_races_reboot() {
+    check(models::create_reply_fault_races_reboot);
+}
+
+#[test]
 fn m5_flb_refcount() {
     check(models::flb_refcount);
 }

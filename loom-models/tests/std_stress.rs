@@ -30,6 +30,11 @@ fn duplicate_create() {
 }
 
 #[test]
+fn create_reply_fault_races_reboot() {
+    stress(models::create_reply_fault_races_reboot);
+}
+
+#[test]
 fn reboot_cut() {
     stress(models::reboot_cut);
 }
