@@ -84,7 +84,7 @@ fn fragments(paths: &Paths, core: Core, debug: bool) -> Result<Fragments> {
     // Extra fragments from config/ by name, e.g. LUO_EXTRA_CONFIG=kasan for kasan.config
     // (part of the build key, so they get their own build directory).
     if let Some(extra) = std::env::var_os("LUO_EXTRA_CONFIG") {
-        for n in extra.to_string_lossy().split(',').filter(|n| !n.is_empty()) {
+        for n in util::comma_list(&extra.to_string_lossy()) {
             names.push(format!("{n}.config"));
         }
     }

@@ -120,10 +120,10 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
                 opts.core = c;
             }
             "--tests" | "--test" => {
-                opts.tests.extend(names(&value("--tests")?));
+                opts.tests.extend(util::comma_list(&value("--tests")?));
             }
             "--skip" => {
-                opts.skip.extend(names(&value("--skip")?));
+                opts.skip.extend(util::comma_list(&value("--skip")?));
             }
             "--kexec-into" => {
                 let v = value("--kexec-into")?;
@@ -160,14 +160,6 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
 }
 
 /// A comma-separated list of names.
-fn names(v: &str) -> Vec<String> {
-    v.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect()
-}
-
 fn run() -> Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let paths = paths::Paths::new()?;

@@ -402,6 +402,16 @@ pub(crate) fn loadavg() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// A comma-separated list, as options (`--tests a,b`) and environment variables
+/// (`LUO_EXTRA_CONFIG=kasan,sanitize`) give one: items trimmed, empty ones dropped.
+pub(crate) fn comma_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,5 +430,15 @@ mod tests {
             assert_eq!(base64(plain.as_bytes()), enc, "{plain:?}");
         }
         assert_eq!(base64(&[0xff, 0xfe, 0x00]), "//4A");
+    }
+
+    #[test]
+    fn comma_lists_trim_and_drop_empty_items() {
+        assert_eq!(
+            super::comma_list(" kasan, sanitize,,"),
+            ["kasan", "sanitize"]
+        );
+        assert!(super::comma_list("").is_empty());
+        assert!(super::comma_list(" , ").is_empty());
     }
 }

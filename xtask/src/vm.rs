@@ -104,15 +104,11 @@ impl SanitizeEnv {
         if old.llvm.as_ref().is_none_or(|v| v.is_empty()) {
             std::env::set_var("LUO_LLVM", SANITIZE_LLVM);
         }
-        let mut extra: Vec<String> = old
+        let mut extra = old
             .extra
             .as_ref()
-            .map(|v| v.to_string_lossy().into_owned())
-            .unwrap_or_default()
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
+            .map(|v| util::comma_list(&v.to_string_lossy()))
+            .unwrap_or_default();
         for f in SANITIZE_FRAGMENTS {
             if !extra.iter().any(|e| e == f) {
                 extra.push(f.to_string());
