@@ -32,8 +32,11 @@ fn corpus(target: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A target's name and body.
+type Target = (&'static str, fn(&[u8]));
+
 fn bodies(c: &mut Criterion) {
-    let targets: [(&str, fn(&[u8])); 4] = [
+    let targets: [Target; 4] = [
         ("handover_blob", blob::run),
         ("handover_blob_valid_root", blob::run_valid_root),
         ("lifecycle", lifecycle::run),
