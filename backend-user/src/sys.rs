@@ -3,7 +3,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -187,12 +187,24 @@ pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Opens `/dev/null` close-on-exec: a placeholder that holds an fd number.
+/// A close-on-exec placeholder that holds an fd number: a dup of one `/dev/null` fd the
+/// process opens once (a dup takes no path walk and, like the kernel's
+/// `get_unused_fd_flags`, fails only with `EMFILE`).
 pub fn placeholder_fd() -> io::Result<OwnedFd> {
-    // SAFETY: the path is a valid C string.
-    let fd = cvt(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
-    // SAFETY: fresh fd from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    static NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    let null = match NULL.get() {
+        Some(fd) => fd,
+        None => {
+            // SAFETY: the path is a valid C string.
+            let fd =
+                cvt(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
+            // SAFETY: fresh fd from the kernel.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // Another thread may have won the race: its fd is kept, this one closes.
+            NULL.get_or_init(|| fd)
+        }
+    };
+    dup_cloexec(null.as_fd())
 }
 
 /// Takes ownership of an fd number inherited across exec.
