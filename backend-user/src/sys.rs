@@ -196,8 +196,9 @@ pub fn placeholder_fd() -> io::Result<OwnedFd> {
         Some(fd) => fd,
         None => {
             // SAFETY: the path is a valid C string.
-            let fd =
-                cvt(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })?;
+            let fd = cvt(unsafe {
+                libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC)
+            })?;
             // SAFETY: fresh fd from the kernel.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             // Another thread may have won the race: its fd is kept, this one closes.
