@@ -162,7 +162,8 @@ pub unsafe extern "C" fn luo_rust_late_init() -> c_int {
     };
     match KBox::pin_init(MiscDeviceRegistration::register(options), GFP_KERNEL) {
         Ok(reg) => {
-            // The registration lives in a static, so the device stays registered forever.
+            // The registration lives in the orchestrator, a static: the device stays registered
+            // forever.
             orchestrator.device.populate(reg);
             0
         }

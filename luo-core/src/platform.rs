@@ -314,9 +314,9 @@ pub trait HandoverMemory {
 }
 
 /// A platform whose handover memory is an object it holds: implementing this implements
-/// [`HandoverMemory`] by forwarding every item to [`DelegateMemory::handover_memory`], so platforms that
-/// share one implementation (backend-user's `Memory`) do not each restate it. A platform that
-/// implements [`HandoverMemory`] itself does not implement this.
+/// [`HandoverMemory`] by forwarding every item to [`DelegateMemory::handover_memory`], so
+/// platforms that share one implementation (backend-user's `Memory`) do not each restate it.
+/// A platform that implements [`HandoverMemory`] itself does not implement this.
 pub trait DelegateMemory {
     /// The object that implements the handover memory.
     type Memory: HandoverMemory;

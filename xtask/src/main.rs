@@ -159,7 +159,6 @@ fn parse_vm_options(args: &[String]) -> Result<vm::Options> {
     Ok(opts)
 }
 
-/// A comma-separated list of names.
 fn run() -> Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let paths = paths::Paths::new()?;

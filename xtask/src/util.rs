@@ -434,11 +434,8 @@ mod tests {
 
     #[test]
     fn comma_lists_trim_and_drop_empty_items() {
-        assert_eq!(
-            super::comma_list(" kasan, sanitize,,"),
-            ["kasan", "sanitize"]
-        );
-        assert!(super::comma_list("").is_empty());
-        assert!(super::comma_list(" , ").is_empty());
+        assert_eq!(comma_list(" kasan, sanitize,,"), ["kasan", "sanitize"]);
+        assert!(comma_list("").is_empty());
+        assert!(comma_list(" , ").is_empty());
     }
 }
