@@ -30,9 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backend_user::{Memory, UserPlatform};
-use common::{boot, image, name, nofd, shared_file, user};
+use common::{boot, create, image, name, nofd, shared_file, user};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
-use luo_core::{create_name, Luo};
+use luo_core::Luo;
 
 /// (label, sessions, files, elements)
 const SHAPES: [(&str, usize, usize, u64); 4] = [
@@ -69,11 +69,7 @@ fn create_sessions(c: &mut Criterion) {
                 },
                 |luo| {
                     for nm in &names {
-                        black_box(
-                            luo.begin()
-                                .and_then(|l| l.create_session(&create_name(nm)?))
-                                .expect("create"),
-                        );
+                        black_box(create(&luo, nm));
                     }
                     luo
                 },

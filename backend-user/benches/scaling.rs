@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use backend_user::{Memory, UserPlatform};
-use common::{boot, name, nofd};
-use luo_core::{create_name, Luo};
+use common::{boot, create, name, nofd};
+use luo_core::Luo;
 
 const RUNS: usize = 5;
 
@@ -44,11 +44,7 @@ fn row(shape: &str, n: usize, sessions: usize, files: usize) {
             },
             |luo| {
                 for nm in &names {
-                    black_box(
-                        luo.begin()
-                            .and_then(|l| l.create_session(&create_name(nm)?))
-                            .expect("create"),
-                    );
+                    black_box(create(&luo, nm));
                 }
                 luo
             },
@@ -99,11 +95,7 @@ fn probe(spec: &str) {
             },
             |(luo, names)| {
                 for nm in &names {
-                    black_box(
-                        luo.begin()
-                            .and_then(|l| l.create_session(&create_name(nm)?))
-                            .expect("create"),
-                    );
+                    black_box(create(&luo, nm));
                 }
                 luo
             },

@@ -95,6 +95,11 @@ impl World {
             .and_then(|l| l.preserve_fd(s, token, || Ok(FakeFile::new(id))))
     }
 
+    /// Closes a session (the last fd of it).
+    pub fn release(&self, s: &S) -> Result<(), Error> {
+        self.luo.begin().and_then(|l| l.release_session(s))
+    }
+
     /// Pages the core should hold with no sessions: the root and the FLB page.
     pub const BASE_PAGES: usize = 2;
 
@@ -137,12 +142,12 @@ pub fn same_file_two_sessions() {
     }
     assert_eq!(s1.file_count() + s2.file_count(), 1);
     assert_eq!(count(&w.journal, Event::Preserve(7)), 1);
-    w.luo.begin().and_then(|l| l.release_session(&s1)).unwrap();
-    w.luo.begin().and_then(|l| l.release_session(&s2)).unwrap();
+    w.release(&s1).unwrap();
+    w.release(&s2).unwrap();
     assert_eq!(count(&w.journal, Event::Unpreserve(7)), 1);
     let s3 = w.create("three");
     w.preserve(&s3, 3, 7).unwrap();
-    w.luo.begin().and_then(|l| l.release_session(&s3)).unwrap();
+    w.release(&s3).unwrap();
     assert_eq!(w.platform.outgoing_pages(), World::BASE_PAGES);
     w.assert_quiet();
 }
@@ -165,7 +170,7 @@ pub fn preserve_races_close() {
         luo.begin()
             .and_then(|l| l.preserve_fd(&sc, 2, || Ok(FakeFile::new(2))))
     });
-    w.luo.begin().and_then(|l| l.release_session(&s)).unwrap();
+    w.release(&s).unwrap();
     let r = t.join().unwrap();
     if let Err(e) = r {
         assert_eq!(e, Error::BadFd, "a preserve into a closed session");
@@ -183,7 +188,7 @@ pub fn preserve_races_close() {
     let s2 = w.create("after");
     w.preserve(&s2, 1, 1).unwrap();
     w.preserve(&s2, 2, 2).unwrap();
-    w.luo.begin().and_then(|l| l.release_session(&s2)).unwrap();
+    w.release(&s2).unwrap();
     w.assert_quiet();
 }
 
@@ -221,10 +226,7 @@ pub fn duplicate_create() {
     };
     assert_eq!(w.luo.outgoing_count(), 1);
     assert_eq!(w.platform.outgoing_pages(), World::BASE_PAGES + 1);
-    w.luo
-        .begin()
-        .and_then(|l| l.release_session(&winner))
-        .unwrap();
+    w.release(&winner).unwrap();
     assert_eq!(w.luo.outgoing_count(), 0);
     assert_eq!(w.platform.outgoing_pages(), World::BASE_PAGES);
     w.assert_quiet();
@@ -259,7 +261,7 @@ pub fn reboot_cut() {
             .and_then(|l| l.preserve_fd(&b, 20, || Ok(FakeFile::new(2))));
         Ok::<_, Error>((b, p))
     });
-    let closed = w.luo.begin().and_then(|l| l.release_session(&a));
+    let closed = w.release(&a);
     reboot.join().unwrap().unwrap();
     let created = creator.join().unwrap();
 
@@ -323,16 +325,10 @@ pub fn reboot_cut() {
     );
     if let Ok((b, _)) = &created {
         assert_eq!(w.preserve(b, 30, 3), Err(Error::Serialized));
-        assert_eq!(
-            w.luo.begin().and_then(|l| l.release_session(b)),
-            Err(Error::Serialized)
-        );
+        assert_eq!(w.release(b), Err(Error::Serialized));
     }
     if closed.is_err() {
-        assert_eq!(
-            w.luo.begin().and_then(|l| l.release_session(&a)),
-            Err(Error::Serialized)
-        );
+        assert_eq!(w.release(&a), Err(Error::Serialized));
     }
     assert_eq!(w.platform.snapshot(), snap);
     w.assert_quiet();
@@ -503,7 +499,7 @@ fn flb_refcount_with(make: impl FnOnce(&'static str, &Journal) -> Handler) {
         r
     });
     let r2 = w.preserve(&s2, 2, 2);
-    w.luo.begin().and_then(|l| l.release_session(&s2)).unwrap();
+    w.release(&s2).unwrap();
     let r1 = t.join().unwrap();
     r1.unwrap();
     if let Err(e) = r2 {
@@ -603,7 +599,7 @@ fn check_finished(w: &World) {
     let s = w.create("next");
     w.preserve(&s, 1, 1).unwrap();
     w.preserve(&s, 2, 2).unwrap();
-    w.luo.begin().and_then(|l| l.release_session(&s)).unwrap();
+    w.release(&s).unwrap();
     w.assert_quiet();
 }
 
@@ -622,7 +618,7 @@ pub fn finish_races_retrieve() {
     drop(r);
     // FINISH again is a no-op, and the close finishes nothing more.
     w.luo.begin().and_then(|l| l.finish(&s)).unwrap();
-    w.luo.begin().and_then(|l| l.release_session(&s)).unwrap();
+    w.release(&s).unwrap();
     check_finished(&w);
 }
 
@@ -636,7 +632,7 @@ pub fn finish_retrieve_close() {
     let finisher = thread::spawn(move || luo.begin().and_then(|l| l.finish(&sc)));
     let (luo, sc) = (w.luo.clone(), s.clone());
     let retriever = thread::spawn(move || luo.begin().and_then(|l| l.retrieve_fd(&sc, 12)));
-    w.luo.begin().and_then(|l| l.release_session(&s)).unwrap();
+    w.release(&s).unwrap();
     let finished = finisher.join().unwrap();
     assert!(
         matches!(finished, Ok(()) | Err(Error::BadFd)),
@@ -659,7 +655,7 @@ pub fn refused_finish_races_retrieve() {
     let finisher = thread::spawn(move || luo.begin().and_then(|l| l.finish(&sc)));
     let (luo, sc) = (w.luo.clone(), s.clone());
     let retriever = thread::spawn(move || luo.begin().and_then(|l| l.retrieve_fd(&sc, 11)));
-    let closed = w.luo.begin().and_then(|l| l.release_session(&s));
+    let closed = w.release(&s);
     let finished = finisher.join().unwrap();
     let r = retriever.join().unwrap();
     assert_eq!(finished, Err(Error::FinishRefused));
@@ -684,5 +680,5 @@ pub fn refused_finish_races_retrieve() {
     // The retrieved file is still owned by LUO (not finished): it cannot be preserved.
     let out = w.create("out");
     assert_eq!(w.preserve(&out, 1, 1), Err(Error::AlreadyPreserved));
-    w.luo.begin().and_then(|l| l.release_session(&out)).unwrap();
+    w.release(&out).unwrap();
 }

@@ -10,7 +10,7 @@ use backend_user::{sys, HandlerRef, Memory, UserPlatform};
 use luo_core::errno::Errno;
 use luo_core::{
     create_name, DelegateMemory, FileHandler, FlbOps, Level, Luo, Platform, Preserved,
-    RetrieveStatus, StdRuntime,
+    RetrieveStatus, SessionRef, StdRuntime,
 };
 
 const COMPAT: &str = "bench-v1";
@@ -93,6 +93,13 @@ pub fn name(i: usize) -> [u8; 64] {
     n
 }
 
+/// CREATE_SESSION through the core, as the ioctl does it (name check, then the operation).
+pub fn create<P: Platform>(luo: &Luo<P>, field: &[u8; 64]) -> SessionRef<P> {
+    luo.begin()
+        .and_then(|l| l.create_session(&create_name(field)?))
+        .expect("create_session")
+}
+
 /// An orchestrator over `platform` with `sessions` sessions of `files` files each.
 pub fn build<P: Platform>(
     platform: P,
@@ -105,10 +112,7 @@ pub fn build<P: Platform>(
     luo.start().expect("start");
     luo.register_handler(&handler).expect("register");
     for i in 0..sessions {
-        let s = luo
-            .begin()
-            .and_then(|l| l.create_session(&create_name(&name(i))?))
-            .expect("create_session");
+        let s = create(&luo, &name(i));
         for t in 0..files {
             let f = file();
             luo.begin()
