@@ -3,10 +3,11 @@
 //! `/dev/liveupdate` and the session files: the uAPI of spec §2 on top of luo-core's
 //! dispatcher ([`Luo::device_ioctl`], [`Luo::session_ioctl`]).
 //!
-//! The device is a misc device (`kernel::miscdevice`). Session fds are anon-inode files
+//! The device is a misc device with `file_operations` of its own (as upstream's `luo_fops`;
+//! see [`DEVICE_FOPS`] for why not `kernel::miscdevice`'s). Session fds are anon-inode files
 //! named `"[luo_session] <name>"`, opened `O_RDWR` and installed `O_CLOEXEC`; the kernel
-//! crate of 7.3 has no anon-inode abstraction, so their `file_operations` are built here,
-//! on the model of `MiscdeviceVTable`: the session (an `Arc`) is the file's `private_data`,
+//! crate of 7.3 has no anon-inode abstraction, so their `file_operations` are built here too,
+//! on the model of `MiscdeviceVTable`: a reference to the session is the file's `private_data`,
 //! borrowed by `ioctl` and taken back by `release`.
 //!
 //! After `liveupdate_reboot()` has serialized the state, luo-core fails every operation with
@@ -25,16 +26,8 @@ use kernel::{
         },
         File,
     },
-    miscdevice::{
-        MiscDevice,
-        MiscDeviceRegistration, //
-    },
     prelude::*,
-    sync::{
-        aref::ARef,
-        Arc, //
-    },
-    types::ForeignOwnable,
+    sync::aref::ARef,
 };
 
 use luo_core::{
@@ -53,7 +46,6 @@ use crate::{
         errno_of,
         UserPtrArg,
         KernelShared,
-        SharedInner,
         KernelPlatform, //
     },
 };
@@ -64,16 +56,18 @@ fn block_forever() -> ! {
     unsafe { bindings::luo_glue_block_forever() }
 }
 
-/// The kernel error for a luo-core error; `Serialized` blocks instead.
-fn to_kernel(e: LuoError) -> Error {
-    match e {
-        LuoError::Serialized => block_forever(),
-        e => Error::from_errno(-e.errno().get()),
+/// The negative errno a file operation returns for a luo-core error; `Serialized` blocks
+/// instead.
+#[inline]
+fn errno_ret(e: LuoError) -> c_long {
+    if e == LuoError::Serialized {
+        block_forever();
     }
+    -(e.errno().get() as c_long)
 }
 
-/// A session's allocation, as a session file's `private_data` holds it.
-type SessionArc = Arc<SharedInner<SessionHead, FileSet<KernelPlatform>>>;
+/// A session's reference, as a session file's `private_data` holds it.
+type SessionShared = KernelShared<SessionHead, FileSet<KernelPlatform>>;
 
 /// The calling task's fd table.
 struct Fds;
@@ -102,9 +96,9 @@ impl FdTable<KernelPlatform> for Fds {
         // so this task holds the only reference and nothing else reads `private_data`.
         let private = unsafe { core::mem::take(&mut (*raw).private_data) };
         if !private.is_null() {
-            // SAFETY: `private` came from `into_foreign` in `new_session_file` and was just
+            // SAFETY: `private` came from `into_raw` in `new_session_file` and was just
             // detached from the file, so it is taken back exactly once.
-            drop(unsafe { SessionArc::from_foreign(private) });
+            drop(unsafe { SessionShared::from_raw(private) });
         }
         // The last reference goes: `session_release` sees no session and does nothing, so
         // luo-core undoes the session operation itself.
@@ -143,7 +137,7 @@ fn new_session_file(session: &SessionRef<KernelPlatform>) -> luo_core::Result<AR
     }
     name[..SESSION_PREFIX.len()].copy_from_slice(SESSION_PREFIX);
     name[SESSION_PREFIX.len()..len].copy_from_slice(sname);
-    let private = session.clone().into_shared().0.into_foreign();
+    let private = session.clone().into_shared().into_raw();
     // SAFETY: `name` is NUL-terminated and only read during the call; the fops table is
     // `'static`; `private` stays valid until `session_release` or `discard_session_file` takes
     // it back.
@@ -163,7 +157,7 @@ fn new_session_file(session: &SessionRef<KernelPlatform>) -> luo_core::Result<AR
         }
         Err(e) => {
             // SAFETY: The file was not created, so `private` was not consumed.
-            drop(unsafe { SessionArc::from_foreign(private) });
+            drop(unsafe { SessionShared::from_raw(private) });
             Err(LuoError::Platform(errno_of(e)))
         }
     }
@@ -197,8 +191,8 @@ unsafe extern "C" fn session_release(_inode: *mut bindings::inode, file: *mut bi
         // Discarded before it was installed (`discard_session_file`).
         return 0;
     }
-    // SAFETY: `private` came from `into_foreign` in `new_session_file`; release runs once.
-    let session = Session::from_shared(KernelShared(unsafe { SessionArc::from_foreign(private) }));
+    // SAFETY: `private` came from `into_raw` in `new_session_file`; release runs once.
+    let session = Session::from_shared(unsafe { SessionShared::from_raw(private) });
     if let Some(luo) = luo() {
         if let Err(LuoError::Serialized) = luo.begin().and_then(|live| live.release_session(&session)) {
             block_forever();
@@ -223,42 +217,94 @@ unsafe extern "C" fn session_ioctl(file: *mut bindings::file, cmd: c_uint, arg: 
     // `ManuallyDrop` never gives it back.
     // SAFETY: As above: `private` is the session's foreign pointer, and the file (so its
     // reference) outlives the call.
-    let session = core::mem::ManuallyDrop::new(Session::from_shared(KernelShared(unsafe {
-        SessionArc::from_foreign(private)
-    })));
+    let session = core::mem::ManuallyDrop::new(Session::from_shared(unsafe {
+        SessionShared::from_raw(private)
+    }));
     let Some(luo) = luo() else {
         return -(bindings::ENOTTY as c_long);
     };
     match luo.session_ioctl(&session, cmd, &mut UserPtrArg(arg), &mut Fds) {
         Ok(()) => 0,
-        Err(e) => to_kernel(e).to_errno() as c_long,
+        Err(e) => errno_ret(e),
     }
 }
 
-/// `/dev/liveupdate`.
-pub(crate) struct LuoDevice;
+/// The `file_operations` of `/dev/liveupdate` (upstream `luo_fops`: open, release, ioctl).
+///
+/// Built here rather than by `kernel::miscdevice`'s vtable, as the session files' are: the
+/// ioctl is then one load of the orchestrator and the dispatcher, and an error goes back as
+/// its errno, where the vtable's trampoline and the round trip through `kernel::error::Error`
+/// cost a rejected ioctl about 37 instructions more than the C core's. `compat_ioctl` is
+/// `compat_ptr_ioctl`, as the vtable would set it.
+const DEVICE_FOPS: bindings::file_operations = bindings::file_operations {
+    open: Some(device_open),
+    release: Some(device_release),
+    unlocked_ioctl: Some(device_ioctl),
+    compat_ioctl: bindings::compat_ptr_ioctl,
+    ..pin_init::zeroed()
+};
 
-#[vtable]
-impl MiscDevice for LuoDevice {
-    /// Nothing per open file: `luo()` is one load, and the device exists only once the
-    /// orchestrator does.
-    type Ptr = ();
-
-    fn open(_file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<Self::Ptr> {
-        luo().ok_or(ENODEV)?.open().map_err(to_kernel)
+/// `open` of `/dev/liveupdate`: one opener at a time; the first open builds the incoming
+/// sessions.
+///
+/// # Safety
+///
+/// Called by the VFS for a file being opened (nothing is read from either pointer).
+unsafe extern "C" fn device_open(_inode: *mut bindings::inode, _file: *mut bindings::file) -> c_int {
+    let Some(luo) = luo() else {
+        return -(bindings::ENODEV as c_int);
+    };
+    match luo.open() {
+        Ok(()) => 0,
+        // Errnos are small positive numbers: the narrowing is exact.
+        Err(e) => errno_ret(e) as c_int,
     }
+}
 
-    fn release((): Self::Ptr, _file: &File) {
-        if let Some(luo) = luo() {
-            luo.close();
-        }
+/// `release` of `/dev/liveupdate`.
+///
+/// # Safety
+///
+/// Called by the VFS for a file being released (nothing is read from either pointer).
+unsafe extern "C" fn device_release(_inode: *mut bindings::inode, _file: *mut bindings::file) -> c_int {
+    if let Some(luo) = luo() {
+        luo.close();
     }
+    0
+}
 
-    fn ioctl((): (), _file: &File, cmd: u32, arg: usize) -> Result<isize> {
-        luo()
-            .ok_or(ENODEV)?
-            .device_ioctl(cmd, &mut UserPtrArg(arg), &mut Fds)
-            .map(|()| 0)
-            .map_err(to_kernel)
+/// `unlocked_ioctl` of `/dev/liveupdate`.
+///
+/// # Safety
+///
+/// Called by the VFS for an open file of the device (nothing is read from it: the device has
+/// no per-open state).
+unsafe extern "C" fn device_ioctl(_file: *mut bindings::file, cmd: c_uint, arg: c_ulong) -> c_long {
+    let Some(luo) = luo() else {
+        return -(bindings::ENOTTY as c_long);
+    };
+    match luo.device_ioctl(cmd, &mut UserPtrArg(arg), &mut Fds) {
+        Ok(()) => 0,
+        Err(e) => errno_ret(e),
     }
+}
+
+/// Registers `/dev/liveupdate`. Its `struct miscdevice` is never freed and the device never
+/// unregistered: it lives as long as the kernel, as the C core's static `luo_dev` does.
+pub(crate) fn register_device() -> Result {
+    let mut misc: bindings::miscdevice = pin_init::zeroed();
+    misc.minor = bindings::MISC_DYNAMIC_MINOR as c_int;
+    misc.name = c"liveupdate".as_char_ptr();
+    misc.fops = &DEVICE_FOPS;
+    let misc = KBox::into_raw(KBox::new(misc, GFP_KERNEL)?);
+    // SAFETY: `misc` is a valid, initialized `struct miscdevice` whose name and fops are
+    // `'static`; it is never moved or freed once registered.
+    let r = unsafe { bindings::misc_register(misc) };
+    if r != 0 {
+        // SAFETY: Registration failed, so nothing refers to `misc`; it came from
+        // `KBox::into_raw` above and is freed once.
+        drop(unsafe { KBox::from_raw(misc) });
+        return Err(Error::from_errno(r));
+    }
+    Ok(())
 }

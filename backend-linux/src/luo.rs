@@ -20,14 +20,8 @@
 //! (built in) registers its handler from a `late_initcall`, and nothing here is exported to
 //! modules (the C core exports nothing either).
 
-use core::ptr;
-
 use kernel::{
     bindings,
-    miscdevice::{
-        MiscDeviceOptions,
-        MiscDeviceRegistration, //
-    },
     prelude::*,
     sync::{
         atomic::{
@@ -37,7 +31,6 @@ use kernel::{
             },
             AtomicFlag,
         },
-        SetOnce,
     },
 };
 
@@ -51,7 +44,6 @@ mod platform;
 #[cfg(CONFIG_LIVEUPDATE_TEST)]
 mod testhook;
 
-use device::LuoDevice;
 use platform::{
     CFlb,
     CHandler,
@@ -62,26 +54,11 @@ use platform::{
 /// Log prefix of the printing macros: `"luo: "`, as the C core's `KBUILD_MODNAME`.
 const __LOG_PREFIX: &[u8] = b"luo\0";
 
-/// The built-in "module" this crate is (for `#[vtable]`'s `OwnerModule`): no `struct module`.
-pub(crate) struct LuoModule;
-
-/// What `#[vtable]` names as the owner of the misc device's `file_operations`.
-type LocalModule = LuoModule;
-
-impl kernel::ModuleMetadata for LuoModule {
-    const NAME: &'static CStr = c"luo";
-    // SAFETY: Built-in code has no `struct module`; `THIS_MODULE` is NULL.
-    const THIS_MODULE: kernel::ThisModule =
-        unsafe { kernel::ThisModule::from_ptr(ptr::null_mut()) };
-}
-
 /// What the core keeps for the life of the kernel.
 struct Orchestrator {
     luo: Luo<KernelPlatform>,
     /// `liveupdate_enabled()`: set by the late initcall once the outgoing state is published.
     enabled: AtomicFlag,
-    /// `/dev/liveupdate`, registered by the late initcall and never unregistered.
-    device: SetOnce<Pin<KBox<MiscDeviceRegistration<LuoDevice>>>>,
 }
 
 /// The orchestrator, published by the early initcall.
@@ -118,7 +95,6 @@ pub unsafe extern "C" fn luo_rust_early_init(requested: bool) -> c_int {
             let orchestrator = Orchestrator {
                 luo,
                 enabled: AtomicFlag::new(false),
-                device: SetOnce::new(),
             };
             if !ORCHESTRATOR.publish(orchestrator) {
                 pr_err!("initialized twice\n");
@@ -157,16 +133,8 @@ pub unsafe extern "C" fn luo_rust_late_init() -> c_int {
         "Rust core: live update number {} is next\n",
         luo.liveupdate_num()
     );
-    let options = MiscDeviceOptions {
-        name: c"liveupdate",
-    };
-    match KBox::pin_init(MiscDeviceRegistration::register(options), GFP_KERNEL) {
-        Ok(reg) => {
-            // The registration lives in the orchestrator, a static: the device stays registered
-            // forever.
-            orchestrator.device.populate(reg);
-            0
-        }
+    match device::register_device() {
+        Ok(()) => 0,
         Err(e) => {
             pr_err!("cannot register /dev/liveupdate: {:?}\n", e);
             e.to_errno()

@@ -2,7 +2,8 @@
 //!
 //! Locks and shared pointers are newtypes over the facade (orphan rules forbid implementing
 //! luo-core's traits on loom's types directly); unshared containers are std's `Vec` and
-//! `BTreeMap` through luo-core's own impls. Files are fake: a [`FakeFile`] is a number, and its
+//! `BTreeMap` through luo-core's own impls, and the session tables luo-core's `StdIndex` over
+//! the loom shared type. Files are fake: a [`FakeFile`] is a number, and its
 //! identity is that number. Handover memory is a map of small pages in memory, outgoing and
 //! (when booted from a [`Handover`]) incoming.
 
@@ -11,7 +12,8 @@ use std::ops::Deref;
 
 use luo_core::errno::{AllocError, HandoverError, EFAULT, ENOMEM};
 use luo_core::{
-    Error, HandoverMemory, Level, PMutex, PRwLock, Platform, Result, Runtime, SharedLocked,
+    Error, HandoverMemory, IndexKey, Level, PMutex, PRwLock, Platform, Result, Runtime,
+    SharedLocked, StdIndex,
 };
 
 use crate::recorder::{Flb, Handler};
@@ -267,6 +269,7 @@ impl Runtime for LoomPlatform {
     type Vec<T> = Vec<T>;
     type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
     type Shared<H: 'static, T: 'static> = LShared<H, T>;
+    type Index<H: IndexKey + 'static, T: 'static> = StdIndex<H::Key, LShared<H, T>>;
     type Mutex<T> = LMutex<T>;
     type RwLock<T> = LRwLock<T>;
 }

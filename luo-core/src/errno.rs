@@ -368,56 +368,113 @@ pub enum Error {
     Handler(Errno),
     /// The platform failed with this errno.
     Platform(Errno),
-    /// The handover state is malformed.
-    Handover(HandoverError),
 }
 
+// Eight bytes, so that a `Result<_, Error>` travels in registers: the ioctl paths return
+// one at every step. What a malformed handover is about ([`HandoverError`], with addresses) is
+// reported where it is found (boot, the first open), not carried through every operation.
+const _: () = assert!(core::mem::size_of::<Error>() == 8);
+const _: () = assert!(core::mem::size_of::<Result<(), Error>>() == 8);
+
 impl Error {
-    /// The errno upstream LUO returns for this condition: the one table (spec §2.6).
+    /// The errno upstream LUO returns for this condition: the one table (spec §2.6), which
+    /// is [`ERRNOS`] for LUO's own conditions.
+    #[inline]
     pub const fn errno(self) -> Errno {
         match self {
-            Error::BadCommand => EINVAL,
-            Error::UnknownCommand => ENOTTY,
-            Error::WrongDirection => EINVAL,
-            Error::StructTooSmall => EINVAL,
-            Error::TrailingNonZero => E2BIG,
-            Error::Fault => EFAULT,
-            Error::ReservedNotZero => EINVAL,
-            Error::DeviceBusy => EBUSY,
-            Error::IncomingRefused => EIO,
-            Error::NameEmpty => EINVAL,
-            Error::NameUnterminated => EINVAL,
-            Error::NameExists => EEXIST,
-            Error::NoSuchSession => ENOENT,
-            Error::AlreadyRetrieved => EINVAL,
-            Error::TokenInUse => EEXIST,
-            Error::BadFd => EBADF,
-            Error::NoHandler => ENOENT,
-            Error::AlreadyPreserved => EBUSY,
-            Error::NoSuchToken => ENOENT,
-            Error::FinishRefused => EBUSY,
-            Error::NoSpace => ENOSPC,
-            Error::NoMemory => ENOMEM,
-            Error::TooManyFds => EMFILE,
-            Error::FileTableFull => ENFILE,
-            Error::Disabled => EOPNOTSUPP,
-            Error::AlreadyRegistered => EEXIST,
-            Error::InvalidDefinition => EINVAL,
-            Error::FlbNotFound => ENOENT,
-            Error::FlbNoData => ENODATA,
-            Error::OwnerGone => ENODEV,
-            Error::Serialized => ESHUTDOWN,
             Error::Handler(e) | Error::Platform(e) => e,
-            Error::Handover(h) => h.errno(),
+            own => ERRNOS[own.index()].1,
+        }
+    }
+
+    /// The condition's row in [`ERRNOS`]: its place in the declaration, which is also what
+    /// rustc stores as the discriminant, so this compiles to reading the tag and the errno is
+    /// one load (a `match` to errnos is a compare tree: the kernel builds without jump or
+    /// lookup tables).
+    const fn index(self) -> usize {
+        match self {
+            Error::BadCommand => 0,
+            Error::UnknownCommand => 1,
+            Error::WrongDirection => 2,
+            Error::StructTooSmall => 3,
+            Error::TrailingNonZero => 4,
+            Error::Fault => 5,
+            Error::ReservedNotZero => 6,
+            Error::DeviceBusy => 7,
+            Error::IncomingRefused => 8,
+            Error::NameEmpty => 9,
+            Error::NameUnterminated => 10,
+            Error::NameExists => 11,
+            Error::NoSuchSession => 12,
+            Error::AlreadyRetrieved => 13,
+            Error::TokenInUse => 14,
+            Error::BadFd => 15,
+            Error::NoHandler => 16,
+            Error::AlreadyPreserved => 17,
+            Error::NoSuchToken => 18,
+            Error::FinishRefused => 19,
+            Error::NoSpace => 20,
+            Error::NoMemory => 21,
+            Error::TooManyFds => 22,
+            Error::FileTableFull => 23,
+            Error::Disabled => 24,
+            Error::AlreadyRegistered => 25,
+            Error::InvalidDefinition => 26,
+            Error::FlbNotFound => 27,
+            Error::FlbNoData => 28,
+            Error::OwnerGone => 29,
+            Error::Serialized => 30,
+            Error::Handler(_) => 31,
+            Error::Platform(_) => 32,
         }
     }
 }
 
-impl From<HandoverError> for Error {
-    fn from(e: HandoverError) -> Self {
-        Error::Handover(e)
+/// Each condition's errno, in declaration order (checked below). The last two rows stand for
+/// the conditions that carry their errno, which [`Error::errno`] returns instead.
+const ERRNOS: [(Error, Errno); 33] = [
+    (Error::BadCommand, EINVAL),
+    (Error::UnknownCommand, ENOTTY),
+    (Error::WrongDirection, EINVAL),
+    (Error::StructTooSmall, EINVAL),
+    (Error::TrailingNonZero, E2BIG),
+    (Error::Fault, EFAULT),
+    (Error::ReservedNotZero, EINVAL),
+    (Error::DeviceBusy, EBUSY),
+    (Error::IncomingRefused, EIO),
+    (Error::NameEmpty, EINVAL),
+    (Error::NameUnterminated, EINVAL),
+    (Error::NameExists, EEXIST),
+    (Error::NoSuchSession, ENOENT),
+    (Error::AlreadyRetrieved, EINVAL),
+    (Error::TokenInUse, EEXIST),
+    (Error::BadFd, EBADF),
+    (Error::NoHandler, ENOENT),
+    (Error::AlreadyPreserved, EBUSY),
+    (Error::NoSuchToken, ENOENT),
+    (Error::FinishRefused, EBUSY),
+    (Error::NoSpace, ENOSPC),
+    (Error::NoMemory, ENOMEM),
+    (Error::TooManyFds, EMFILE),
+    (Error::FileTableFull, ENFILE),
+    (Error::Disabled, EOPNOTSUPP),
+    (Error::AlreadyRegistered, EEXIST),
+    (Error::InvalidDefinition, EINVAL),
+    (Error::FlbNotFound, ENOENT),
+    (Error::FlbNoData, ENODATA),
+    (Error::OwnerGone, ENODEV),
+    (Error::Serialized, ESHUTDOWN),
+    (Error::Handler(EINVAL), EINVAL),
+    (Error::Platform(EINVAL), EINVAL),
+];
+
+const _: () = {
+    let mut i = 0;
+    while i < ERRNOS.len() {
+        assert!(ERRNOS[i].0.index() == i);
+        i += 1;
     }
-}
+};
 
 /// Allocation failed (the platform's fallible allocators return this).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -438,7 +495,6 @@ impl From<AllocError> for HandoverError {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Handover(h) => write!(f, "{h} ({})", h.errno()),
             Error::Handler(e) => write!(f, "callback failed: {e}"),
             Error::Platform(e) => write!(f, "platform failed: {e}"),
             other => write!(f, "{other:?} ({})", other.errno()),

@@ -37,8 +37,8 @@ pub mod uapi;
 pub use errno::{Errno, Error, HandoverError, Result};
 pub use luo::{create_name, retrieve_name, FileSet, Live, Luo, Session, SessionHead, SessionRef};
 pub use platform::{
-    DelegateMemory, FileHandler, FlbOps, HandoverMemory, Level, OrdMap, PMutex, PRwLock, PVec,
-    Platform, Preserved, RetrieveStatus, Runtime, SharedLocked,
+    DelegateMemory, FileHandler, FlbOps, HandoverMemory, IndexKey, InsertError, Level, OrdMap,
+    PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus, Runtime, SharedIndex, SharedLocked,
 };
 #[cfg(feature = "std")]
-pub use std_impls::StdRuntime;
+pub use std_impls::{StdIndex, StdRuntime};

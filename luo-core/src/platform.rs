@@ -125,6 +125,63 @@ pub trait SharedLocked<H, T>: Deref<Target = H> + Clone {
     fn ptr_eq(a: &Self, b: &Self) -> bool;
 }
 
+/// What a [`SharedIndex`] keys its objects by: a field of their head, fixed at creation.
+pub trait IndexKey {
+    /// The key (a session's name).
+    type Key: Ord + Copy;
+    /// The object's key.
+    fn index_key(&self) -> &Self::Key;
+}
+
+/// Why [`SharedIndex::try_insert_new`] made no object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertError {
+    /// An object with the same key is in the index.
+    Exists,
+    /// The object could not be allocated.
+    NoMemory,
+}
+
+impl From<AllocError> for InsertError {
+    fn from(_: AllocError) -> Self {
+        InsertError::NoMemory
+    }
+}
+
+/// A table of shared objects (a session table): unique keys taken from their heads, and the
+/// order in which they were inserted. The index holds one reference to each member.
+///
+/// An object is born in its index ([`SharedIndex::try_insert_new`]) and leaves it once
+/// ([`SharedIndex::remove`]); it never joins another. That is what lets the kernel keep the
+/// links *inside* the object's allocation, as `struct luo_session` embeds its `list_head`:
+/// inserting allocates nothing beyond the object, and removing a known member is an unlink
+/// with no lookup (an `rb_erase` and a list unlink) instead of a search and a node to free.
+/// A std index keeps ordinary maps.
+pub trait SharedIndex<H: IndexKey, T>: Default {
+    /// The objects.
+    type Shared: SharedLocked<H, T>;
+    /// Members in insertion order.
+    type Iter<'a>: DoubleEndedIterator<Item = &'a Self::Shared>
+    where
+        Self: 'a,
+        Self::Shared: 'a;
+    /// Allocates an object and makes it a member, unless a member has its key (nothing is
+    /// allocated then). Returns the index's own handle; clone it to keep one.
+    fn try_insert_new(&mut self, head: H, body: T) -> Result<&Self::Shared, InsertError>;
+    /// The member with this key.
+    fn get(&self, key: &H::Key) -> Option<&Self::Shared>;
+    /// Takes `s` out if it is a member of this index (and not of another); true if it was.
+    fn remove(&mut self, s: &Self::Shared) -> bool;
+    /// Number of members.
+    fn len(&self) -> usize;
+    /// True when there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The members, oldest first.
+    fn iter(&self) -> Self::Iter<'_>;
+}
+
 /// A mutual-exclusion lock.
 pub trait PMutex<T> {
     /// The guard.
@@ -286,6 +343,8 @@ pub trait Runtime {
     type Map<K: Ord + Copy, V>: OrdMap<K, V>;
     /// Shared head and locked body, one allocation.
     type Shared<H: 'static, T: 'static>: SharedLocked<H, T>;
+    /// A table of such objects, keyed by their heads, in insertion order.
+    type Index<H: IndexKey + 'static, T: 'static>: SharedIndex<H, T, Shared = Self::Shared<H, T>>;
     /// Mutex.
     type Mutex<T>: PMutex<T>;
     /// Reader/writer lock.

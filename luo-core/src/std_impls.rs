@@ -11,12 +11,13 @@ use std::vec::Vec;
 use crate::errno::AllocError;
 use crate::errno::Errno;
 use crate::platform::{
-    FileHandler, FlbOps, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
-    Runtime, SharedLocked,
+    FileHandler, FlbOps, IndexKey, InsertError, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved,
+    RetrieveStatus, Runtime, SharedIndex, SharedLocked,
 };
 
 /// Opts a platform into std's containers and locks: `impl StdRuntime for MyPlatform {}` gives
-/// it the [`Runtime`] below (`Vec`, `BTreeMap`, [`StdShared`], `Mutex`, `RwLock`).
+/// it the [`Runtime`] below (`Vec`, `BTreeMap`, [`StdShared`], [`StdIndex`], `Mutex`,
+/// `RwLock`).
 ///
 /// A platform with other containers or locks does not implement this marker and implements
 /// [`Runtime`] itself, as the loom models do: coherence allows that for any type of its own
@@ -27,6 +28,7 @@ impl<P: StdRuntime> Runtime for P {
     type Vec<T> = Vec<T>;
     type Map<K: Ord + Copy, V> = BTreeMap<K, V>;
     type Shared<H: 'static, T: 'static> = StdShared<H, T>;
+    type Index<H: IndexKey + 'static, T: 'static> = StdIndex<H::Key, StdShared<H, T>>;
     type Mutex<T> = Mutex<T>;
     type RwLock<T> = RwLock<T>;
 }
@@ -141,6 +143,71 @@ impl<H, T> SharedLocked<H, T> for StdShared<H, T> {
     }
     fn ptr_eq(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+/// A [`SharedIndex`] of ordinary maps, for any [`SharedLocked`] object type (the loom models
+/// use it with theirs): key to insertion number, insertion number to object.
+pub struct StdIndex<K, S> {
+    by_key: BTreeMap<K, u64>,
+    order: BTreeMap<u64, S>,
+    next: u64,
+}
+
+impl<K, S> Default for StdIndex<K, S> {
+    fn default() -> Self {
+        StdIndex {
+            by_key: BTreeMap::new(),
+            order: BTreeMap::new(),
+            next: 0,
+        }
+    }
+}
+
+impl<H: IndexKey, T, S: SharedLocked<H, T>> SharedIndex<H, T> for StdIndex<H::Key, S> {
+    type Shared = S;
+    type Iter<'a>
+        = std::collections::btree_map::Values<'a, u64, S>
+    where
+        Self: 'a,
+        S: 'a;
+
+    fn try_insert_new(&mut self, head: H, body: T) -> Result<&S, InsertError> {
+        use std::collections::btree_map::Entry;
+        let Entry::Vacant(slot) = self.by_key.entry(*head.index_key()) else {
+            return Err(InsertError::Exists);
+        };
+        let object = S::try_new(head, body)?;
+        let seq = self.next;
+        // 2^64 insertions do not happen.
+        self.next += 1;
+        slot.insert(seq);
+        Ok(self.order.entry(seq).or_insert(object))
+    }
+
+    fn get(&self, key: &H::Key) -> Option<&S> {
+        self.order.get(self.by_key.get(key)?)
+    }
+
+    fn remove(&mut self, s: &S) -> bool {
+        let key = (**s).index_key();
+        let Some(&seq) = self.by_key.get(key) else {
+            return false;
+        };
+        if !self.order.get(&seq).is_some_and(|m| S::ptr_eq(m, s)) {
+            return false;
+        }
+        self.by_key.remove(key);
+        self.order.remove(&seq);
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    fn iter(&self) -> Self::Iter<'_> {
+        self.order.values()
     }
 }
 

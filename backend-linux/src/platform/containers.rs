@@ -1,13 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The containers luo-core allocates: `KVVec`, `RBTree` and an `Arc` that holds a session's
-//! head and its `struct mutex` in one allocation. Each is a thin newtype (luo-core's traits and
-//! the kernel's types both live in other crates: the orphan rule).
+//! The containers luo-core allocates: `KVVec` and `RBTree` (a session and its tables are in
+//! [`shared`](super::shared)). Each is a thin newtype (luo-core's traits and the kernel's
+//! types both live in other crates: the orphan rule).
 
-use core::{
-    mem::ManuallyDrop,
-    ops::Deref, //
-};
+use core::mem::ManuallyDrop;
 
 use kernel::{
     prelude::*,
@@ -16,20 +13,12 @@ use kernel::{
         RBTree,
         RBTreeNodeReservation, //
     },
-    sync::Arc,
 };
 
 use luo_core::{
     errno::AllocError,
     OrdMap,
-    PVec,
-    SharedLocked, //
-};
-
-use super::sync::{
-    lock_class,
-    KMutex,
-    KMutexGuard, //
+    PVec, //
 };
 
 /// `KVVec` as a luo-core vector: `kvmalloc`, so a session with thousands of files (or an
@@ -219,59 +208,5 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for KernelMap<K, V> {
                 None => self.tree.cursor_back().map(|c| *c.current().0),
             },
         }
-    }
-}
-
-/// A head and a `struct mutex`-protected body in one `Arc` (a session), initialized in
-/// place: one allocation, as the C core embeds the mutex in `struct luo_session`.
-#[pin_data]
-pub(crate) struct SharedInner<H, T> {
-    head: H,
-    #[pin]
-    body: KMutex<T>,
-}
-
-/// [`SharedInner`] as a luo-core [`SharedLocked`].
-pub(crate) struct KernelShared<H, T>(pub(crate) Arc<SharedInner<H, T>>);
-
-impl<H, T> Clone for KernelShared<H, T> {
-    fn clone(&self) -> Self {
-        KernelShared(self.0.clone())
-    }
-}
-
-impl<H, T> Deref for KernelShared<H, T> {
-    type Target = H;
-
-    fn deref(&self) -> &H {
-        &self.0.head
-    }
-}
-
-impl<H, T> SharedLocked<H, T> for KernelShared<H, T> {
-    type Guard<'a>
-        = KMutexGuard<'a, T>
-    where
-        Self: 'a;
-
-    fn try_new(head: H, value: T) -> Result<Self, AllocError> {
-        let (name, key) = lock_class::<T>().ok_or(AllocError)?;
-        Arc::pin_init(
-            pin_init!(SharedInner {
-                head,
-                body <- KMutex::new(value, name, key),
-            }),
-            GFP_KERNEL,
-        )
-        .map(KernelShared)
-        .map_err(|_| AllocError)
-    }
-
-    fn lock(&self) -> KMutexGuard<'_, T> {
-        self.0.body.lock()
-    }
-
-    fn ptr_eq(a: &Self, b: &Self) -> bool {
-        Arc::ptr_eq(&a.0, &b.0)
     }
 }

@@ -3,7 +3,7 @@
 //! The luo-core [`Platform`] for the kernel.
 //!
 //! Containers are the kernel's fallible ones (`KVec`, `RBTree`, `Arc`, all with
-//! `GFP_KERNEL`), locks are `struct mutex` and `struct rw_semaphore`, open files are
+//! `GFP_KERNEL`) and an intrusive session table, locks are `struct mutex` and `struct rw_semaphore`, open files are
 //! `ARef<File>`, file handlers and FLBs are the C `struct liveupdate_file_handler` and
 //! `struct liveupdate_flb` objects their owners registered, called through their ops tables,
 //! and handover memory is KHO: pages from `kho_alloc_preserve()`, named by their physical
@@ -12,7 +12,8 @@
 //! luo-core's traits and the kernel's types both live in other crates, so every container is
 //! a thin newtype here (the orphan rule).
 //!
-//! One file per part: [`containers`], [`sync`] (locks and lock classes), [`handlers`] (the C
+//! One file per part: [`containers`], [`shared`] (a session's allocation and the session
+//! tables, intrusive as the C core's), [`sync`] (locks and lock classes), [`handlers`] (the C
 //! handler and FLB objects), [`kho`] (handover memory: `HandoverMemory`), [`uaccess`] (user
 //! copies, with the fast path every ioctl takes); here, the platform's `Runtime` and its files
 //! and log (`Platform`).
@@ -20,6 +21,7 @@
 mod containers;
 mod handlers;
 mod kho;
+mod shared;
 mod sync;
 mod uaccess;
 
@@ -31,6 +33,7 @@ use kernel::{
 
 use luo_core::{
     Errno,
+    IndexKey,
     Level,
     Platform,
     Runtime, //
@@ -38,13 +41,15 @@ use luo_core::{
 
 pub(crate) use containers::{
     KernelMap,
-    KernelShared,
-    KernelVec,
-    SharedInner, //
+    KernelVec, //
 };
 pub(crate) use handlers::{
     CFlb,
     CHandler, //
+};
+pub(crate) use shared::{
+    KernelIndex,
+    KernelShared, //
 };
 pub(crate) use sync::{
     init_lock_classes,
@@ -67,6 +72,7 @@ impl Runtime for KernelPlatform {
     type Vec<T> = KernelVec<T>;
     type Map<K: Ord + Copy, V> = KernelMap<K, V>;
     type Shared<H: 'static, T: 'static> = KernelShared<H, T>;
+    type Index<H: IndexKey + 'static, T: 'static> = KernelIndex<H, T>;
     type Mutex<T> = KernelMutex<T>;
     type RwLock<T> = KernelRwLock<T>;
 }

@@ -4,13 +4,14 @@
 //! Sessions are built at the first open rather than at boot because handlers register in
 //! between; building is all or nothing, so a failed open leaves nothing half-restored.
 
-use super::session::{FileEntry, IncomingSlot, Session, SessionRef};
+use super::session::{FileEntry, Session, SessionObj, SessionRef, Sessions};
 use super::{Live, Luo};
 use crate::abi::{Compat, SessionName};
 use crate::errno::{Error, HandoverError, Result};
 use crate::image::Image;
 use crate::platform::{
-    FileHandler, OrdMap, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus,
+    FileHandler, PMutex, PRwLock, PVec, Platform, Preserved, RetrieveStatus, SharedIndex,
+    SharedLocked,
 };
 use crate::uapi::Direction;
 
@@ -62,7 +63,7 @@ impl<P: Platform> Luo<P> {
                     );
                     let keep = matches!(
                         e,
-                        Error::Handover(HandoverError::UnknownHandler { .. }) | Error::NoMemory
+                        HandoverError::UnknownHandler { .. } | HandoverError::NoMemory
                     );
                     if keep {
                         dev.incoming = Incoming::Pending(img);
@@ -81,13 +82,13 @@ impl<P: Platform> Luo<P> {
     }
 
     /// Builds incoming sessions from the image; all or nothing.
-    fn deserialize(&self, img: &Image<P>) -> Result {
-        let mut built = P::Map::<SessionName, IncomingSlot<P>>::default();
+    fn deserialize(&self, img: &Image<P>) -> Result<(), HandoverError> {
+        let mut built = Sessions::<P>::default();
         let result = self.build_incoming(img, &mut built);
         if result.is_err() {
             // Undo owner pins and live counts taken for the partial result.
-            for (_, slot) in built.iter() {
-                self.drop_incoming_files(&slot.session);
+            for session in built.iter() {
+                self.drop_incoming_files(session);
             }
             return result;
         }
@@ -96,31 +97,22 @@ impl<P: Platform> Luo<P> {
         Ok(())
     }
 
-    fn build_incoming(
-        &self,
-        img: &Image<P>,
-        built: &mut P::Map<SessionName, IncomingSlot<P>>,
-    ) -> Result {
+    fn build_incoming(&self, img: &Image<P>, built: &mut Sessions<P>) -> Result<(), HandoverError> {
         for s in img.sessions.as_slice() {
-            let session = Session::try_new(s.name, Direction::Incoming)?;
-            built.try_insert(
-                s.name,
-                IncomingSlot {
-                    session: session.clone(),
-                    retrieved: false,
-                },
-            )?;
+            let failed = |e| restore_error(s.at, e);
+            let session =
+                Session::<P>::insert_new(built, s.name, Direction::Incoming).map_err(failed)?;
             // The documented order is session, then registry (as in `finish_files`), even
             // though nobody else can see this session yet: lockdep checks classes, not
             // instances.
-            let mut set = session.files();
+            let mut set = session.lock();
             let reg = self.registry.read();
             for f in s.files.as_slice() {
                 let (hkey, handler) = reg
                     .handler_by_compat(&f.compat)
                     .ok_or(HandoverError::UnknownHandler { at: f.at })?;
                 if !handler.get_owner() {
-                    return Err(HandoverError::UnknownHandler { at: f.at }.into());
+                    return Err(HandoverError::UnknownHandler { at: f.at });
                 }
                 let entry = FileEntry::<P> {
                     hkey,
@@ -137,13 +129,13 @@ impl<P: Platform> Luo<P> {
                 let handler: P::Handler = entry.handler.clone();
                 if let Err(e) = set.insert(entry) {
                     handler.put_owner();
-                    return Err(e);
+                    return Err(failed(e));
                 }
                 if let Err(e) = self.refs.lock().live_inc(hkey) {
                     if let Some(entry) = set.pop_last() {
                         entry.handler.put_owner();
                     }
-                    return Err(e);
+                    return Err(failed(e));
                 }
             }
         }
@@ -151,8 +143,8 @@ impl<P: Platform> Luo<P> {
     }
 
     /// Drops the files of a session that never reached userspace (failed deserialization).
-    fn drop_incoming_files(&self, s: &SessionRef<P>) {
-        let mut set = s.files();
+    fn drop_incoming_files(&self, s: &SessionObj<P>) {
+        let mut set = s.lock();
         let mut refs = self.refs.lock();
         while let Some(e) = set.pop_last() {
             refs.live_dec(e.hkey);
@@ -176,6 +168,16 @@ impl<P: Platform> Luo<P> {
     }
 }
 
+/// What a failure to build the incoming sessions says about the session entry at `at`.
+/// Building meets only two errors: memory, and a name taken twice (which the parser refuses
+/// before, so it cannot happen).
+fn restore_error(at: u64, e: Error) -> HandoverError {
+    match e {
+        Error::NameExists => HandoverError::DuplicateSessionName { at },
+        _ => HandoverError::NoMemory,
+    }
+}
+
 /// RETRIEVE_SESSION's lookup key. An empty or unterminated name matches nothing (upstream does
 /// not validate it): `NoSuchSession`, before the serialize lock, as every other miss.
 #[inline]
@@ -186,22 +188,19 @@ pub fn retrieve_name(field: &[u8; 64]) -> Result<SessionName> {
 impl<P: Platform> Live<'_, P> {
     /// RETRIEVE_SESSION after the fd is reserved: exact name match among incoming sessions.
     pub fn retrieve_session(&self, name: &SessionName) -> Result<SessionRef<P>> {
-        let mut table = self.luo.incoming.write();
-        let slot = table.get_mut(name).ok_or(Error::NoSuchSession)?;
-        if slot.retrieved {
+        let table = self.luo.incoming.read();
+        let session = table.get(name).ok_or(Error::NoSuchSession)?;
+        let mut set = session.lock();
+        if set.retrieved {
             return Err(Error::AlreadyRetrieved);
         }
-        slot.retrieved = true;
-        Ok(slot.session.clone())
+        set.retrieved = true;
+        Ok(Session::of(session))
     }
 
     /// Undoes a RETRIEVE_SESSION whose reply could not be written: the session goes back to
     /// the unretrieved state with nothing finished (upstream finishes and frees it: bug B6).
     pub fn unretrieve_session(&self, s: &SessionRef<P>) {
-        if let Some(slot) = self.luo.incoming.write().get_mut(&s.name) {
-            if Session::ptr_eq(&slot.session, s) {
-                slot.retrieved = false;
-            }
-        }
+        s.files().retrieved = false;
     }
 }

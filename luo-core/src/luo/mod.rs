@@ -15,11 +15,11 @@
 //! - `serialize`: reboot, the writer of the handover (the mirror of [`image`]);
 //! - `api`: the in-kernel handler and FLB API.
 
-use crate::abi::{LuoSer, SessionName};
+use crate::abi::LuoSer;
 use crate::block::BlockSet;
 use crate::errno::{Error, Result};
 use crate::image;
-use crate::platform::{OrdMap, PMutex, PRwLock, Platform, Runtime};
+use crate::platform::{PMutex, PRwLock, Platform, Runtime, SharedIndex};
 use crate::registry::{Refs, Registry};
 use core::mem::size_of;
 
@@ -41,7 +41,7 @@ pub use incoming::retrieve_name;
 use incoming::{Device, Incoming};
 pub use ops::create_name;
 pub use session::{FileSet, Session, SessionHead, SessionRef};
-use session::{IncomingSlot, Outgoing};
+use session::{Outgoing, Sessions};
 
 /// The phase, read-locked: holding it keeps `liveupdate_reboot()` out.
 type PhaseRead<'a, P> = <<P as Runtime>::RwLock<Phase> as PRwLock<Phase>>::Read<'a>;
@@ -69,7 +69,7 @@ pub struct Luo<P: Platform> {
     device: P::Mutex<Device<P>>,
     phase: P::RwLock<Phase>,
     outgoing: P::RwLock<Outgoing<P>>,
-    incoming: P::RwLock<P::Map<SessionName, IncomingSlot<P>>>,
+    incoming: P::RwLock<Sessions<P>>,
     registry: P::RwLock<Registry<P>>,
     refs: P::Mutex<Refs<P>>,
     /// Identities of every file preserved or retrieved-and-not-finished (upstream's xarray).
@@ -137,8 +137,7 @@ impl<P: Platform> Luo<P> {
                 serialized: false,
             })?,
             outgoing: P::RwLock::try_new(Outgoing {
-                by_name: Default::default(),
-                order: Default::default(),
+                sessions: Default::default(),
                 blocks: BlockSet::new(),
             })?,
             incoming: P::RwLock::try_new(Default::default())?,
@@ -217,7 +216,7 @@ impl<P: Platform> Luo<P> {
 
     /// Number of outgoing sessions.
     pub fn outgoing_count(&self) -> usize {
-        self.outgoing.read().len()
+        self.outgoing.read().sessions.len()
     }
 
     /// Number of incoming sessions not yet closed (retrieved or not).

@@ -10,7 +10,9 @@ use super::session::{FileEntry, FileSet, Session, SessionRef};
 use super::{Live, Luo};
 use crate::abi::SessionName;
 use crate::errno::{Error, Result};
-use crate::platform::{FileHandler, OrdMap, PMutex, PRwLock, PVec, Platform, RetrieveStatus};
+use crate::platform::{
+    FileHandler, OrdMap, PMutex, PRwLock, PVec, Platform, RetrieveStatus, SharedIndex,
+};
 use crate::uapi::Direction;
 
 /// CREATE_SESSION's name rules (spec §2.5): 1 to 63 bytes and a NUL. Checked before the
@@ -29,26 +31,17 @@ impl<P: Platform> Live<'_, P> {
         self.outgoing_ready()?;
         let luo = self.luo;
         let mut out = luo.outgoing.write();
-        // Check the name before growing the block set (upstream grows first and leaks an empty
-        // block on EEXIST, which panics the next kernel: bug B1).
-        if out.by_name.contains(name) {
-            return Err(Error::NameExists);
-        }
-        let session = Session::<P>::try_new(*name, Direction::Outgoing)?;
-        let count = out.len();
-        out.order.try_reserve(1)?;
-        out.blocks.grow(&luo.platform, count + 1)?;
-        let index = out.order.len();
-        session.files().slot = index;
-        if out.by_name.try_insert(*name, ()).is_err() {
-            out.blocks.shrink(&luo.platform, count);
-            return Err(Error::NoMemory);
-        }
-        // Reserved above, so this cannot fail; undone all the same if it did.
-        if out.order.try_push(Some(session.clone())).is_err() {
-            out.by_name.remove(name);
-            out.blocks.shrink(&luo.platform, count);
-            return Err(Error::NoMemory);
+        let count = out.sessions.len();
+        // The name is checked before the block set grows (upstream grows first and leaks an
+        // empty block on EEXIST, which panics the next kernel: bug B1).
+        let session = Session::of(Session::<P>::insert_new(
+            &mut out.sessions,
+            *name,
+            Direction::Outgoing,
+        )?);
+        if let Err(e) = out.blocks.grow(&luo.platform, count + 1) {
+            out.sessions.remove(session.obj());
+            return Err(e);
         }
         Ok(session)
     }
@@ -73,42 +66,34 @@ impl<P: Platform> Live<'_, P> {
                     luo.unpreserve_all(&mut set);
                 }
                 let mut out = luo.outgoing.write();
-                if out.remove(s) {
-                    let count = out.len();
+                if out.sessions.remove(s.obj()) {
+                    let count = out.sessions.len();
                     out.blocks.shrink(&luo.platform, count);
                 }
                 Ok(())
             }
             Direction::Incoming => {
-                let r = {
+                {
                     let mut set = s.files();
                     if set.closed {
                         return Err(Error::BadFd);
                     }
-                    let r = luo.finish_files(&mut set);
-                    // A refused finish puts the session back for a later retrieve (B7).
-                    set.closed = r.is_ok();
-                    r
-                };
-                let mut table = luo.incoming.write();
-                match r {
-                    Ok(()) => {
-                        table.remove(&s.name);
-                        Ok(())
-                    }
-                    Err(e) => {
+                    if let Err(e) = luo.finish_files(&mut set) {
+                        // A refused finish puts the session back for a later retrieve (B7).
+                        set.retrieved = false;
+                        drop(set);
                         log!(
                             luo.platform,
                             Warn,
                             "Unable to finish session [{}] on release",
                             s.name
                         );
-                        if let Some(slot) = table.get_mut(&s.name) {
-                            slot.retrieved = false;
-                        }
-                        Err(e)
+                        return Err(e);
                     }
+                    set.closed = true;
                 }
+                luo.incoming.write().remove(s.obj());
+                Ok(())
             }
         }
     }

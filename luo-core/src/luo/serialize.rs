@@ -13,7 +13,9 @@ use crate::abi::{
     LUO_ABI_COMPATIBLE, LUO_ABI_COMPAT_LEN, LUO_FLB_PGCNT, SESSION_NAME_LEN,
 };
 use crate::errno::{Error, Result};
-use crate::platform::{FileHandler, OrdMap, PMutex, PRwLock, PVec, Platform};
+use crate::platform::{
+    FileHandler, OrdMap, PMutex, PRwLock, PVec, Platform, SharedIndex, SharedLocked,
+};
 use core::mem::{offset_of, size_of};
 use zerocopy::IntoBytes;
 
@@ -39,8 +41,9 @@ impl<P: Platform> Luo<P> {
             // Unfreeze sessions newest first; a session whose freeze failed already rolled
             // itself back. Walking back from the last frozen session needs no memory (this
             // path must not fail).
-            for s in out.first_live(frozen_sessions).iter().rev().flatten() {
-                let mut set = s.files();
+            let newer = out.sessions.len() - frozen_sessions;
+            for s in out.sessions.iter().rev().skip(newer) {
+                let mut set = s.lock();
                 let n = set.files.len();
                 unfreeze_set(&mut set, n);
             }
@@ -57,12 +60,12 @@ impl<P: Platform> Luo<P> {
     /// far, for the caller's rollback.
     fn freeze_and_write(&self, out: &mut Outgoing<P>, root: Root, frozen: &mut usize) -> Result {
         let p = &self.platform;
-        let count = out.len();
-        let Outgoing { order, blocks, .. } = out;
-        let mut sessions = order.as_slice().iter().flatten();
+        let count = out.sessions.len();
+        let Outgoing { sessions, blocks } = out;
+        let mut sessions = sessions.iter();
         let head = blocks.write(p, count, |slot| {
             let s = sessions.next().ok_or(Error::NoSpace)?;
-            let mut set = s.files();
+            let mut set = s.lock();
             // A session whose files fail to freeze (or to be written) rolls itself back.
             let files = if set.files.is_empty() {
                 0

@@ -8,7 +8,10 @@ use super::serialize::padded_span;
 use crate::abi::{LuoFileSer, LuoSessionSer, SessionName, SESSION_NAME_LEN};
 use crate::block::BlockSet;
 use crate::errno::{Error, Result};
-use crate::platform::{OrdMap, PVec, Platform, Preserved, RetrieveStatus, Runtime, SharedLocked};
+use crate::platform::{
+    IndexKey, InsertError, OrdMap, PVec, Platform, Preserved, RetrieveStatus, Runtime, SharedIndex,
+    SharedLocked,
+};
 use crate::uapi::Direction;
 
 /// A session handle, shared between the LUO tables and the fds that refer to it.
@@ -42,9 +45,9 @@ pub struct FileSet<P: Platform> {
     pub(super) blocks: BlockSet<P, LuoFileSer>,
     /// Set by release: the session is gone from the tables and takes no more files.
     pub(super) closed: bool,
-    /// Outgoing: the session's slot in the creation order (`Outgoing::order`), kept here so
-    /// that closing and compacting need no name lookup. Written under the outgoing lock.
-    pub(super) slot: usize,
+    /// Incoming: an fd for the session exists (RETRIEVE_SESSION succeeded and it was not
+    /// released, or released with a refused finish, since).
+    pub(super) retrieved: bool,
 }
 
 impl<P: Platform> FileSet<P> {
@@ -54,7 +57,7 @@ impl<P: Platform> FileSet<P> {
             by_token: Default::default(),
             blocks: BlockSet::new(),
             closed: false,
-            slot: 0,
+            retrieved: false,
         }
     }
 
@@ -92,11 +95,24 @@ pub struct SessionHead {
     pub(crate) dir: Direction,
 }
 
+impl IndexKey for SessionHead {
+    type Key = SessionName;
+
+    #[inline]
+    fn index_key(&self) -> &SessionName {
+        &self.name
+    }
+}
+
+/// A session's allocation, as the platform holds it.
+pub(super) type SessionObj<P> = <P as Runtime>::Shared<SessionHead, FileSet<P>>;
+
+/// A session table: sessions by name, in creation order.
+pub(super) type Sessions<P> = <P as Runtime>::Index<SessionHead, FileSet<P>>;
+
 /// The guard of a session's files.
-pub(super) type FilesGuard<'a, P> = <<P as Runtime>::Shared<SessionHead, FileSet<P>> as SharedLocked<
-    SessionHead,
-    FileSet<P>,
->>::Guard<'a>;
+pub(super) type FilesGuard<'a, P> =
+    <SessionObj<P> as SharedLocked<SessionHead, FileSet<P>>>::Guard<'a>;
 
 /// A session: a name and a set of files, in one direction. A cheap handle (a reference
 /// count); the head and the files behind the session's mutex are one allocation.
@@ -117,15 +133,34 @@ impl<P: Platform> core::ops::Deref for Session<P> {
 }
 
 impl<P: Platform> Session<P> {
-    pub(super) fn try_new(name: SessionName, dir: Direction) -> Result<Self> {
+    /// Makes a session, a new member of `table`: `NameExists` if the name is taken there.
+    pub(super) fn insert_new(
+        table: &mut Sessions<P>,
+        name: SessionName,
+        dir: Direction,
+    ) -> Result<&SessionObj<P>> {
         let name_span = padded_span(name.as_bytes().len(), SESSION_NAME_LEN);
         let head = SessionHead {
             name,
             name_span,
             dir,
         };
-        let shared = P::Shared::try_new(head, FileSet::new())?;
-        Ok(Session(shared))
+        table
+            .try_insert_new(head, FileSet::new())
+            .map_err(|e| match e {
+                InsertError::Exists => Error::NameExists,
+                InsertError::NoMemory => Error::NoMemory,
+            })
+    }
+
+    /// A handle of a session a table holds.
+    pub(super) fn of(member: &SessionObj<P>) -> Self {
+        Session(member.clone())
+    }
+
+    /// The platform's object, as the tables hold it.
+    pub(super) fn obj(&self) -> &SessionObj<P> {
+        &self.0
     }
 
     /// Locks the session's files.
@@ -173,77 +208,9 @@ impl<P: Platform> Session<P> {
     }
 }
 
-/// Outgoing sessions: unique names, creation order, and their serialization blocks.
-///
-/// One map node per session (its name), as the C core has one list node: creation order is a
-/// vector of slots, each session's slot index kept in its file set. A closed session leaves an
-/// empty slot; the slots are compacted in place when more than half are empty, so walks stay
-/// proportional to the live sessions and closing never allocates. Lock order: the outgoing
-/// lock, then a session's files.
+/// The outgoing sessions: unique names in creation order (the index), and their
+/// serialization blocks. Lock order: the outgoing lock, then a session's files.
 pub(super) struct Outgoing<P: Platform> {
-    pub(super) by_name: P::Map<SessionName, ()>,
-    pub(super) order: P::Vec<Option<SessionRef<P>>>,
+    pub(super) sessions: Sessions<P>,
     pub(super) blocks: BlockSet<P, LuoSessionSer>,
-}
-
-impl<P: Platform> Outgoing<P> {
-    /// Live sessions.
-    pub(super) fn len(&self) -> usize {
-        self.by_name.len()
-    }
-
-    /// The shortest prefix of the slots that holds the first `n` live sessions.
-    pub(super) fn first_live(&self, n: usize) -> &[Option<SessionRef<P>>] {
-        let slots = self.order.as_slice();
-        let mut seen = 0;
-        for (i, slot) in slots.iter().enumerate() {
-            if seen == n {
-                return &slots[..i];
-            }
-            if slot.is_some() {
-                seen += 1;
-            }
-        }
-        slots
-    }
-
-    /// Removes `s` if it is the session of its name here; true if it was.
-    pub(super) fn remove(&mut self, s: &SessionRef<P>) -> bool {
-        let index = s.files().slot;
-        match self.order.as_mut_slice().get_mut(index) {
-            Some(slot) if slot.as_ref().is_some_and(|o| Session::ptr_eq(o, s)) => *slot = None,
-            _ => return false,
-        }
-        self.by_name.remove(&s.name);
-        if self.order.len() > 16 && self.order.len() > 2 * self.by_name.len() {
-            self.compact();
-        }
-        true
-    }
-
-    /// Moves the live slots to the front, in order, and renumbers them.
-    fn compact(&mut self) {
-        let slots = self.order.as_mut_slice();
-        let mut live = 0;
-        for i in 0..slots.len() {
-            if slots[i].is_some() {
-                if i != live {
-                    slots.swap(live, i);
-                    if let Some(s) = &slots[live] {
-                        s.files().slot = live;
-                    }
-                }
-                live += 1;
-            }
-        }
-        while self.order.len() > live {
-            self.order.pop();
-        }
-    }
-}
-
-/// An incoming session and whether an fd for it exists.
-pub(super) struct IncomingSlot<P: Platform> {
-    pub(super) session: SessionRef<P>,
-    pub(super) retrieved: bool,
 }
