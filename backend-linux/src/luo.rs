@@ -83,6 +83,14 @@ fn neg(e: LuoError) -> c_int {
 #[export]
 pub unsafe extern "C" fn luo_rust_early_init(requested: bool) -> c_int {
     platform::init_lock_classes();
+    #[cfg(CONFIG_LIVEUPDATE_TEST)]
+    match platform::index_self_test() {
+        Ok(()) => pr_info!("session index self-test passed\n"),
+        Err(what) => {
+            pr_err!("session index self-test failed: {}\n", what);
+            kernel::warn_on!(true);
+        }
+    }
     // SAFETY: No preconditions.
     let kho = unsafe { bindings::kho_is_enabled() };
     if requested && !kho {

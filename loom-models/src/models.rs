@@ -682,3 +682,68 @@ pub fn refused_finish_races_retrieve() {
     assert_eq!(w.preserve(&out, 1, 1), Err(Error::AlreadyPreserved));
     w.release(&out).unwrap();
 }
+
+/// Two RETRIEVE_SESSIONs of one incoming session at once (the retrieved flag lives under the
+/// session's lock, taken with the incoming table held shared).
+///
+/// Invariant: exactly one gets the session, the other `EINVAL` (`AlreadyRetrieved`); once the
+/// winner closes it (finishing both files), the name is gone (`ENOENT`).
+pub fn retrieve_session_twice() {
+    let w = World::boot(LoomPlatform::booted_from(&incoming_image()), true, |j| {
+        Handler::new(HANDLER, j)
+    });
+    w.luo.open().unwrap();
+    let luo = w.luo.clone();
+    let t = thread::spawn(move || {
+        luo.begin()
+            .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?))
+    });
+    let here = w
+        .luo
+        .begin()
+        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?));
+    let there = t.join().unwrap();
+    let s = match (here, there) {
+        (Ok(s), Err(e)) | (Err(e), Ok(s)) => {
+            assert_eq!(e, Error::AlreadyRetrieved);
+            s
+        }
+        (a, b) => panic!("both or neither retrieved: {:?} {:?}", a.is_ok(), b.is_ok()),
+    };
+    w.release(&s).unwrap();
+    check_finished(&w);
+    let gone = w
+        .luo
+        .begin()
+        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?));
+    assert_eq!(gone.err(), Some(Error::NoSuchSession));
+}
+
+/// The close of a retrieved session whose finish is refused, racing a RETRIEVE_SESSION of it.
+///
+/// Invariant: the close fails with `EBUSY` and puts the session back (B7); the retrieve either
+/// came first (`EINVAL`: still retrieved) or gets the session with both files. Either way the
+/// session can then be had exactly once more, and nothing was finished.
+pub fn refused_close_races_retrieve_session() {
+    let (w, s) = incoming_world(&incoming_image(), |j| Handler::refusing_finish(HANDLER, j));
+    let luo = w.luo.clone();
+    let t = thread::spawn(move || {
+        luo.begin()
+            .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?))
+    });
+    assert_eq!(w.release(&s), Err(Error::FinishRefused));
+    let raced = t.join().unwrap();
+    let again = w
+        .luo
+        .begin()
+        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?));
+    let s = match (raced, again) {
+        (Ok(s), Err(e)) | (Err(e), Ok(s)) => {
+            assert_eq!(e, Error::AlreadyRetrieved);
+            s
+        }
+        (a, b) => panic!("both or neither retrieved: {:?} {:?}", a.is_ok(), b.is_ok()),
+    };
+    assert_eq!(s.file_count(), 2);
+    assert_eq!(w.journal.count(|e| matches!(e, Event::Finish(..))), 0);
+}

@@ -74,3 +74,13 @@ fn m6_finish_retrieve_close() {
 fn m6_refused_finish_races_retrieve() {
     check(models::refused_finish_races_retrieve);
 }
+
+#[test]
+fn m7_retrieve_session_twice() {
+    check(models::retrieve_session_twice);
+}
+
+#[test]
+fn m7_refused_close_races_retrieve_session() {
+    check(models::refused_close_races_retrieve_session);
+}

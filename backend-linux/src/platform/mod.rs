@@ -47,6 +47,8 @@ pub(crate) use handlers::{
     CFlb,
     CHandler, //
 };
+#[cfg(CONFIG_LIVEUPDATE_TEST)]
+pub(crate) use shared::self_test as index_self_test;
 pub(crate) use shared::{
     KernelIndex,
     KernelShared, //

@@ -536,3 +536,90 @@ impl<'a, H: 'a, T: 'a> DoubleEndedIterator for KernelIndexIter<'a, H, T> {
         state.member.as_ref()
     }
 }
+
+/// Test only (`CONFIG_LIVEUPDATE_TEST`), run at boot: a [`KernelIndex`] against what luo-core
+/// relies on, and against what luo-core never does but the index must refuse (a member handed
+/// to another index, a member removed twice). A failure is a `WARNING:` splat, which fails
+/// every VM suite; under KASAN, a link or count gone wrong is a report.
+#[cfg(CONFIG_LIVEUPDATE_TEST)]
+pub(crate) fn self_test() -> Result<(), &'static str> {
+    /// A head keyed by a number.
+    struct Key(u32);
+
+    impl IndexKey for Key {
+        type Key = u32;
+
+        fn index_key(&self) -> &u32 {
+            &self.0
+        }
+    }
+
+    type Index = KernelIndex<Key, u32>;
+
+    fn check(ok: bool, what: &'static str) -> Result<(), &'static str> {
+        if ok {
+            Ok(())
+        } else {
+            Err(what)
+        }
+    }
+
+    /// The keys in insertion order, both ways, and each found by its key.
+    fn same(index: &Index, keys: &[u32]) -> Result<(), &'static str> {
+        check(index.len() == keys.len(), "len")?;
+        check(index.iter().map(|s| s.0).eq(keys.iter().copied()), "forward order")?;
+        check(index.iter().rev().map(|s| s.0).eq(keys.iter().rev().copied()), "backward order")?;
+        for &k in keys {
+            let found = index.get(&k).ok_or("lookup")?;
+            check(found.0 == k && *found.lock() == k, "lookup finds its own")?;
+        }
+        Ok(())
+    }
+
+    const N: u32 = 64;
+    let mut a = Index::default();
+    let mut b = Index::default();
+    let mut keys = KVec::with_capacity(N as usize, GFP_KERNEL).map_err(|_| "memory")?;
+    // A scrambled insertion order, so that the tree rebalances.
+    for i in 0..N {
+        let k = (i * 37) % N;
+        a.try_insert_new(Key(k), k).map_err(|_| "insert")?;
+        keys.push(k, GFP_KERNEL).map_err(|_| "memory")?;
+    }
+    same(&a, &keys)?;
+    check(a.get(&N).is_none(), "a missing key")?;
+    check(
+        matches!(a.try_insert_new(Key(5), 0), Err(InsertError::Exists)),
+        "a taken key",
+    )?;
+
+    // Another index does not touch a's member, even under the same key.
+    let five = a.get(&5).ok_or("lookup")?.clone();
+    check(!b.remove(&five), "removed from the wrong index")?;
+    b.try_insert_new(Key(5), 50).map_err(|_| "insert in b")?;
+    check(!b.remove(&five), "removed from the wrong index by key")?;
+    check(b.get(&5).is_some_and(|s| *s.lock() == 50), "b's own member")?;
+
+    // Removing: once; the handle outlives its membership; the others stay in order.
+    check(a.remove(&five), "remove")?;
+    check(!a.remove(&five), "removed twice")?;
+    check(*five.lock() == 5, "the removed object is still alive")?;
+    keys.retain(|k| *k != 5);
+    same(&a, &keys)?;
+    let mut i = 0;
+    while i < keys.len() {
+        let member = a.get(&keys[i]).ok_or("lookup")?.clone();
+        check(a.remove(&member), "remove")?;
+        keys.remove(i).map_err(|_| "index")?;
+        i += 1;
+    }
+    same(&a, &keys)?;
+
+    // Dropping an index with members gives their references back and leaves the handles
+    // still held valid, and of no index.
+    let kept = a.get(&keys[0]).ok_or("lookup")?.clone();
+    drop(a);
+    check(*kept.lock() == kept.0, "a handle outlives its index")?;
+    check(!b.remove(&kept), "removed from the wrong index after its own went")?;
+    Ok(())
+}
