@@ -246,10 +246,6 @@ def trace(gdb, args):
     where = [a for a, n in zip(addrs, names) if n == args.trace]
     if not where:
         sys.exit(f"gdbprof: no symbol {args.trace}")
-    gdb.request(b"Z0,%x,1" % where[0])
-    gdb.send(b"c")
-    gdb.stop_reply()
-    gdb.request(b"z0,%x,1" % where[0])
     until = None
     if args.trace_until:
         until = next((a for a, n in zip(addrs, names) if n == args.trace_until), None)
@@ -259,13 +255,25 @@ def trace(gdb, args):
     order = []
     sequence = []
     steps = 0
-    page_jumps = 0
-    prev = None
     cycle = until == where[0]  # --trace-until SYMBOL itself: one whole round, user space too
     code = {}
+    for _ in range(args.trace_calls):
+        gdb.request(b"Z0,%x,1" % where[0])
+        gdb.send(b"c")
+        gdb.stop_reply()
+        gdb.request(b"z0,%x,1" % where[0])
+        steps = trace_one(gdb, args, addrs, names, until, cycle, code, per_fn, order, sequence,
+                          steps)
+    # TCG chains translation blocks only within a guest page.
+    page_jumps = sum(1 for a, b in zip(sequence, sequence[1:]) if a >> 12 != b >> 12)
+    finish_trace(gdb, args, addrs, names, steps, page_jumps, code, per_fn, order, sequence)
+
+
+def trace_one(gdb, args, addrs, names, until, cycle, code, per_fn, order, sequence, steps):
+    first = steps
     while steps < 5_000_000:
         rip = Gdb.reg(gdb.regs(), 16)
-        if (rip < 0x8000_0000_0000_0000 and not cycle) or (rip == until and steps > 0):
+        if (rip < 0x8000_0000_0000_0000 and not cycle) or (rip == until and steps > first):
             break
         if rip not in code:
             code[rip] = gdb.memory(rip, 16)
@@ -274,12 +282,13 @@ def trace(gdb, args):
             order.append(name)
         per_fn[name] += 1
         sequence.append(rip)
-        if prev is not None and rip >> 12 != prev >> 12:
-            page_jumps += 1  # TCG chains translation blocks only within a guest page
-        prev = rip
         steps += 1
         gdb.send(b"s")
         gdb.stop_reply()
+    return steps
+
+
+def finish_trace(gdb, args, addrs, names, steps, page_jumps, code, per_fn, order, sequence):
     gdb.send(b"D")
     top = per_fn.most_common()
     pretty = dict(zip([n for n, _ in top], demangle([n for n, _ in top])))
@@ -311,6 +320,9 @@ def main():
     ap.add_argument("--trace", metavar="SYMBOL",
                     help="instead of sampling: break at SYMBOL, single-step until the CPU is "
                          "back in user space, and count the instructions of each function")
+    ap.add_argument("--trace-calls", type=int, default=1, metavar="N",
+                    help="with --trace: trace N calls of SYMBOL, one after the other, and "
+                         "report their sum (divide by N for a mean)")
     ap.add_argument("--trace-until", metavar="SYMBOL",
                     help="with --trace: stop when SYMBOL is entered instead (the --trace "
                          "symbol itself: one whole round, through user space)")

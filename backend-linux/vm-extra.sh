@@ -17,7 +17,10 @@
 #                                                         size LUOX_N, default 200000; one
 #                                                         sample per LUOX_INTERVAL ms, default
 #                                                         1; LUOX_STACK bytes of stack scanned
-#                                                         for callers; gdbprof.py)
+#                                                         for callers; gdbprof.py);
+#                                                         LUOX_TRACE=<symbol> counts the
+#                                                         instructions of one call instead
+#                                                         (LUOX_TRACE_CALLS=N: N calls, summed)
 #   loop:<c|rust>:<op>                                    the same loop, unobserved: its wall
 #                                                         time per operation
 #
@@ -150,7 +153,7 @@ run_vm() { # name plan extra-append -> log path
         local pid=$!
         python3 "$here/gdbprof.py" --sock "$gdb_sock" --log "$log" --timeout "$timeout" --interval "${LUOX_INTERVAL:-1}" --stack "${LUOX_STACK:-0}" --top "${LUOX_TOP:-30}" \
             --end "${end_marker:-LUOX LOOP END}" ${LUOX_TRACE:+--trace "$LUOX_TRACE"} \
-            ${LUOX_TRACE_UNTIL:+--trace-until "$LUOX_TRACE_UNTIL"} \
+            ${LUOX_TRACE_UNTIL:+--trace-until "$LUOX_TRACE_UNTIL"} ${LUOX_TRACE_CALLS:+--trace-calls "$LUOX_TRACE_CALLS"} \
             --system-map "${kdir[${p[-1]}]}/System.map" >"$out/$name.prof" || true
         wait $pid || true
     fi
@@ -261,7 +264,7 @@ for t in "${tests[@]}"; do
         prof:*:*|loop:*:*)
             IFS=: read -r mode core op <<<"$t"
             plan=$core
-            case $op in finish|retrieve_memfds|finish_memfds|reboot) plan=$core,$core ;; esac
+            case $op in finish|retrieve_memfds|finish_memfds|reboot|close_incoming) plan=$core,$core ;; esac
             end_marker="LUOX LOOP END"
             [ "$op" = reboot ] && end_marker="kexec_core: Starting new kernel"
             sock=

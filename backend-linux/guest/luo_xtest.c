@@ -752,6 +752,12 @@ static void run_bench(void)
  *
  *   null                              luox_n ioctls on /dev/null: the control, no LUO code
  *   rejected, getname, create_close   luox_n ioctls (or create + close pairs)
+ *   close_many                        luox_n rounds of: create 2000 sessions named as the
+ *                                     bench names them, close them in creation order (a
+ *                                     close in a full table; a trace sees the first one)
+ *   close_incoming                    2000 sessions cross a kexec; the loop retrieves them all
+ *                                     and closes them in that order (luox_n is ignored; a
+ *                                     trace sees the first close, in a full incoming table)
  *   finish                            luox_n FINISHes of one empty incoming session
  *   preserve                          luox_n rounds of: create a session, preserve 500 memfds,
  *                                     close it
@@ -845,7 +851,8 @@ static void run_loop(void)
 	const char *v = param("luox_op");
 	const char *op = v ? strdup(v) : "";
 	int two_steps = !strcmp(op, "finish") || !strcmp(op, "retrieve_memfds") ||
-			!strcmp(op, "finish_memfds") || !strcmp(op, "reboot");
+			!strcmp(op, "finish_memfds") || !strcmp(op, "reboot") ||
+			!strcmp(op, "close_incoming");
 	int luo, nullfd, gate, s = 0, memfds[BENCH_FILES];
 	long n, i;
 	double t;
@@ -858,6 +865,8 @@ static void run_loop(void)
 		if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
 			fail("setrlimit");
 	}
+	if (!strcmp(op, "close_many") || !strcmp(op, "close_incoming"))
+		raise_nofile();
 	if (two_steps && step > 0 && !strcmp(op, "reboot"))
 		finish_run(); /* the sampler stopped at the kexec */
 	luo = luo_open();
@@ -869,6 +878,14 @@ static void run_loop(void)
 		if (!strcmp(op, "finish")) {
 			if (create_session(luo, "loop") < 0)
 				fail("create");
+		} else if (!strcmp(op, "close_incoming")) {
+			char name[64];
+
+			for (i = 0; i < BENCH_SESSIONS && !failed; i++) {
+				snprintf(name, sizeof(name), "xbench-%d-%ld", step, i);
+				if (create_session(luo, name) < 0)
+					fail("create %s", name);
+			}
 		} else if (!strcmp(op, "reboot")) {
 			for (i = 0; i < n && !failed; i++) {
 				char name[64];
@@ -888,6 +905,16 @@ static void run_loop(void)
 	}
 	if (!strcmp(op, "finish")) {
 		s = retrieve_session(luo, "loop");
+	} else if (!strcmp(op, "close_incoming")) {
+		char name[64];
+
+		for (i = 0; i < BENCH_SESSIONS && !failed; i++) {
+			snprintf(name, sizeof(name), "xbench-0-%ld", i);
+			bench_sessions[i] = retrieve_session(luo, name);
+			if (bench_sessions[i] < 0)
+				fail("retrieve %s", name);
+		}
+		n = 1;
 	} else if (!strcmp(op, "getname")) {
 		s = create_session(luo, "loop");
 	} else if (!strcmp(op, "retrieve_memfds") || !strcmp(op, "finish_memfds")) {
@@ -945,6 +972,18 @@ static void run_loop(void)
 				fail("create");
 			}
 			close(fd);
+		} else if (!strcmp(op, "close_many")) {
+			char name[64];
+			int k;
+
+			for (k = 0; k < BENCH_SESSIONS && !failed; k++) {
+				snprintf(name, sizeof(name), "xbench-%d-%d", step, k);
+				bench_sessions[k] = create_session(luo, name);
+				if (bench_sessions[k] < 0)
+					fail("create %s", name);
+			}
+			for (k = 0; k < BENCH_SESSIONS && !failed; k++)
+				close(bench_sessions[k]);
 		} else if (!strcmp(op, "preserve")) {
 			int fd = create_session(luo, "loop");
 
@@ -959,6 +998,14 @@ static void run_loop(void)
 	for (i = 0; i < n && !failed && !strcmp(op, "finish"); i++)
 		if (finish_session(s))
 			fail("finish");
+	if (!strcmp(op, "close_incoming")) {
+		/* A second for a tracer to attach (prof: it waits for LOOP BEGIN): these closes
+		 * happen once, and take milliseconds. */
+		sleep(1);
+		t = now_us();
+		for (i = 0; i < BENCH_SESSIONS && !failed; i++)
+			close(bench_sessions[i]);
+	}
 	say("LOOP END %s n=%ld per_op_us=%.3f", op, n, (now_us() - t) / n);
 	if (gate)
 		wait_console("LOOP GATE END");

@@ -17,6 +17,7 @@
 #include <linux/compiler.h>
 #include <linux/kexec_handover.h>
 #include <linux/liveupdate.h>
+#include <linux/siphash.h>		/* the session tables' hash (platform/shared.rs) */
 #include <linux/types.h>
 
 struct module;

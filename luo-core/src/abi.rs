@@ -318,6 +318,22 @@ impl<const N: usize> FixedStr<N> {
         &self.0[..len]
     }
 
+    /// The field up to the end of the word (8 bytes) that holds the first NUL, or all of it:
+    /// what tells two strings apart (the rest is zero padding in both), found a word at a
+    /// time. Equal strings have equal prefixes; hashing one is cheaper than the string's
+    /// `strlen` and a byte-wise hash.
+    #[inline]
+    pub fn significant(&self) -> &[u8] {
+        let mut end = 0;
+        while let Some(word) = self.0.get(end..).and_then(|w| w.first_chunk::<8>()) {
+            end += 8;
+            if u64::from_be_bytes(*word) & 0xff == 0 {
+                return &self.0[..end];
+            }
+        }
+        &self.0
+    }
+
     /// The NUL-padded field as written to memory.
     pub const fn field(&self) -> [u8; N] {
         self.0

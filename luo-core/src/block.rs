@@ -71,6 +71,12 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
         Ok(())
     }
 
+    /// True when no page is reserved.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
     /// Frees pages no longer needed for `count` entries (`kho_block_set_shrink`).
     pub(crate) fn shrink(&mut self, p: &P, count: usize) {
         let want = self.blocks_for(count);
@@ -85,8 +91,12 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
         }
     }
 
-    /// Frees every page.
+    /// Frees every page. (Inline: most sets it is called on hold none.)
+    #[inline]
     pub(crate) fn destroy(&mut self, p: &P) {
+        if self.pages.is_empty() {
+            return;
+        }
         self.shrink_to_blocks(p, 0);
     }
 

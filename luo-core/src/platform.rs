@@ -131,6 +131,8 @@ pub trait IndexKey {
     type Key: Ord + Copy;
     /// The object's key.
     fn index_key(&self) -> &Self::Key;
+    /// The bytes a hashing index hashes: equal keys give equal bytes.
+    fn key_bytes(key: &Self::Key) -> &[u8];
 }
 
 /// Why [`SharedIndex::try_insert_new`] made no object.
@@ -154,14 +156,19 @@ impl From<AllocError> for InsertError {
 /// An object is born in its index ([`SharedIndex::try_insert_new`]) and leaves it once
 /// ([`SharedIndex::remove`]); it never joins another. That is what lets the kernel keep the
 /// links *inside* the object's allocation, as `struct luo_session` embeds its `list_head`:
-/// inserting allocates nothing beyond the object, and removing a known member is an unlink
-/// with no lookup (an `rb_erase` and a list unlink) instead of a search and a node to free.
-/// A std index keeps ordinary maps.
+/// inserting allocates nothing beyond the object (but a bucket array, now and then), and
+/// removing a known member is two list unlinks with no lookup, instead of a search and a node
+/// to free. A std index keeps ordinary maps.
 pub trait SharedIndex<H: IndexKey, T>: Default {
     /// The objects.
     type Shared: SharedLocked<H, T>;
-    /// Members in insertion order.
-    type Iter<'a>: DoubleEndedIterator<Item = &'a Self::Shared>
+    /// Members, oldest first.
+    type Iter<'a>: Iterator<Item = &'a Self::Shared>
+    where
+        Self: 'a,
+        Self::Shared: 'a;
+    /// Members, newest first.
+    type IterRev<'a>: Iterator<Item = &'a Self::Shared>
     where
         Self: 'a,
         Self::Shared: 'a;
@@ -180,6 +187,8 @@ pub trait SharedIndex<H: IndexKey, T>: Default {
     }
     /// The members, oldest first.
     fn iter(&self) -> Self::Iter<'_>;
+    /// The members, newest first.
+    fn iter_rev(&self) -> Self::IterRev<'_>;
 }
 
 /// A mutual-exclusion lock.

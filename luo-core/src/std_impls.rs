@@ -171,6 +171,11 @@ impl<H: IndexKey, T, S: SharedLocked<H, T>> SharedIndex<H, T> for StdIndex<H::Ke
     where
         Self: 'a,
         S: 'a;
+    type IterRev<'a>
+        = std::iter::Rev<std::collections::btree_map::Values<'a, u64, S>>
+    where
+        Self: 'a,
+        S: 'a;
 
     fn try_insert_new(&mut self, head: H, body: T) -> Result<&S, InsertError> {
         use std::collections::btree_map::Entry;
@@ -208,6 +213,10 @@ impl<H: IndexKey, T, S: SharedLocked<H, T>> SharedIndex<H, T> for StdIndex<H::Ke
 
     fn iter(&self) -> Self::Iter<'_> {
         self.order.values()
+    }
+
+    fn iter_rev(&self) -> Self::IterRev<'_> {
+        self.order.values().rev()
     }
 }
 

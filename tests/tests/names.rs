@@ -83,3 +83,27 @@ fn a_name_read_from_a_field_equals_the_same_name_given_directly() {
     assert!(read < SessionName::new(b"vm-010").unwrap());
     assert!(read > SessionName::new(b"vm-0").unwrap());
 }
+
+#[test]
+fn the_significant_prefix_is_the_name_and_its_nul_in_whole_words() {
+    // What the kernel's session tables hash: equal names give equal prefixes, different names
+    // different ones, and the prefix is the name, its NUL and zero padding to a word.
+    let names = names();
+    let keys: Vec<SessionName> = names.iter().map(|n| SessionName::new(n).unwrap()).collect();
+    for (name, key) in names.iter().zip(&keys) {
+        let p = key.significant();
+        assert_eq!(p.len(), (name.len() / 8 + 1) * 8, "{name:?}");
+        assert_eq!(&p[..name.len()], name.as_slice());
+        assert!(p[name.len()..].iter().all(|&b| b == 0));
+    }
+    for (i, a) in keys.iter().enumerate() {
+        for b in &keys[i + 1..] {
+            assert_eq!(a.significant() == b.significant(), a == b);
+        }
+    }
+    // Garbage after the NUL of a field is not part of it.
+    let mut field = [0xAAu8; 64];
+    field[..6].copy_from_slice(b"vm-01\0");
+    let read = SessionName::from_field(&field).unwrap();
+    assert_eq!(read.significant(), b"vm-01\0\0\0");
+}

@@ -15,6 +15,12 @@ impl IndexKey for Key {
     fn index_key(&self) -> &u32 {
         &self.0
     }
+
+    fn key_bytes(key: &u32) -> &[u8] {
+        // The std index does not hash.
+        let _ = key;
+        &[]
+    }
 }
 
 type Index = StdIndex<u32, StdShared<Key, u32>>;

@@ -36,12 +36,25 @@ impl<T> Default for KernelVec<T> {
 }
 
 impl<T> Drop for KernelVec<T> {
+    #[inline]
     fn drop(&mut self) {
+        // With no capacity there is no allocation and no element to drop: one test, inline
+        // in whatever drops the vector.
         if self.0.capacity() != 0 {
-            // SAFETY: The vector is dropped once, here, and not used afterwards.
-            unsafe { ManuallyDrop::drop(&mut self.0) };
+            // SAFETY: This is the drop.
+            unsafe { self.drop_allocated() };
         }
-        // With no capacity there is no allocation and no element to drop.
+    }
+}
+
+impl<T> KernelVec<T> {
+    /// # Safety
+    ///
+    /// Called once, by `drop`.
+    #[inline(never)]
+    unsafe fn drop_allocated(&mut self) {
+        // SAFETY: The vector is dropped once (caller) and not used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.0) };
     }
 }
 
@@ -83,7 +96,9 @@ impl<T> PVec<T> for KernelVec<T> {
 pub(crate) struct KernelMap<K, V> {
     tree: ManuallyDrop<RBTree<K, V>>,
     len: usize,
-    spare: Option<RBTreeNodeReservation<K, V>>,
+    /// Dropped by hand too, so that the map's whole drop is the inline `Drop::drop`: an empty
+    /// map is two tests, where the drop glue of an `Option` field was a call.
+    spare: ManuallyDrop<Option<RBTreeNodeReservation<K, V>>>,
 }
 
 impl<K, V> Default for KernelMap<K, V> {
@@ -92,18 +107,36 @@ impl<K, V> Default for KernelMap<K, V> {
         KernelMap {
             tree: ManuallyDrop::new(RBTree::new()),
             len: 0,
-            spare: None,
+            spare: ManuallyDrop::new(None),
         }
     }
 }
 
 impl<K, V> Drop for KernelMap<K, V> {
+    #[inline]
     fn drop(&mut self) {
+        // An empty map without a spare node holds nothing: two tests, inline in whatever
+        // drops the map.
+        if self.len != 0 || self.spare.is_some() {
+            // SAFETY: This is the drop.
+            unsafe { self.drop_held() };
+        }
+    }
+}
+
+impl<K, V> KernelMap<K, V> {
+    /// # Safety
+    ///
+    /// Called once, by `drop`.
+    #[inline(never)]
+    unsafe fn drop_held(&mut self) {
         if self.len != 0 {
-            // SAFETY: `tree` is dropped once, here, and not used afterwards. When `len` is 0
-            // the tree has no nodes (type invariant), so not dropping it leaks nothing.
+            // SAFETY: `tree` is dropped once (caller) and not used afterwards. When `len` is
+            // 0 the tree has no nodes (type invariant), so not dropping it leaks nothing.
             unsafe { ManuallyDrop::drop(&mut self.tree) };
         }
+        // SAFETY: As above, for `spare`.
+        unsafe { ManuallyDrop::drop(&mut self.spare) };
     }
 }
 
@@ -147,7 +180,7 @@ impl<K: Ord + Copy, V> OrdMap<K, V> for KernelMap<K, V> {
 
     fn try_reserve(&mut self) -> Result<(), AllocError> {
         if self.spare.is_none() {
-            self.spare = Some(RBTreeNodeReservation::new(GFP_KERNEL).map_err(|_| AllocError)?);
+            *self.spare = Some(RBTreeNodeReservation::new(GFP_KERNEL).map_err(|_| AllocError)?);
         }
         Ok(())
     }

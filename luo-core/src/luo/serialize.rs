@@ -42,7 +42,7 @@ impl<P: Platform> Luo<P> {
             // itself back. Walking back from the last frozen session needs no memory (this
             // path must not fail).
             let newer = out.sessions.len() - frozen_sessions;
-            for s in out.sessions.iter().rev().skip(newer) {
+            for s in out.sessions.iter_rev().skip(newer) {
                 let mut set = s.lock();
                 let n = set.files.len();
                 unfreeze_set(&mut set, n);

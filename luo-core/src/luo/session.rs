@@ -79,6 +79,7 @@ impl<P: Platform> FileSet<P> {
         Ok(())
     }
 
+    #[inline]
     pub(super) fn pop_last(&mut self) -> Option<FileEntry<P>> {
         let entry = self.files.pop()?;
         self.by_token.remove(&entry.token);
@@ -101,6 +102,11 @@ impl IndexKey for SessionHead {
     #[inline]
     fn index_key(&self) -> &SessionName {
         &self.name
+    }
+
+    #[inline]
+    fn key_bytes(name: &SessionName) -> &[u8] {
+        name.significant()
     }
 }
 
