@@ -212,18 +212,8 @@ pub fn duplicate_create() {
         .begin()
         .and_then(|l| l.create_session(&create_name(&name("same"))?));
     let r1 = t.join().unwrap();
-    let winner = match (r1, r2) {
-        (Ok(s), Err(e)) | (Err(e), Ok(s)) => {
-            assert_eq!(e, Error::NameExists);
-            assert_eq!(e.errno(), EEXIST);
-            s
-        }
-        (a, b) => panic!(
-            "expected one success and one EEXIST, got {:?} / {:?}",
-            a.map(|_| ()),
-            b.map(|_| ())
-        ),
-    };
+    assert_eq!(Error::NameExists.errno(), EEXIST);
+    let winner = one_winner(r1, r2, Error::NameExists);
     assert_eq!(w.luo.outgoing_count(), 1);
     assert_eq!(w.platform.outgoing_pages(), World::BASE_PAGES + 1);
     w.release(&winner).unwrap();
@@ -537,6 +527,27 @@ pub fn incoming_image() -> crate::platform::Handover {
     )
 }
 
+/// RETRIEVE_SESSION of the incoming session "in".
+fn retrieve_in(luo: &Luo<LoomPlatform>) -> Result<S, Error> {
+    luo.begin()
+        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?))
+}
+
+/// Of two racing operations exactly one succeeds and the other fails with `lost`: the winner.
+fn one_winner(a: Result<S, Error>, b: Result<S, Error>, lost: Error) -> S {
+    match (a, b) {
+        (Ok(s), Err(e)) | (Err(e), Ok(s)) => {
+            assert_eq!(e, lost);
+            s
+        }
+        (a, b) => panic!(
+            "expected one success and one {lost:?}, got {:?} / {:?}",
+            a.map(|_| ()),
+            b.map(|_| ())
+        ),
+    }
+}
+
 /// Boots from `image`, opens the device and retrieves session "in".
 fn incoming_world(
     image: &crate::platform::Handover,
@@ -544,11 +555,7 @@ fn incoming_world(
 ) -> (World, S) {
     let w = World::boot(LoomPlatform::booted_from(image), true, make);
     w.luo.open().unwrap();
-    let s = w
-        .luo
-        .begin()
-        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?))
-        .unwrap();
+    let s = retrieve_in(&w.luo).unwrap();
     assert_eq!(s.direction(), Direction::Incoming);
     (w, s)
 }
@@ -663,11 +670,7 @@ pub fn refused_finish_races_retrieve() {
     assert_eq!(r.unwrap().id, 1);
     assert_eq!(w.journal.count(|e| matches!(e, Event::Finish(..))), 0);
     assert_eq!(count(&w.journal, Event::FlbFinish), 0);
-    let again = w
-        .luo
-        .begin()
-        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?))
-        .unwrap();
+    let again = retrieve_in(&w.luo).unwrap();
     assert_eq!(again.file_count(), 2);
     assert_eq!(
         w.luo
@@ -694,29 +697,12 @@ pub fn retrieve_session_twice() {
     });
     w.luo.open().unwrap();
     let luo = w.luo.clone();
-    let t = thread::spawn(move || {
-        luo.begin()
-            .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?))
-    });
-    let here = w
-        .luo
-        .begin()
-        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?));
-    let there = t.join().unwrap();
-    let s = match (here, there) {
-        (Ok(s), Err(e)) | (Err(e), Ok(s)) => {
-            assert_eq!(e, Error::AlreadyRetrieved);
-            s
-        }
-        (a, b) => panic!("both or neither retrieved: {:?} {:?}", a.is_ok(), b.is_ok()),
-    };
+    let t = thread::spawn(move || retrieve_in(&luo));
+    let here = retrieve_in(&w.luo);
+    let s = one_winner(here, t.join().unwrap(), Error::AlreadyRetrieved);
     w.release(&s).unwrap();
     check_finished(&w);
-    let gone = w
-        .luo
-        .begin()
-        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?));
-    assert_eq!(gone.err(), Some(Error::NoSuchSession));
+    assert_eq!(retrieve_in(&w.luo).err(), Some(Error::NoSuchSession));
 }
 
 /// The close of a retrieved session whose finish is refused, racing a RETRIEVE_SESSION of it.
@@ -727,23 +713,10 @@ pub fn retrieve_session_twice() {
 pub fn refused_close_races_retrieve_session() {
     let (w, s) = incoming_world(&incoming_image(), |j| Handler::refusing_finish(HANDLER, j));
     let luo = w.luo.clone();
-    let t = thread::spawn(move || {
-        luo.begin()
-            .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?))
-    });
+    let t = thread::spawn(move || retrieve_in(&luo));
     assert_eq!(w.release(&s), Err(Error::FinishRefused));
     let raced = t.join().unwrap();
-    let again = w
-        .luo
-        .begin()
-        .and_then(|l| l.retrieve_session(&retrieve_name(&name("in"))?));
-    let s = match (raced, again) {
-        (Ok(s), Err(e)) | (Err(e), Ok(s)) => {
-            assert_eq!(e, Error::AlreadyRetrieved);
-            s
-        }
-        (a, b) => panic!("both or neither retrieved: {:?} {:?}", a.is_ok(), b.is_ok()),
-    };
+    let s = one_winner(raced, retrieve_in(&w.luo), Error::AlreadyRetrieved);
     assert_eq!(s.file_count(), 2);
     assert_eq!(w.journal.count(|e| matches!(e, Event::Finish(..))), 0);
 }

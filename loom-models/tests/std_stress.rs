@@ -53,6 +53,12 @@ fn incoming_finish() {
 }
 
 #[test]
+fn incoming_retrieve_session() {
+    stress(models::retrieve_session_twice);
+    stress(models::refused_close_races_retrieve_session);
+}
+
+#[test]
 fn handover_builder_roundtrips() {
     let img = models::incoming_image();
     let c = loom_models::handover::decode(&img).unwrap();
