@@ -146,20 +146,36 @@ impl<H, T> SharedLocked<H, T> for StdShared<H, T> {
     }
 }
 
-/// A [`SharedIndex`] of ordinary maps, for any [`SharedLocked`] object type (the loom models
-/// use it with theirs): key to insertion number, insertion number to object.
+/// A [`SharedIndex`] of std containers, for any [`SharedLocked`] object type (the loom models
+/// use it with theirs): the objects in a vector of slots in insertion order, and a map from
+/// key to slot. A removal empties its slot; the slots are compacted in place when more than
+/// half are empty, so walks stay proportional to the members (a serialization walks them
+/// all, and a vector walks faster than a tree).
 pub struct StdIndex<K, S> {
-    by_key: BTreeMap<K, u64>,
-    order: BTreeMap<u64, S>,
-    next: u64,
+    by_key: BTreeMap<K, usize>,
+    slots: Vec<Option<S>>,
 }
 
 impl<K, S> Default for StdIndex<K, S> {
     fn default() -> Self {
         StdIndex {
             by_key: BTreeMap::new(),
-            order: BTreeMap::new(),
-            next: 0,
+            slots: Vec::new(),
+        }
+    }
+}
+
+impl<K: Ord + Copy, S> StdIndex<K, S> {
+    /// Moves the members to the front of the slots, in order, and renumbers them.
+    fn compact<H: IndexKey<Key = K>>(&mut self)
+    where
+        S: core::ops::Deref<Target = H>,
+    {
+        self.slots.retain(Option::is_some);
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Some(slot) = s.as_ref().and_then(|s| self.by_key.get_mut(s.index_key())) {
+                *slot = i;
+            }
         }
     }
 }
@@ -167,12 +183,12 @@ impl<K, S> Default for StdIndex<K, S> {
 impl<H: IndexKey, T, S: SharedLocked<H, T>> SharedIndex<H, T> for StdIndex<H::Key, S> {
     type Shared = S;
     type Iter<'a>
-        = std::collections::btree_map::Values<'a, u64, S>
+        = std::iter::Flatten<std::slice::Iter<'a, Option<S>>>
     where
         Self: 'a,
         S: 'a;
     type IterRev<'a>
-        = std::iter::Rev<std::collections::btree_map::Values<'a, u64, S>>
+        = std::iter::Flatten<std::iter::Rev<std::slice::Iter<'a, Option<S>>>>
     where
         Self: 'a,
         S: 'a;
@@ -183,27 +199,32 @@ impl<H: IndexKey, T, S: SharedLocked<H, T>> SharedIndex<H, T> for StdIndex<H::Ke
             return Err(InsertError::Exists);
         };
         let object = S::try_new(head, body)?;
-        let seq = self.next;
-        // 2^64 insertions do not happen.
-        self.next += 1;
-        slot.insert(seq);
-        Ok(self.order.entry(seq).or_insert(object))
+        self.slots.try_reserve(1).map_err(|_| InsertError::NoMemory)?;
+        slot.insert(self.slots.len());
+        self.slots.push(Some(object));
+        self.slots
+            .last()
+            .and_then(Option::as_ref)
+            .ok_or(InsertError::NoMemory)
     }
 
     fn get(&self, key: &H::Key) -> Option<&S> {
-        self.order.get(self.by_key.get(key)?)
+        self.slots.get(*self.by_key.get(key)?)?.as_ref()
     }
 
     fn remove(&mut self, s: &S) -> bool {
         let key = (**s).index_key();
-        let Some(&seq) = self.by_key.get(key) else {
+        let Some(&i) = self.by_key.get(key) else {
             return false;
         };
-        if !self.order.get(&seq).is_some_and(|m| S::ptr_eq(m, s)) {
-            return false;
+        match self.slots.get_mut(i) {
+            Some(slot) if slot.as_ref().is_some_and(|m| S::ptr_eq(m, s)) => *slot = None,
+            _ => return false,
         }
         self.by_key.remove(key);
-        self.order.remove(&seq);
+        if self.slots.len() > 16 && self.slots.len() > 2 * self.by_key.len() {
+            self.compact();
+        }
         true
     }
 
@@ -212,11 +233,11 @@ impl<H: IndexKey, T, S: SharedLocked<H, T>> SharedIndex<H, T> for StdIndex<H::Ke
     }
 
     fn iter(&self) -> Self::Iter<'_> {
-        self.order.values()
+        self.slots.iter().flatten()
     }
 
     fn iter_rev(&self) -> Self::IterRev<'_> {
-        self.order.values().rev()
+        self.slots.iter().rev().flatten()
     }
 }
 
