@@ -281,7 +281,7 @@ unsafe extern "C" fn device_release(_inode: *mut bindings::inode, _file: *mut bi
 /// no per-open state).
 unsafe extern "C" fn device_ioctl(_file: *mut bindings::file, cmd: c_uint, arg: c_ulong) -> c_long {
     let Some(luo) = luo() else {
-        return -(bindings::ENOTTY as c_long);
+        return -(bindings::ENODEV as c_long);
     };
     match luo.device_ioctl(cmd, &mut UserPtrArg(arg), &mut Fds) {
         Ok(()) => 0,

@@ -91,12 +91,8 @@ impl<P: Platform, T: IntoBytes + Immutable> BlockSet<P, T> {
         }
     }
 
-    /// Frees every page. (Inline: most sets it is called on hold none.)
-    #[inline]
+    /// Frees every page.
     pub(crate) fn destroy(&mut self, p: &P) {
-        if self.pages.is_empty() {
-            return;
-        }
         self.shrink_to_blocks(p, 0);
     }
 

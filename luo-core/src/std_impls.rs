@@ -199,7 +199,9 @@ impl<H: IndexKey, T, S: SharedLocked<H, T>> SharedIndex<H, T> for StdIndex<H::Ke
             return Err(InsertError::Exists);
         };
         let object = S::try_new(head, body)?;
-        self.slots.try_reserve(1).map_err(|_| InsertError::NoMemory)?;
+        self.slots
+            .try_reserve(1)
+            .map_err(|_| InsertError::NoMemory)?;
         slot.insert(self.slots.len());
         self.slots.push(Some(object));
         self.slots

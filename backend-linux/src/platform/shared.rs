@@ -175,6 +175,25 @@ impl<H, T> KernelShared<H, T> {
         core::mem::forget(self);
     }
 
+    /// Frees the object (out of line: `drop` is the decrement and its test).
+    ///
+    /// # Safety
+    ///
+    /// Called once, by the drop of the last reference.
+    #[inline(never)]
+    unsafe fn free(&mut self) {
+        fence(MemOrder::Acquire);
+        let obj = self.ptr.as_ptr();
+        // SAFETY: That was the last reference (caller), so nothing else can reach the
+        // object; it is dropped in place once. It was allocated as a `KBox` by `new_object`
+        // (type invariant), that is by `kmalloc`, and is freed once with `kfree`: what
+        // `KBox`'s drop would do through `Kmalloc::free` (`krealloc(p, 0)`), a call less.
+        unsafe {
+            ptr::drop_in_place(obj);
+            bindings::kfree(obj.cast());
+        }
+    }
+
     /// Gives the reference up as a raw pointer (a session file's `private_data`), to be taken
     /// back once by [`KernelShared::from_raw`].
     pub(crate) fn into_raw(self) -> *mut c_void {
@@ -224,27 +243,6 @@ impl<H, T> Drop for KernelShared<H, T> {
         if self.inner().refs.fetch_sub(1, MemOrder::Release) == 1 {
             // SAFETY: That was the last reference; this is its drop.
             unsafe { self.free() };
-        }
-    }
-}
-
-impl<H, T> KernelShared<H, T> {
-    /// Frees the object (out of line: `drop` is the decrement and its test).
-    ///
-    /// # Safety
-    ///
-    /// Called once, by the drop of the last reference.
-    #[inline(never)]
-    unsafe fn free(&mut self) {
-        fence(MemOrder::Acquire);
-        let obj = self.ptr.as_ptr();
-        // SAFETY: That was the last reference (caller), so nothing else can reach the
-        // object; it is dropped in place once. It was allocated as a `KBox` by `new_object`
-        // (type invariant), that is by `kmalloc`, and is freed once with `kfree`: what
-        // `KBox`'s drop would do through `Kmalloc::free` (`krealloc(p, 0)`), a call less.
-        unsafe {
-            ptr::drop_in_place(obj);
-            bindings::kfree(obj.cast());
         }
     }
 }

@@ -96,20 +96,20 @@ impl<P: Platform> Live<'_, P> {
             if set.closed {
                 return Err(Error::BadFd);
             }
-            if set.files.is_empty() {
-                // Nothing to finish (a session FINISHed before its close, or that held no
-                // file): most closes of incoming sessions.
-            } else if let Err(e) = luo.finish_files(&mut set) {
-                // A refused finish puts the session back for a later retrieve (B7).
-                set.retrieved = false;
-                drop(set);
-                log!(
-                    luo.platform,
-                    Warn,
-                    "Unable to finish session [{}] on release",
-                    s.name
-                );
-                return Err(e);
+            // Most incoming sessions closed hold no file (FINISHed before, or empty).
+            if !set.files.is_empty() {
+                if let Err(e) = luo.finish_files(&mut set) {
+                    // A refused finish puts the session back for a later retrieve (B7).
+                    set.retrieved = false;
+                    drop(set);
+                    log!(
+                        luo.platform,
+                        Warn,
+                        "Unable to finish session [{}] on release",
+                        s.name
+                    );
+                    return Err(e);
+                }
             }
             set.closed = true;
         }
